@@ -1,0 +1,78 @@
+"""variants: Mixture-of-Experts routing variants behind one contract (see SPEC section 2).
+
+    import variants
+    layer = variants.build("switch", d_model=64, num_experts=8, expert_hidden=128)
+    out = layer(x)          # out.y, out.aux_loss, out.losses, out.routing
+
+An explicit registry: a name maps to its config dataclass (paper defaults) and its layer
+factory. Unknown names and invalid fields raise ValueError naming the field, value and rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from .config import MoEConfig
+from .deepseek_moe import DeepSeekMoEConfig, DeepSeekMoERouter
+from .deepseek_v3 import DeepSeekV3Config, DeepSeekV3Router
+from .dense import DenseConfig, DenseFFN
+from .experts import ExpertBank
+from .gshard import GShardConfig, GShardRouter
+from .layer import MoELayer, MoEOutput, routed
+from .routing import Router, Routing
+from .switch import SwitchConfig, SwitchRouter
+
+
+class Variant(NamedTuple):
+    config: type[MoEConfig]
+    make: Callable[[Any], nn.Module]
+
+
+REGISTRY: dict[str, Variant] = {
+    "dense": Variant(DenseConfig, DenseFFN),
+    "switch": Variant(SwitchConfig, routed(SwitchRouter)),
+    "gshard": Variant(GShardConfig, routed(GShardRouter)),
+    "deepseek_moe": Variant(DeepSeekMoEConfig, routed(DeepSeekMoERouter)),
+    "deepseek_v3": Variant(DeepSeekV3Config, routed(DeepSeekV3Router)),
+}
+
+
+def names() -> list[str]:
+    """Sorted names of the registered variants."""
+    return sorted(REGISTRY)
+
+
+def lookup(name: str) -> Variant:
+    if name not in REGISTRY:
+        raise ValueError(f"variant={name!r} is not one of {', '.join(map(repr, names()))}")
+    return REGISTRY[name]
+
+
+def make_config(name: str, **fields: Any) -> MoEConfig:
+    """The validated config `build` would use (paper defaults for fields not given)."""
+    return lookup(name).config.from_fields(name, fields)
+
+
+def build(name: str, **fields: Any) -> nn.Module:
+    """Build variant `name` with the given config fields, validated; returns an nn.Module."""
+    variant = lookup(name)
+    return variant.make(variant.config.from_fields(name, fields))
+
+
+__all__ = [
+    "REGISTRY",
+    "ExpertBank",
+    "MoEConfig",
+    "MoELayer",
+    "MoEOutput",
+    "Router",
+    "Routing",
+    "Variant",
+    "build",
+    "lookup",
+    "make_config",
+    "names",
+]

@@ -1,0 +1,132 @@
+"""Config base for every variant, and the validation helpers its errors come from.
+
+Every error is a `ValueError` whose message names the field, the value and the rule,
+for example ``top_k=9 must be <= num_experts=8``: users meet these from the command line,
+so they must read like a sentence, not like a stack trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ACTIVATIONS = ("gelu", "swiglu")
+BACKENDS = ("loop", "grouped", "padded", "megablocks")
+ROUTER_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def check_int(obj: Any, name: str, minimum: int | None = None) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+
+
+def check_number(
+    obj: Any, name: str, minimum: float | None = None, positive: bool = False
+) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    if positive and value <= 0:
+        raise ValueError(f"{name}={value} must be > 0")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+
+
+def check_choice(obj: Any, name: str, allowed: tuple[str, ...] | list[str]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def check_le(obj: Any, small: str, big: str) -> None:
+    a, b = getattr(obj, small), getattr(obj, big)
+    if a > b:
+        raise ValueError(f"{small}={a} must be <= {big}={b}")
+
+
+def check_divides(obj: Any, divisor: str, dividend: str) -> None:
+    a, b = getattr(obj, divisor), getattr(obj, dividend)
+    if b % a:
+        raise ValueError(f"{dividend}={b} must be divisible by {divisor}={a}")
+
+
+@dataclass
+class MoEConfig:
+    """Fields every variant accepts (SPEC section 2). Variants subclass it with paper defaults.
+
+    Sizes default small (a CPU-friendly layer); routing hyperparameters default to each paper.
+    """
+
+    d_model: int = 512
+    num_experts: int = 8
+    expert_hidden: int = 1024
+    top_k: int = 2
+    num_shared_experts: int = 0
+    activation: str = "gelu"
+    capacity_factor: float | None = None
+    backend: str = "loop"
+    force_uniform_routing: bool = False
+    router_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_int(self, "d_model", 1)
+        check_int(self, "num_experts", 1)
+        check_int(self, "expert_hidden", 1)
+        check_int(self, "top_k", 1)
+        check_le(self, "top_k", "num_experts")
+        check_int(self, "num_shared_experts", 0)
+        check_choice(self, "activation", ACTIVATIONS)
+        if self.capacity_factor is not None:
+            check_number(self, "capacity_factor", positive=True)
+        check_choice(self, "backend", BACKENDS)
+        if not isinstance(self.force_uniform_routing, bool):
+            raise ValueError(
+                f"force_uniform_routing={self.force_uniform_routing!r} must be true or false"
+            )
+        check_choice(self, "router_dtype", tuple(ROUTER_DTYPES))
+        if self.backend == "padded" and self.capacity_factor is None:
+            raise ValueError(
+                "backend='padded' needs capacity buffers, but capacity_factor=None (dropless); "
+                "set capacity_factor or use backend 'loop' or 'grouped'"
+            )
+        if self.backend == "grouped":
+            # torch.nn.functional.grouped_mm needs 16-byte row strides: 8 elements in bf16.
+            for name in ("d_model", "expert_hidden"):
+                if getattr(self, name) % 8:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} must be a multiple of 8 for "
+                        "backend='grouped' (grouped_mm needs 16-byte aligned rows)"
+                    )
+
+    @classmethod
+    def from_fields(cls, variant: str, fields: dict[str, Any]) -> MoEConfig:
+        """Build from keyword fields; an unknown field names itself and the allowed ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]}={fields[unknown[0]]!r} is not a field of variant {variant!r}; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        return cls(**fields)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity `ceil(capacity_factor * T * K / E)`, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)

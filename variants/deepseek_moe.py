@@ -1,0 +1,81 @@
+"""deepseek_moe: fine-grained experts plus shared experts (Dai et al. 2024, arXiv:2401.06066).
+
+Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices, A assignments.
+
+- Router (Eq. 3-5): s = softmax(x W^T) over the routed experts; each token takes its top-K;
+  the combine weight is s itself, not renormalised over the K.
+- `num_shared_experts` experts are applied to every token (the layer adds them).
+- Dropless by default; a `capacity_factor` drops overflow in token order.
+- Expert-level balance (Eq. 12-14): `alpha1 * sum_i f_i P_i`, f_i = E/(K T) * #tokens choosing
+  i (before drops), P_i = mean_t s_{i,t}.
+- Device-level balance (Eq. 15-17): experts are split into `num_devices` contiguous groups;
+  `alpha2 * sum_d f'_d P'_d`, f'_d = mean of f_i over group d, P'_d = sum of P_i over group d.
+  Off unless alpha2 > 0.
+- Defaults follow DeepSeekMoE 2B: 1 shared + 63 routed experts, 7 routed per token
+  (granularity m=4 over N=16 with K=2: mN - Ks routed, mK - Ks active).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import MoEConfig, check_divides, check_int, check_number
+from .routing import Router, Routing, drop_over_capacity, f_dot_p, flatten_topk, make_routing
+
+
+@dataclass
+class DeepSeekMoEConfig(MoEConfig):
+    num_experts: int = 63
+    top_k: int = 7
+    expert_hidden: int = 256
+    num_shared_experts: int = 1
+    alpha1: float = 0.01
+    alpha2: float = 0.0
+    num_devices: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "alpha1", minimum=0)
+        check_number(self, "alpha2", minimum=0)
+        check_int(self, "num_devices", 1)
+        check_divides(self, "num_devices", "num_experts")
+
+
+def expert_fraction(demand_E: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """f_i = E/(K T) * #assignments to i; 1 for every i under perfect balance (Eq. 13)."""
+    E = demand_E.shape[-1]
+    return demand_E.float() * E / (top_k * num_tokens)
+
+
+def device_balance(f_E: torch.Tensor, p_E: torch.Tensor, num_devices: int) -> torch.Tensor:
+    """sum_d f'_d P'_d with f'_d the mean of f over group d, P'_d the sum of P (Eq. 15-17)."""
+    f_dG = f_E.unflatten(-1, (num_devices, -1))
+    p_dG = p_E.unflatten(-1, (num_devices, -1))
+    return f_dot_p(f_dG.mean(-1), p_dG.sum(-1))
+
+
+class DeepSeekMoERouter(Router):
+    def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
+        cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
+        logits_TE = self.logits(x_TD)
+        scores_TE = F.softmax(logits_TE, dim=-1)
+        weight_TK, expert_TK = scores_TE.topk(K, dim=-1)
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        demand_E = torch.bincount(expert_A, minlength=E)
+        capacity = cfg.capacity(T)
+        token_A, expert_A, weight_A = drop_over_capacity(
+            token_A, expert_A, weight_A, torch.arange(T * K, device=x_TD.device), capacity, E
+        )
+        routing = make_routing(
+            token_A, expert_A, weight_A, scores_TE, logits_TE, demand_E, capacity
+        )
+        losses = {}
+        if self.training:
+            f_E, p_E = expert_fraction(demand_E, T, K), scores_TE.mean(0)
+            losses["balance"] = cfg.alpha1 * f_dot_p(f_E, p_E)
+            if cfg.alpha2 > 0:
+                losses["device_balance"] = cfg.alpha2 * device_balance(f_E, p_E, cfg.num_devices)
+        return routing, losses

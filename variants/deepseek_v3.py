@@ -1,0 +1,131 @@
+"""deepseek_v3: sigmoid routing with auxiliary-loss-free balancing.
+
+DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437, Sec. 2.1.2) and the loss-free balancing paper
+(Wang et al. 2024, arXiv:2408.15664, Algorithm 1).
+
+Shape legend: T tokens, E routed experts, K routed per token, G groups, B sequences,
+S sequence length, A assignments.
+
+- Affinity (Eq. 15): s = sigmoid(x W^T).
+- Selection (Eq. 16): top-K of `s + b`, b = `router.expert_bias`. The bias only selects:
+  it never enters the combine weight nor the losses.
+- Node-limited routing (Sec. 2.1.2 "node-limited routing"): with `num_groups > 1` the experts
+  form contiguous groups; a group's score is the sum of its K/topk_groups highest biased
+  scores; only the `topk_groups` best groups are eligible.
+- Weight (Eq. 13, 17): s_i / sum of the selected s, times `routed_scaling_factor`.
+- Dropless.
+- Bias update (loss-free paper Alg. 1; V3 Sec. 2.1.2): once per optimizer step,
+  b_i += bias_update_rate * sign(mean_load - load_i), from the load of the training forwards
+  since the last `update_bias()`. Eval forwards count nothing. In data-parallel training,
+  all-reduce `router.load_count` (a buffer) before `update_bias()`.
+- Complementary sequence-wise balance loss (Eq. 17-20), per sequence then averaged:
+  `alpha * sum_i f_i P_i`, f_i = E/(K S) * #tokens of the sequence choosing i,
+  P_i = mean over the sequence of s'_{i,t} = s_{i,t} / sum_j s_{j,t}. Default alpha = 1e-4.
+- Defaults follow V3: 256 routed experts, 8 per token, 1 shared, 8 groups, 4 groups per token.
+  Departure: `routed_scaling_factor` defaults to 1.0 (the paper's model uses 2.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MoEConfig, check_divides, check_int, check_le, check_number
+from .deepseek_moe import expert_fraction
+from .routing import (
+    Router,
+    Routing,
+    count_per_sequence,
+    f_dot_p,
+    flatten_topk,
+    group_limited_mask,
+    make_routing,
+)
+
+
+@dataclass
+class DeepSeekV3Config(MoEConfig):
+    num_experts: int = 256
+    top_k: int = 8
+    expert_hidden: int = 128
+    num_shared_experts: int = 1
+    num_groups: int = 8
+    topk_groups: int = 4
+    routed_scaling_factor: float = 1.0
+    alpha: float = 1e-4
+    bias_update_rate: float = 1e-3
+
+    def validate(self) -> None:
+        super().validate()
+        if self.capacity_factor is not None:
+            raise ValueError(
+                f"capacity_factor={self.capacity_factor} must be None for deepseek_v3 "
+                "(dropless: balance comes from the bias, not from drops)"
+            )
+        check_int(self, "num_groups", 1)
+        check_divides(self, "num_groups", "num_experts")
+        check_int(self, "topk_groups", 1)
+        check_le(self, "topk_groups", "num_groups")
+        if self.num_groups > 1:
+            check_divides(self, "topk_groups", "top_k")
+            per_group = self.top_k // self.topk_groups
+            group_size = self.num_experts // self.num_groups
+            if per_group > group_size:
+                raise ValueError(
+                    f"top_k/topk_groups={per_group} must be <= num_experts/num_groups={group_size}"
+                )
+        check_number(self, "routed_scaling_factor", positive=True)
+        check_number(self, "alpha", minimum=0)
+        check_number(self, "bias_update_rate", minimum=0)
+
+
+class DeepSeekV3Router(Router):
+    def __init__(self, cfg: DeepSeekV3Config) -> None:
+        super().__init__(cfg)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        # training load since the last update_bias(); not part of a checkpoint's meaning
+        self.register_buffer(
+            "load_count", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False
+        )
+
+    def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits_TE)
+
+    def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
+        cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.top_k
+        logits_TE = self.logits(x_TD)
+        s_TE = self.score(logits_TE)
+        biased_TE = s_TE.detach() + self.expert_bias.to(s_TE.dtype)
+        if cfg.num_groups > 1:
+            allowed_TE = group_limited_mask(
+                biased_TE, cfg.num_groups, cfg.topk_groups, K // cfg.topk_groups
+            )
+            biased_TE = biased_TE.masked_fill(~allowed_TE, float("-inf"))
+        expert_TK = biased_TE.topk(K, dim=-1).indices
+        s_TK = s_TE.gather(1, expert_TK)
+        weight_TK = s_TK / s_TK.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        demand_E = torch.bincount(expert_A, minlength=E)
+        routing = make_routing(token_A, expert_A, weight_A, s_TE, logits_TE, demand_E)
+        losses = {}
+        if self.training:
+            with torch.no_grad():
+                self.load_count += routing.load
+            losses["balance"] = cfg.alpha * self.sequence_balance(routing, s_TE, num_seqs)
+        return routing, losses
+
+    def sequence_balance(self, routing: Routing, s_TE: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """mean over sequences of sum_i f_i P_i (V3 Eq. 17-20)."""
+        T, E = s_TE.shape
+        S = T // num_seqs
+        counts_BE = count_per_sequence(routing.expert, routing.token, num_seqs, S, E)
+        f_BE = expert_fraction(counts_BE, S, self.cfg.top_k)
+        s_norm_BSE = (s_TE / s_TE.sum(-1, keepdim=True)).view(num_seqs, S, E)
+        return f_dot_p(f_BE, s_norm_BSE.mean(1)).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        load_E = self.load_count.float()
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.load_count.zero_()

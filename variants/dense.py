@@ -1,0 +1,62 @@
+"""dense: the baseline, one FFN of width `d_ff` applied to every token (no routing).
+
+Its default width is the active width of the MoE described by the same fields,
+`expert_hidden * (top_k + num_shared_experts)`, so `build("dense", **moe_fields)` is the
+equal-active-FLOPs reference. The `backend` field is accepted and has no effect: there is
+nothing to dispatch, the FFN is one GEMM per projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import MoEConfig, check_int
+from .experts import ExpertBank
+from .layer import MoEOutput, assemble, flatten_tokens
+from .routing import make_routing
+
+
+@dataclass
+class DenseConfig(MoEConfig):
+    num_experts: int = 1
+    top_k: int = 1
+    d_ff: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None and isinstance(self.expert_hidden, int):
+            self.d_ff = self.expert_hidden * (self.top_k + self.num_shared_experts)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "d_ff", 1)
+
+
+class DenseFFN(nn.Module):
+    router = None
+    shared = None
+
+    def __init__(self, cfg: DenseConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.experts = ExpertBank(1, cfg.d_model, cfg.d_ff, cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        x_TD, _ = flatten_tokens(x, self.cfg.d_model)
+        T, dev = x_TD.shape[0], x_TD.device
+        # every token "routed" to the one FFN with weight 1, so reports need no special case
+        routing = make_routing(
+            token_A=torch.arange(T, device=dev),
+            expert_A=torch.zeros(T, dtype=torch.long, device=dev),
+            weight_A=torch.ones(T, device=dev),
+            scores_TE=torch.ones(T, 1, device=dev),
+            logits_TE=torch.zeros(T, 1, device=dev),
+            demand_E=torch.tensor([T], device=dev),
+        )
+        return assemble(x, self.experts.sum_all(x_TD), {}, routing)
+
+    def update_bias(self) -> None:
+        """No bias to update."""

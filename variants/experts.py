@@ -1,0 +1,56 @@
+"""ExpertBank: E stacked FFN experts, the weights every backend computes with.
+
+Shape legend: E experts, D model width, H hidden width of one expert, N rows of one expert.
+
+gelu:   FFN(x) = gelu(x @ w1) @ w2                    (exact erf gelu, torch's default)
+swiglu: FFN(x) = (silu(x @ w1) * (x @ w3)) @ w2       (Shazeer 2020, arXiv:2002.05202)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ExpertBank(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.w3 = (
+            nn.Parameter(torch.empty(num_experts, d_model, hidden))
+            if activation == "swiglu"
+            else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # fan-in scaling keeps activations O(1) at any D and H (nn.Linear-like magnitude)
+        for w in (self.w1, self.w3):
+            if w is not None:
+                nn.init.normal_(w, std=self.d_model**-0.5)
+        nn.init.normal_(self.w2, std=self.hidden**-0.5)
+
+    def act(self, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
+        """Hidden activation from the w1 (and, for swiglu, w3) projections."""
+        if h3 is None:
+            return F.gelu(h1)
+        return F.silu(h1) * h3
+
+    def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """FFN of expert e on its rows: the plain reference every backend is checked against."""
+        h3 = x_ND @ self.w3[e] if self.w3 is not None else None
+        return self.act(x_ND @ self.w1[e], h3) @ self.w2[e]
+
+    def sum_all(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """sum_e FFN_e(x) for every token (shared experts, dense FFN).
+
+        The E experts side by side are one FFN of width E*H, so this is two (or three) GEMMs.
+        """
+        E, D, H = self.num_experts, self.d_model, self.hidden
+        w1_DF = self.w1.permute(1, 0, 2).reshape(D, E * H)
+        h3 = x_TD @ self.w3.permute(1, 0, 2).reshape(D, E * H) if self.w3 is not None else None
+        return self.act(x_TD @ w1_DF, h3) @ self.w2.reshape(E * H, D)

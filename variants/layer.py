@@ -1,0 +1,84 @@
+"""MoELayer: router + backend + shared experts -> MoEOutput. The one contract of SPEC section 2.
+
+Shape legend: T tokens (all leading dims flattened), D model width, E routed experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .config import MoEConfig
+from .experts import ExpertBank
+from .routing import Router, Routing
+
+
+@dataclass
+class MoEOutput:
+    y: torch.Tensor  # [..., D], FFN output only: the caller adds the residual
+    aux_loss: torch.Tensor  # 0-d, the sum of `losses`
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: Routing | None = None
+
+
+def flatten_tokens(x: torch.Tensor, d_model: int) -> tuple[torch.Tensor, int]:
+    """x [..., D] -> (x_TD, number of sequences). [B, S, D] holds B sequences; [S, D] holds one."""
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        got = tuple(x.shape)
+        raise ValueError(f"input shape {got}: last dim must equal d_model={d_model}")
+    if not x.is_floating_point():
+        raise ValueError(f"input dtype={x.dtype} must be a floating point dtype")
+    num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1
+    return x.reshape(-1, d_model), num_seqs
+
+
+def assemble(
+    x: torch.Tensor, y_TD: torch.Tensor, losses: dict[str, torch.Tensor], routing: Routing
+) -> MoEOutput:
+    aux = sum(losses.values()) if losses else torch.zeros((), device=x.device)
+    return MoEOutput(y=y_TD.view(x.shape), aux_loss=aux, losses=losses, routing=routing)
+
+
+class MoELayer(nn.Module):
+    """`y = shared(x) + backend(x, router(x), experts)`; see `variants.build`."""
+
+    def __init__(self, cfg: MoEConfig, router: Router) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = router
+        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
+        self.shared = (
+            ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
+            if cfg.num_shared_experts
+            else None
+        )
+        self.backend = get_backend(cfg.backend)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
+        routing, losses = self.router(x_TD, num_seqs)
+        y_TD = self.backend(x_TD, routing, self.experts)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared.sum_all(x_TD)
+        return assemble(x, y_TD, losses, routing)
+
+    def update_bias(self) -> None:
+        """Apply the loss-free bias update from the training load counted since the last call."""
+        self.router.update_bias()
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"E={c.num_experts}, K={c.top_k}, D={c.d_model}, H={c.expert_hidden}, "
+            f"shared={c.num_shared_experts}, backend={c.backend!r}"
+        )
+
+
+def routed(router_cls: type[Router]) -> Callable[[MoEConfig], nn.Module]:
+    """Layer factory for a token-choice or expert-choice variant defined by its router."""
+    return lambda cfg: MoELayer(cfg, router_cls(cfg))

@@ -1,0 +1,236 @@
+"""The Routing record, the router base class, and routing math shared by several variants.
+
+Shape legend: T tokens, D model width, E routed experts, K experts per token,
+A kept (token, expert) assignments, B sequences, S sequence length, G expert groups.
+
+Every router turns `x_TD` into one `Routing` record (the only thing that crosses from
+routing to expert compute) plus a dict of weighted losses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ROUTER_DTYPES, MoEConfig
+
+
+@dataclass
+class Routing:
+    """Kept assignments and router statistics of one forward (SPEC section 2).
+
+    `capacity` is the per-expert buffer size the routing respected (None when dropless);
+    the `padded` backend sizes its buffers from it.
+    """
+
+    token: torch.Tensor  # [A] long
+    expert: torch.Tensor  # [A] long
+    weight: torch.Tensor  # [A] combine weight
+    scores: torch.Tensor  # [T, E] affinities, without any balancing bias
+    logits: torch.Tensor  # [T, E] x @ router.weight.T, before noise or jitter
+    demand: torch.Tensor  # [E] long, asked of each expert before capacity drops
+    load: torch.Tensor  # [E] long, kept per expert
+    num_tokens: int
+    capacity: int | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.scores.shape[-1]
+
+
+def make_routing(
+    token_A: torch.Tensor,
+    expert_A: torch.Tensor,
+    weight_A: torch.Tensor,
+    scores_TE: torch.Tensor,
+    logits_TE: torch.Tensor,
+    demand_E: torch.Tensor,
+    capacity: int | None = None,
+) -> Routing:
+    """Assemble a Routing record; `load` is always recomputed from the kept assignments."""
+    E = scores_TE.shape[-1]
+    return Routing(
+        token=token_A,
+        expert=expert_A,
+        weight=weight_A,
+        scores=scores_TE,
+        logits=logits_TE,
+        demand=demand_E,
+        load=torch.bincount(expert_A, minlength=E),
+        num_tokens=scores_TE.shape[0],
+        capacity=capacity,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Assignment bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+
+def flatten_topk(
+    expert_TK: torch.Tensor, weight_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, K] choices -> token-major assignment lists (token_A, expert_A, weight_A), A = T*K."""
+    T, K = expert_TK.shape
+    token_A = torch.arange(T, device=expert_TK.device).repeat_interleave(K)
+    return token_A, expert_TK.reshape(-1), weight_TK.reshape(-1)
+
+
+def rank_in_expert(
+    expert_A: torch.Tensor, priority_A: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Position of each assignment in its expert's queue when served in ascending priority.
+
+    Ties in priority keep list order (stable sorts), so `priority_A = arange(A)` is "first come,
+    first served" in list order.
+    """
+    A = expert_A.numel()
+    order_A = torch.argsort(priority_A, stable=True)
+    # a stable sort by expert keeps the priority order inside each expert's group
+    by_expert_A = order_A[torch.argsort(expert_A[order_A], stable=True)]
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted_A = torch.arange(A, device=expert_A.device) - starts_E[expert_A[by_expert_A]]
+    rank_A = torch.empty_like(rank_sorted_A)
+    rank_A[by_expert_A] = rank_sorted_A
+    return rank_A
+
+
+def within_capacity(
+    expert_A: torch.Tensor, priority_A: torch.Tensor, capacity: int, num_experts: int
+) -> torch.Tensor:
+    """Bool mask of assignments that fit: each expert keeps its `capacity` best-priority ones."""
+    return rank_in_expert(expert_A, priority_A, num_experts) < capacity
+
+
+def drop_over_capacity(
+    token_A: torch.Tensor,
+    expert_A: torch.Tensor,
+    weight_A: torch.Tensor,
+    priority_A: torch.Tensor,
+    capacity: int | None,
+    num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep, per expert, the `capacity` assignments of lowest priority value; None keeps all."""
+    if capacity is None:
+        return token_A, expert_A, weight_A
+    keep_A = within_capacity(expert_A, priority_A, capacity, num_experts)
+    return token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
+
+
+def uniform_choice(num_tokens: int, num_experts: int, k: int, device: torch.device) -> torch.Tensor:
+    """Round-robin `expert_TK`: token t's j-th choice is (t*K + j) mod E (distinct when K <= E)."""
+    t_T1 = torch.arange(num_tokens, device=device)[:, None]
+    return (t_T1 * k + torch.arange(k, device=device)) % num_experts
+
+
+def group_limited_mask(
+    scores_TE: torch.Tensor, num_groups: int, topk_groups: int, per_group: int
+) -> torch.Tensor:
+    """Bool [T, E]: experts in each token's `topk_groups` best groups of contiguous experts.
+
+    A group's score is the sum of its `per_group` highest scores (1 = its best expert, as in
+    DeepSeek-V2's device-limited routing; K/topk_groups in DeepSeek-V3's node-limited routing).
+    """
+    T, E = scores_TE.shape
+    grouped_TGe = scores_TE.view(T, num_groups, E // num_groups)
+    group_score_TG = grouped_TGe.topk(per_group, dim=-1).values.sum(-1)
+    best_TG = group_score_TG.topk(topk_groups, dim=-1).indices
+    keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=scores_TE.device)
+    keep_TG.scatter_(1, best_TG, True)
+    return keep_TG.repeat_interleave(E // num_groups, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (weights are applied by the caller, so every term's coefficient is visible there)
+# ---------------------------------------------------------------------------------------------
+
+
+def f_dot_p(f_E: torch.Tensor, p_E: torch.Tensor) -> torch.Tensor:
+    """The `sum_i f_i P_i` form shared by Switch, GShard, DeepSeekMoE, V2, V3 and Mixtral.
+
+    Works on trailing dims, so a per-sequence `[B, E]` pair gives `[B]` (callers average).
+    """
+    return (f_E * p_E).sum(-1)
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, Eq. 5): mean_t logsumexp(u_t)^2."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def count_per_sequence(
+    expert_A: torch.Tensor, token_A: torch.Tensor, num_seqs: int, seq_len: int, num_experts: int
+) -> torch.Tensor:
+    """[B, E] count of assignments per (sequence, expert); tokens are flattened as b*S + s."""
+    seq_A = torch.div(token_A, seq_len, rounding_mode="floor")
+    flat = torch.bincount(seq_A * num_experts + expert_A, minlength=num_seqs * num_experts)
+    return flat.view(num_seqs, num_experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Router base
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Expert centroids `weight [E, D]`; logits `u = x @ weight.T` in `router_dtype` (fp32).
+
+    Subclasses implement `route(x_TD, num_seqs) -> (Routing, losses)` and, where their
+    affinities are not a softmax, `score(logits_TE)`. The base handles force_uniform_routing
+    and drops losses in eval mode (SPEC: eval forwards return no losses).
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = ROUTER_DTYPES[cfg.router_dtype]
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        # nn.Linear's default init: centroids of norm ~1 at any width.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.to(self.dtype) @ self.weight.to(self.dtype).T
+
+    def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return F.softmax(logits_TE, dim=-1)
+
+    def route(
+        self, x_TD: torch.Tensor, num_seqs: int
+    ) -> tuple[Routing, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward(
+        self, x_TD: torch.Tensor, num_seqs: int = 1
+    ) -> tuple[Routing, dict[str, torch.Tensor]]:
+        if self.cfg.force_uniform_routing:
+            return self.uniform(x_TD), {}
+        routing, losses = self.route(x_TD, num_seqs)
+        return routing, (losses if self.training else {})
+
+    def uniform(self, x_TD: torch.Tensor) -> Routing:
+        """Round-robin routing with weight 1/K, for timing kernels apart from imbalance.
+
+        The router's logits are still computed so its cost stays in the timing. Capacity,
+        when set, is applied in token order.
+        """
+        cfg = self.cfg
+        logits_TE = self.logits(x_TD)
+        scores_TE = self.score(logits_TE)
+        T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
+        expert_TK = uniform_choice(T, E, K, x_TD.device)
+        weight_TK = torch.full((T, K), 1.0 / K, dtype=scores_TE.dtype, device=x_TD.device)
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        demand_E = torch.bincount(expert_A, minlength=E)
+        capacity = cfg.capacity(T)
+        token_A, expert_A, weight_A = drop_over_capacity(
+            token_A, expert_A, weight_A, torch.arange(T * K, device=x_TD.device), capacity, E
+        )
+        return make_routing(token_A, expert_A, weight_A, scores_TE, logits_TE, demand_E, capacity)
+
+    def update_bias(self) -> None:
+        """Loss-free balancing hook (DeepSeek-V3); a no-op for routers without a bias."""
