@@ -32,9 +32,7 @@ def check_int(obj: Any, name: str, minimum: int | None = None) -> None:
         raise ValueError(f"{name}={value} must be >= {minimum}")
 
 
-def check_number(
-    obj: Any, name: str, minimum: float | None = None, positive: bool = False
-) -> None:
+def check_number(obj: Any, name: str, minimum: float | None = None, positive: bool = False) -> None:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r} must be a finite number")

@@ -63,9 +63,7 @@ class GShardRouter(Router):
         token_A, expert_A, weight_A = drop_over_capacity(
             token_A, expert_A, weight_A, priority_A, capacity, E
         )
-        routing = make_routing(
-            token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity
-        )
+        routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
             f_E = torch.bincount(expert_T2[:, 0], minlength=E).float() / T

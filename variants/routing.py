@@ -199,9 +199,7 @@ class Router(nn.Module):
     def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return F.softmax(logits_TE, dim=-1)
 
-    def route(
-        self, x_TD: torch.Tensor, num_seqs: int
-    ) -> tuple[Routing, dict[str, torch.Tensor]]:
+    def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def forward(

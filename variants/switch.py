@@ -80,11 +80,14 @@ class SwitchRouter(Router):
         demand_E = torch.bincount(expert_A, minlength=E)
         capacity = cfg.capacity(T)
         token_A, expert_A, weight_A = drop_over_capacity(
-            token_A, expert_A, weight_A, token_A, capacity, E  # priority: token order
+            token_A,
+            expert_A,
+            weight_A,
+            token_A,
+            capacity,
+            E,  # priority: token order
         )
-        routing = make_routing(
-            token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity
-        )
+        routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
             losses = softmax_losses(self, routed_TE, demand_E.float() / T, probs_TE.mean(0))
