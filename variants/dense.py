@@ -21,8 +21,6 @@ from .routing import make_routing
 
 @dataclass
 class DenseConfig(MoEConfig):
-    num_experts: int = 1
-    top_k: int = 1
     d_ff: int | None = None
 
     def __post_init__(self) -> None:

@@ -1,0 +1,134 @@
+"""The `variants` contract of SPEC section 2: registry, shapes, records, modes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import variants
+
+HEADLINE = ["dense", "switch", "gshard", "deepseek_moe", "deepseek_v3"]
+SMALL = dict(d_model=16, num_experts=8, expert_hidden=8, top_k=2)
+
+
+def small(name: str, **extra) -> torch.nn.Module:
+    fields = dict(SMALL, **extra)
+    if name == "switch":
+        fields["top_k"] = 1
+    if name == "deepseek_v3":
+        fields.update(num_groups=4, topk_groups=2)
+    return variants.build(name, **fields)
+
+
+def test_names_are_sorted_and_hold_the_headline_variants() -> None:
+    names = variants.names()
+    assert names == sorted(names)
+    assert set(HEADLINE) <= set(names)
+
+
+@pytest.mark.parametrize("name", HEADLINE)
+@pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16), (2, 3, 4, 16)])
+def test_output_record_shapes(name: str, shape: tuple[int, ...]) -> None:
+    layer = small(name).train()
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    T = x[..., 0].numel()
+    assert out.y.shape == x.shape
+    assert out.aux_loss.dim() == 0
+    if out.losses:
+        torch.testing.assert_close(out.aux_loss, sum(out.losses.values()))
+        assert out.aux_loss.requires_grad
+        assert set(out.losses) <= {
+            "balance", "device_balance", "comm_balance", "z", "importance", "load"
+        }
+    r = out.routing
+    assert isinstance(r, variants.Routing) and r.num_tokens == T
+    A = r.token.numel()
+    assert r.expert.shape == r.weight.shape == (A,)
+    assert r.token.dtype == r.expert.dtype == torch.long
+    assert r.scores.shape == r.logits.shape == (T, r.num_experts)
+    assert torch.equal(r.load, torch.bincount(r.expert, minlength=r.num_experts))
+    assert (r.demand >= r.load).all()
+
+
+@pytest.mark.parametrize("name", HEADLINE)
+def test_eval_mode_has_no_losses_and_is_deterministic(name: str) -> None:
+    layer = small(name).eval()
+    x = torch.randn(2, 6, 16)
+    a, b = layer(x), layer(x)
+    assert a.losses == {} and a.aux_loss.item() == 0.0
+    torch.testing.assert_close(a.y, b.y, rtol=0, atol=0)
+    assert torch.equal(a.routing.expert, b.routing.expert)
+
+
+@pytest.mark.parametrize("name", HEADLINE[1:])
+def test_parameter_names_and_shapes(name: str) -> None:
+    layer = small(name, activation="swiglu")
+    E, D, H = layer.cfg.num_experts, 16, 8
+    assert layer.router.weight.shape == (E, D)
+    assert layer.experts.w1.shape == (E, D, H)
+    assert layer.experts.w2.shape == (E, H, D)
+    assert layer.experts.w3.shape == (E, D, H)
+    assert hasattr(layer.router, "expert_bias") == (name == "deepseek_v3")
+    assert (layer.shared is None) == (layer.cfg.num_shared_experts == 0)
+
+
+@pytest.mark.parametrize("name", HEADLINE)
+def test_update_bias_exists_everywhere(name: str) -> None:
+    layer = small(name).train()
+    layer(torch.randn(4, 16))
+    layer.update_bias()
+
+
+@pytest.mark.parametrize("name", HEADLINE[1:])
+def test_force_uniform_routing_balances_load_exactly(name: str) -> None:
+    layer = small(name, force_uniform_routing=True, capacity_factor=None)
+    r = layer.train()(torch.randn(32, 16)).routing
+    K = layer.cfg.top_k
+    assert r.load.tolist() == [32 * K // 8] * 8
+    assert r.weight.eq(1.0 / K).all()
+
+
+def test_router_math_stays_float32_for_bf16_inputs() -> None:
+    layer = small("switch").to(torch.bfloat16)
+    out = layer(torch.randn(6, 16, dtype=torch.bfloat16))
+    assert out.y.dtype == torch.bfloat16
+    assert out.routing.scores.dtype == out.routing.logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "message"),
+    [
+        ("nope", {}, "variant='nope' is not one of"),
+        ("switch", {"top_k": 2}, "top_k=2 must be 1 for switch"),
+        ("gshard", {"num_experts": 1}, "top_k=2 must be <= num_experts=1"),
+        ("deepseek_moe", {"num_experts": 8, "top_k": 9}, "top_k=9 must be <= num_experts=8"),
+        ("deepseek_moe", {"num_experts": 0, "top_k": 1}, "num_experts=0 must be >= 1"),
+        ("switch", {"capacity_factor": 0}, "capacity_factor=0 must be > 0"),
+        ("switch", {"capacity_factor": -1.5}, "capacity_factor=-1.5 must be > 0"),
+        ("switch", {"backend": "cuda_magic"}, "backend='cuda_magic' is not one of"),
+        ("deepseek_moe", {"backend": "padded"}, "backend='padded' needs capacity buffers"),
+        ("switch", {"activation": "relu"}, "activation='relu' is not one of"),
+        ("switch", {"d_model": 12, "backend": "grouped"}, "d_model=12 must be a multiple of 8"),
+        ("switch", {"num_expert": 4}, "num_expert=4 is not a field of variant 'switch'"),
+        ("switch", {"d_model": 2.5}, "d_model=2.5 must be an integer"),
+        ("switch", {"router_dtype": "int8"}, "router_dtype='int8' is not one of"),
+        ("deepseek_v3", {"num_experts": 10}, "num_experts=10 must be divisible by num_groups=8"),
+        ("deepseek_v3", {"capacity_factor": 1.0}, "capacity_factor=1.0 must be None"),
+        ("deepseek_v3", {"topk_groups": 9}, "topk_groups=9 must be <= num_groups=8"),
+        ("deepseek_v3", {"top_k": 6}, "top_k=6 must be divisible by topk_groups=4"),
+        ("dense", {"d_ff": 0}, "d_ff=0 must be >= 1"),
+    ],
+)
+def test_bad_fields_raise_value_error_naming_field_value_and_rule(
+    name: str, fields: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        variants.build(name, **fields)
+
+
+@pytest.mark.parametrize("name", HEADLINE)
+def test_wrong_width_at_forward_is_a_value_error(name: str) -> None:
+    layer = small(name)
+    with pytest.raises(ValueError, match=r"last dim must equal d_model=16"):
+        layer(torch.randn(3, 15))
