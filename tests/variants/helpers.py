@@ -29,7 +29,9 @@ def hand_routing(
     )
 
 
-def with_logits(name: str, logits_TE: torch.Tensor, **fields) -> tuple[torch.nn.Module, torch.Tensor]:
+def with_logits(
+    name: str, logits_TE: torch.Tensor, **fields
+) -> tuple[torch.nn.Module, torch.Tensor]:
     """A layer whose router produces exactly `logits_TE` on the returned input x_TD.
 
     x is the identity basis padded to d_model = T (so x @ W^T = W^T rows), and the router

@@ -39,7 +39,12 @@ def test_output_record_shapes(name: str, shape: tuple[int, ...]) -> None:
         torch.testing.assert_close(out.aux_loss, sum(out.losses.values()))
         assert out.aux_loss.requires_grad
         assert set(out.losses) <= {
-            "balance", "device_balance", "comm_balance", "z", "importance", "load"
+            "balance",
+            "device_balance",
+            "comm_balance",
+            "z",
+            "importance",
+            "load",
         }
     r = out.routing
     assert isinstance(r, variants.Routing) and r.num_tokens == T
