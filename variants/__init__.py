@@ -17,11 +17,15 @@ from torch import nn
 
 from .config import MoEConfig
 from .deepseek_moe import DeepSeekMoEConfig, DeepSeekMoERouter
+from .deepseek_v2 import DeepSeekV2Config, DeepSeekV2Router
 from .deepseek_v3 import DeepSeekV3Config, DeepSeekV3Router
 from .dense import DenseConfig, DenseFFN
+from .expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
 from .experts import ExpertBank
 from .gshard import GShardConfig, GShardRouter
 from .layer import MoELayer, MoEOutput, routed
+from .mixtral import MixtralConfig, MixtralRouter
+from .noisy_topk import NoisyTopKConfig, NoisyTopKRouter
 from .routing import Router, Routing
 from .switch import SwitchConfig, SwitchRouter
 
@@ -37,6 +41,10 @@ REGISTRY: dict[str, Variant] = {
     "gshard": Variant(GShardConfig, routed(GShardRouter)),
     "deepseek_moe": Variant(DeepSeekMoEConfig, routed(DeepSeekMoERouter)),
     "deepseek_v3": Variant(DeepSeekV3Config, routed(DeepSeekV3Router)),
+    "deepseek_v2": Variant(DeepSeekV2Config, routed(DeepSeekV2Router)),
+    "mixtral": Variant(MixtralConfig, routed(MixtralRouter)),
+    "expert_choice": Variant(ExpertChoiceConfig, routed(ExpertChoiceRouter)),
+    "noisy_topk": Variant(NoisyTopKConfig, routed(NoisyTopKRouter)),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -65,7 +65,11 @@ class MoEConfig:
     """Fields every variant accepts (SPEC section 2). Variants subclass it with paper defaults.
 
     Sizes default small (a CPU-friendly layer); routing hyperparameters default to each paper.
+    `leaks_future_tokens` marks routings where a token's experts depend on later tokens of the
+    batch (expert choice): unfit for causal language models, flagged in reports.
     """
+
+    leaks_future_tokens: ClassVar[bool] = False
 
     d_model: int = 512
     num_experts: int = 8

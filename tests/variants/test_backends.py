@@ -81,6 +81,7 @@ def test_untouched_tokens_get_zero_and_dropped_token_rows_are_exact() -> None:
     torch.testing.assert_close(y[:1], expected_0)
 
 
+V2 = {"num_experts": 8, "top_k": 3, "num_devices": 4, "max_devices": 2}
 # (variant, extra fields): every variant, sized so grouped_mm's alignment holds.
 LAYER_CASES = [
     ("dense", {}),
@@ -90,6 +91,11 @@ LAYER_CASES = [
     ("deepseek_moe", {"num_experts": 6, "top_k": 3, "num_shared_experts": 2}),
     ("deepseek_moe", {"num_experts": 6, "top_k": 2, "capacity_factor": 1.0}),
     ("deepseek_v3", {"num_experts": 8, "top_k": 4, "num_groups": 4, "topk_groups": 2}),
+    ("deepseek_v2", {**V2, "num_shared_experts": 1}),
+    ("deepseek_v2", {**V2, "capacity_factor": 0.5}),  # device budget forces drops
+    ("mixtral", {"num_experts": 4, "num_shared_experts": 1}),
+    ("expert_choice", {"num_experts": 4, "num_shared_experts": 1}),
+    ("noisy_topk", {"num_experts": 4, "top_k": 2, "num_shared_experts": 1}),
 ]
 
 
@@ -120,6 +126,7 @@ def test_layer_backend_matches_loop(name: str, fields: dict, activation: str, ba
         (out.y.square().sum() + out.aux_loss).backward()
         outs.append((out, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
     (o_ref, gx_ref, gp_ref), (o, gx, gp) = outs
+    assert torch.equal(o.routing.expert, o_ref.routing.expert)
     torch.testing.assert_close(o.y, o_ref.y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
     assert gp_ref.keys() == gp.keys()

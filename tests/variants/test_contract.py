@@ -8,6 +8,8 @@ import torch
 import variants
 
 HEADLINE = ["dense", "switch", "gshard", "deepseek_moe", "deepseek_v3"]
+ALL = variants.names()
+ROUTED = [n for n in ALL if n != "dense"]
 SMALL = dict(d_model=16, num_experts=8, expert_hidden=8, top_k=2)
 
 
@@ -24,9 +26,10 @@ def test_names_are_sorted_and_hold_the_headline_variants() -> None:
     names = variants.names()
     assert names == sorted(names)
     assert set(HEADLINE) <= set(names)
+    assert len(names) == 9
 
 
-@pytest.mark.parametrize("name", HEADLINE)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16), (2, 3, 4, 16)])
 def test_output_record_shapes(name: str, shape: tuple[int, ...]) -> None:
     layer = small(name).train()
@@ -56,7 +59,7 @@ def test_output_record_shapes(name: str, shape: tuple[int, ...]) -> None:
     assert (r.demand >= r.load).all()
 
 
-@pytest.mark.parametrize("name", HEADLINE)
+@pytest.mark.parametrize("name", ALL)
 def test_eval_mode_has_no_losses_and_is_deterministic(name: str) -> None:
     layer = small(name).eval()
     x = torch.randn(2, 6, 16)
@@ -66,7 +69,7 @@ def test_eval_mode_has_no_losses_and_is_deterministic(name: str) -> None:
     assert torch.equal(a.routing.expert, b.routing.expert)
 
 
-@pytest.mark.parametrize("name", HEADLINE[1:])
+@pytest.mark.parametrize("name", ROUTED)
 def test_parameter_names_and_shapes(name: str) -> None:
     layer = small(name, activation="swiglu")
     E, D, H = layer.cfg.num_experts, 16, 8
@@ -78,16 +81,17 @@ def test_parameter_names_and_shapes(name: str) -> None:
     assert (layer.shared is None) == (layer.cfg.num_shared_experts == 0)
 
 
-@pytest.mark.parametrize("name", HEADLINE)
+@pytest.mark.parametrize("name", ALL)
 def test_update_bias_exists_everywhere(name: str) -> None:
     layer = small(name).train()
     layer(torch.randn(4, 16))
     layer.update_bias()
 
 
-@pytest.mark.parametrize("name", HEADLINE[1:])
+@pytest.mark.parametrize("name", ROUTED)
 def test_force_uniform_routing_balances_load_exactly(name: str) -> None:
-    layer = small(name, force_uniform_routing=True, capacity_factor=None)
+    dropless = {} if name == "expert_choice" else {"capacity_factor": None}  # EC: C is its rule
+    layer = small(name, force_uniform_routing=True, **dropless)
     r = layer.train()(torch.randn(32, 16)).routing
     K = layer.cfg.top_k
     assert r.load.tolist() == [32 * K // 8] * 8
@@ -132,7 +136,7 @@ def test_bad_fields_raise_value_error_naming_field_value_and_rule(
         variants.build(name, **fields)
 
 
-@pytest.mark.parametrize("name", HEADLINE)
+@pytest.mark.parametrize("name", ALL)
 def test_wrong_width_at_forward_is_a_value_error(name: str) -> None:
     layer = small(name)
     with pytest.raises(ValueError, match=r"last dim must equal d_model=16"):

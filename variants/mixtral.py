@@ -1,0 +1,59 @@
+"""mixtral: sparse top-2 routing of Mixtral 8x7B (Jiang et al. 2024, arXiv:2401.04088).
+
+Shape legend: T tokens, E experts, K = top_k experts per token, A assignments.
+
+- Router (Sec. 2.1, Eq. 1-2): G(x) = Softmax(TopK(x W^T)): the top-K logits are softmaxed
+  among themselves, i.e. softmax over E then renormalised over the K selected.
+- Dropless: every choice is computed (`capacity_factor` must stay None).
+- Balance loss: the paper states none; we use the Switch form every Mixtral trainer uses,
+  `balance_coef * E * sum_i f_i P_i` with f_i = assignments to i / (T K) (demand) and
+  P_i = mean_t softmax_i. SPEC normalisation: 1 under perfect balance (times the coefficient).
+  HF transformers' Mixtral `load_balancing_loss_func` sums the one-hot choices over the K slots
+  without dividing by K, so its value is K times this one (2x for top-2) at the same
+  coefficient, so an HF `router_aux_loss_coef` c corresponds to balance_coef = K * c here.
+- Defaults: 8 experts, top-2 (Mixtral 8x7B). Departure: the activation stays the suite's
+  default gelu (Mixtral's experts are SwiGLU: pass activation="swiglu").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import MoEConfig, check_number
+from .routing import Router, Routing, f_dot_p, flatten_topk, make_routing
+
+
+@dataclass
+class MixtralConfig(MoEConfig):
+    num_experts: int = 8
+    top_k: int = 2
+    balance_coef: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if self.capacity_factor is not None:
+            raise ValueError(
+                f"capacity_factor={self.capacity_factor} must be None for mixtral "
+                "(dropless: every selected expert is computed)"
+            )
+        check_number(self, "balance_coef", minimum=0)
+
+
+class MixtralRouter(Router):
+    def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
+        cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
+        logits_TE = self.logits(x_TD)
+        probs_TE = F.softmax(logits_TE, dim=-1)
+        top_logits_TK, expert_TK = logits_TE.topk(K, dim=-1)
+        weight_TK = F.softmax(top_logits_TK, dim=-1)
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        demand_E = torch.bincount(expert_A, minlength=E)
+        routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E)
+        losses = {}
+        if self.training:
+            f_E = demand_E.float() / (T * K)
+            losses["balance"] = cfg.balance_coef * E * f_dot_p(f_E, probs_TE.mean(0))
+        return routing, losses
