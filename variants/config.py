@@ -70,6 +70,9 @@ class MoEConfig:
     """
 
     leaks_future_tokens: ClassVar[bool] = False
+    # megablocks' dropless kernels need every token to keep exactly top_k experts; a variant
+    # whose routing cannot promise that says why here.
+    uneven_top_k: ClassVar[str | None] = None
 
     d_model: int = 512
     num_experts: int = 8
@@ -106,6 +109,8 @@ class MoEConfig:
                 "backend='padded' needs capacity buffers, but capacity_factor=None (dropless); "
                 "set capacity_factor or use backend 'loop' or 'grouped'"
             )
+        if self.backend == "megablocks":
+            self.check_megablocks()
         if self.backend == "grouped":
             # torch.nn.functional.grouped_mm needs 16-byte row strides: 8 elements in bf16.
             for name in ("d_model", "expert_hidden"):
@@ -114,6 +119,20 @@ class MoEConfig:
                         f"{name}={getattr(self, name)} must be a multiple of 8 for "
                         "backend='grouped' (grouped_mm needs 16-byte aligned rows)"
                     )
+
+    def check_megablocks(self) -> None:
+        if self.uneven_top_k is not None:
+            raise ValueError(
+                f"backend='megablocks' cannot compute this variant: {self.uneven_top_k}, and "
+                "megablocks needs exactly top_k experts per token; "
+                "use 'grouped', 'padded' or 'loop'"
+            )
+        if self.capacity_factor is not None:
+            raise ValueError(
+                f"capacity_factor={self.capacity_factor} must be None for backend='megablocks' "
+                "(dropless kernels only); set capacity_factor=None or use 'padded', 'grouped' or "
+                "'loop'"
+            )
 
     @classmethod
     def from_fields(cls, variant: str, fields: dict[str, Any]) -> MoEConfig:

@@ -18,6 +18,7 @@ Shape legend: T tokens, E experts, K = 2 choices, A assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ class GShardConfig(MoEConfig):
     capacity_factor: float | None = 1.0
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
+    uneven_top_k: ClassVar[str | None] = (
+        "gshard keeps a token's second choice at random in training (1 or 2 experts per token)"
+    )
 
     def validate(self) -> None:
         super().validate()
