@@ -194,7 +194,9 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return x_TD.to(self.dtype) @ self.weight.to(self.dtype).T
+        # autocast would recast this matmul to bf16: the router keeps its own dtype
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return x_TD.to(self.dtype) @ self.weight.to(self.dtype).T
 
     def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return F.softmax(logits_TE, dim=-1)

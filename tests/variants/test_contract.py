@@ -141,3 +141,10 @@ def test_wrong_width_at_forward_is_a_value_error(name: str) -> None:
     layer = small(name)
     with pytest.raises(ValueError, match=r"last dim must equal d_model=16"):
         layer(torch.randn(3, 15))
+
+
+def test_router_stays_float32_under_autocast() -> None:
+    layer = small("switch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(6, 16))
+    assert out.routing.logits.dtype == out.routing.scores.dtype == torch.float32
