@@ -1,0 +1,286 @@
+"""Structured configs for every group of `sweeps/`, and the checks run before any work.
+
+Hydra composes `sweeps/config.yaml` against these dataclasses in struct mode, so an override of
+a key that does not exist, or a value of the wrong type, fails before a job starts, naming the
+key. Range and cross-field rules live in each dataclass's `__post_init__` (the same check
+helpers `variants` uses) and run in `resolve`, when a job turns its config into objects.
+
+Groups:
+- `variant/<name>.yaml`: `name` plus the variant's own config fields (schema generated from the
+  variant's config dataclass, so its paper defaults live in one place: `variants/<name>.py`).
+  The size fields `num_experts`, `expert_hidden`, `top_k` (and dense's `d_ff`) default to null:
+  `moe_bench.isocompute` derives them from the `model` group so that every variant of a sweep
+  activates the same expert FLOPs per token. `granularity` (or a fixed `top_k`) says how.
+- `task/<name>.yaml`: one schema per task.
+- `model/<size>.yaml`: widths and token counts; `device/<kind>.yaml`; `data` (convergence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+import variants
+from moe_bench.data import DataConfig
+from moe_bench.isocompute import iso_fields
+from variants.config import check_choice, check_int, check_number
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+PASSES = ("fwd", "fwd_bwd")
+# variant fields derived from the model group unless a value is given
+SIZE_FIELDS = ("num_experts", "expert_hidden", "top_k", "d_ff")
+# variant fields set once for the whole run (model.d_model, the top-level backend)
+RUN_FIELDS = ("d_model", "backend")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes, as multiples of a dense FFN (the iso-compute reference; SPEC section 3)."""
+
+    d_model: int = 128
+    d_ff: int = 256  # width of the dense FFN one coarse expert replaces
+    expansion: int = 16  # N: routed expert parameters = N dense FFNs (total-parameter multiple)
+    active: int = 2  # K: expert FLOPs per token = K dense FFNs (active multiple)
+    tokens: int = 2048  # T per forward: batch x sequence
+    seq_len: int = 256  # S: tokens are shaped [tokens / seq_len, seq_len, d_model]
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "expansion", "active", "tokens", "seq_len"):
+            check_int(self, name, 1)
+        if self.active > self.expansion:
+            raise ValueError(f"active={self.active} must be <= expansion={self.expansion}")
+        if self.tokens % self.seq_len:
+            raise ValueError(f"tokens={self.tokens} must be divisible by seq_len={self.seq_len}")
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"  # auto: cuda when available, else cpu
+    threads: int | None = None  # torch.set_num_threads; null leaves torch's default
+
+    def __post_init__(self) -> None:
+        check_choice(self, "name", DEVICES)
+        if self.threads is not None:
+            check_int(self, "threads", 1)
+
+    def resolve(self) -> torch.device:
+        if self.name == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device.name='cuda' but torch sees no CUDA device; use cpu or auto")
+        if self.name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.name)
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class ThroughputConfig(TaskConfig):
+    name: str = "throughput"
+    warmup: int = 3  # untimed steps first: allocator, caches, lazy init
+    repeats: int = 10  # timed steps; median and IQR over them
+    passes: list[str] = field(default_factory=lambda: list(PASSES))
+
+    def __post_init__(self) -> None:
+        check_int(self, "warmup", 0)
+        check_int(self, "repeats", 1)
+        if not self.passes or any(p not in PASSES for p in self.passes):
+            raise ValueError(
+                f"passes={list(self.passes)} must be a non-empty list of {', '.join(PASSES)}"
+            )
+
+
+@dataclass
+class MemoryConfig(TaskConfig):
+    name: str = "memory"
+    warmup: int = 1
+    repeats: int = 3  # the median peak is reported; the spread shows repeatability
+
+    def __post_init__(self) -> None:
+        check_int(self, "warmup", 0)
+        check_int(self, "repeats", 1)
+
+
+@dataclass
+class BalanceConfig(TaskConfig):
+    name: str = "balance"
+    batches: int = 4  # forwards of model.tokens tokens per input kind
+    skew: float = 4.0  # adversarial inputs: skew * (a unit vector toward expert 0) + N(0, 1)
+    max_bytes: int = 65536  # text read per domain of the embedded corpus
+
+    def __post_init__(self) -> None:
+        check_int(self, "batches", 1)
+        check_number(self, "skew", minimum=0)
+        check_int(self, "max_bytes", 1)
+
+
+@dataclass
+class ConvergenceConfig(TaskConfig):
+    name: str = "convergence"
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    eval_every: int = 100
+    eval_batches: int = 8
+    n_layers: int = 4
+    n_heads: int = 4
+    moe_every: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            check_int(self, name, 1)
+        for name in ("n_layers", "n_heads", "moe_every"):
+            check_int(self, name, 1)
+        check_int(self, "warmup_steps", 0)
+        check_number(self, "lr", positive=True)
+        check_number(self, "grad_clip", positive=True)
+        check_number(self, "weight_decay", minimum=0)
+
+
+TASK_SCHEMAS: dict[str, type[TaskConfig]] = {
+    "throughput": ThroughputConfig,
+    "memory": MemoryConfig,
+    "balance": BalanceConfig,
+    "convergence": ConvergenceConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    variant: Any = MISSING  # typed by the variant's own schema (variant_schema)
+    task: Any = MISSING  # typed by the task's schema (TASK_SCHEMAS)
+    model: ModelConfig = MISSING
+    device: DeviceConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    dtype: str = "float32"
+    seed: int = 0
+    backend: str = "loop"
+
+
+def variant_schema(name: str) -> type:
+    """The variant node's dataclass: `name`, `granularity`, and the variant's config fields.
+
+    Generated from the variant's config dataclass so types and paper defaults have one home;
+    size fields become optional (null = derived by iso-compute) and run-level fields are left
+    to the top-level config.
+    """
+    config_cls = variants.lookup(name).config
+    hints = typing.get_type_hints(config_cls)
+    fields: list[tuple[str, Any, Any]] = [
+        ("name", str, field(default=name)),
+        ("granularity", float | None, field(default=None)),
+    ]
+    for f in dataclasses.fields(config_cls):
+        if f.name in RUN_FIELDS:
+            continue
+        if f.name in SIZE_FIELDS:
+            fields.append((f.name, int | None, field(default=None)))
+        else:
+            fields.append((f.name, hints[f.name], field(default=f.default)))
+    return dataclasses.make_dataclass(f"{name}_node", fields)
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent; call before composing).
+
+    Schemas sit under `schema/` so that `variant=...` and `task=...` list only the YAML options.
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for name in variants.names():
+        cs.store(group="schema/variant", name=name, node=variant_schema(name))
+    for name, schema in TASK_SCHEMAS.items():
+        cs.store(group="schema/task", name=name, node=schema)
+
+
+@dataclass
+class Resolved:
+    """A job's config as validated objects."""
+
+    variant: str
+    layer: variants.MoEConfig
+    task: TaskConfig
+    model: ModelConfig
+    device: torch.device
+    threads: int | None
+    dtype: torch.dtype
+    seed: int
+    data: DataConfig
+
+
+def to_object(cfg: DictConfig, key: str) -> Any:
+    """`cfg[key]` as its dataclass (running __post_init__); errors name the group.
+
+    A `+group.key=value` override gets past struct mode; it is refused here instead of being
+    silently ignored.
+    """
+    try:
+        obj = OmegaConf.to_object(cfg[key])
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+    known = [f.name for f in dataclasses.fields(obj)]
+    unknown = sorted(set(cfg[key]) - set(known))
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]} is not a key of {key}; allowed: {', '.join(known)}")
+    return obj
+
+
+def variant_fields(cfg: DictConfig, model: ModelConfig) -> dict[str, Any]:
+    """The variant's config fields: given values, sizes derived by iso-compute, run fields."""
+    node = dataclasses.asdict(to_object(cfg, "variant"))
+    name, granularity = node.pop("name"), node.pop("granularity")
+    # null means "derive" for a size field; for any other field it is a value (capacity_factor)
+    given = {k: v for k, v in node.items() if k not in SIZE_FIELDS or v is not None}
+    missing = [k for k in SIZE_FIELDS if k in node and k not in given]
+    derived = {}
+    if missing:
+        derived = iso_fields(
+            name,
+            d_model=model.d_model,
+            d_ff=model.d_ff,
+            expansion=model.expansion,
+            active=model.active,
+            granularity=granularity,
+            shared=given.get("num_shared_experts", 0),
+            top_k=given.get("top_k"),
+        )
+    return {**derived, **given, "d_model": model.d_model, "backend": cfg.backend}
+
+
+def resolve(cfg: DictConfig) -> Resolved:
+    """Validate every group and build the objects a job needs; ValueError names the key."""
+    model = to_object(cfg, "model")
+    device = to_object(cfg, "device")
+    task = to_object(cfg, "task")
+    data = to_object(cfg, "data")
+    check_choice(cfg, "dtype", tuple(DTYPES))
+    check_int(cfg, "seed", 0)
+    name = cfg.variant.name
+    try:
+        layer = variants.make_config(name, **variant_fields(cfg, model))
+    except ValueError as e:
+        raise ValueError(f"variant {name!r}: {e}") from None
+    return Resolved(
+        variant=name,
+        layer=layer,
+        task=task,
+        model=model,
+        device=device.resolve(),
+        threads=device.threads,
+        dtype=DTYPES[cfg.dtype],
+        seed=cfg.seed,
+        data=data,
+    )

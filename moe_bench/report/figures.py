@@ -1,0 +1,472 @@
+"""The report's figures: tidy results rows in, inline SVG out.
+
+Every figure function takes the results frame (SPEC section 5 rows, `ok` rows only) and the
+colour of each variant, and returns a matplotlib Figure, or raises `Missing` saying which rows
+it lacked, so the report can state what it does not show instead of drawing empty axes.
+`FIGURES` lists them in report order; `render` draws one into a self-contained SVG string.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: reports are built on headless machines
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.ticker import MaxNLocator
+
+# Text stays text (small, crisp, selectable); fixed hash salt keeps the SVG reproducible.
+STYLE = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "moe-bench",
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "figure.dpi": 100,
+}
+WIDTH_IN = 10.0  # one figure spans the page's text column
+PANEL_HEIGHT_IN = 3.4
+BAND_NOTE = "lines are means over seeds, bands span min to max over seeds"
+
+
+class Missing(Exception):
+    """A figure cannot be drawn from this sweep; the message says what rows it needs."""
+
+
+class FigureSpec(NamedTuple):
+    key: str
+    title: str
+    caption: str
+    draw: Callable[[pd.DataFrame, dict[str, str]], plt.Figure]
+
+
+def variant_colors(in_data: Iterable[str]) -> dict[str, str]:
+    """One fixed colour per variant: registered names (sorted) first, then names seen only in
+    the data (e.g. megablocks_dmoe), so a variant keeps its colour across figures and reports."""
+    import variants  # lazily: the registry pulls in torch, which only this lookup needs
+
+    known = variants.names()
+    order = known + sorted(set(in_data) - set(known))
+    base = sns.color_palette("tab10", 10)
+    extra = sns.color_palette("husl", max(0, len(order) - len(base)))
+    return {name: matplotlib.colors.to_hex(c) for name, c in zip(order, base + extra)}
+
+
+def render(spec: FigureSpec, frame: pd.DataFrame, colors: dict[str, str]) -> str:
+    """Draw one figure and return it as an SVG element with ids unique to this figure."""
+    with sns.axes_style("whitegrid"), plt.rc_context(STYLE):
+        fig = spec.draw(frame, colors)
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
+        plt.close(fig)
+    return _inline_svg(buffer.getvalue(), prefix=f"fig-{spec.key}")
+
+
+def _inline_svg(svg: str, prefix: str) -> str:
+    # An inline SVG shares the page's id space: matplotlib reuses ids such as "patch_1" in
+    # every figure, so prefix them (and number repeats, which references never point to
+    # since the first one wins). The XML prologue and the RDF metadata (which names URLs)
+    # are dropped; nothing in the result refers outside the page.
+    svg = svg[svg.index("<svg") :]
+    svg = re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.S)
+    seen: dict[str, int] = {}
+
+    def unique(match: re.Match) -> str:  # identical images share an id within one SVG
+        seen[match[1]] = seen.get(match[1], 0) + 1
+        repeat = f"-{seen[match[1]]}" if seen[match[1]] > 1 else ""
+        return f'id="{prefix}-{match[1]}{repeat}"'
+
+    svg = re.sub(r'\bid="([^"]+)"', unique, svg)
+    svg = re.sub(r"url\(#([^)]+)\)", rf"url(#{prefix}-\1)", svg)
+    return re.sub(r'href="#([^"]+)"', rf'href="#{prefix}-\1"', svg)
+
+
+# --- selecting rows -------------------------------------------------------------------------
+
+
+def column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column, or all-missing when no row has it (optional columns: layer, pass, ...)."""
+    if name in frame.columns:
+        return frame[name]
+    return pd.Series(np.nan, index=frame.index, dtype=object)
+
+
+POOL_KEYS = ("job_dir", "step", "domain", "pass")  # what a layer mean keeps apart
+
+
+def summary_rows(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rows of `metric` for the whole layer stack, not per expert: the `layer="mean"` rows (or
+    rows without a layer); for a job that logged only per-layer rows, their mean."""
+    rows = frame[(frame["metric"] == metric) & column(frame, "expert").isna()]
+    layer = column(rows, "layer")
+    pooled = layer.isna() | (layer.astype(str) == "mean")
+    per_layer = rows[~pooled & ~rows["job_dir"].isin(rows.loc[pooled, "job_dir"])]
+    if per_layer.empty:
+        return rows[pooled]
+    keys = [k for k in POOL_KEYS if k in rows.columns]
+    first = {c: "first" for c in rows.columns if c not in keys}
+    means = per_layer.groupby(keys, dropna=False, sort=False).agg({**first, "value": "mean"})
+    return pd.concat([rows[pooled], means.reset_index().assign(layer="mean")], ignore_index=True)
+
+
+def facets(rows: pd.DataFrame, title: str) -> list[tuple[str, pd.DataFrame]]:
+    """Panels of `rows`: one per task when several tasks logged the metric, and one per
+    domain when rows carry one ("all" for rows without)."""
+    labels = pd.Series(title, index=rows.index)
+    if rows["task"].nunique() > 1:
+        labels = labels + " · " + rows["task"].astype(str)
+    domain = column(rows, "domain")
+    if domain.notna().any():
+        labels = labels + " · " + domain.fillna("all").astype(str)
+    return [(label, rows[labels == label]) for label in sorted(labels.unique())]
+
+
+def find_column(frame: pd.DataFrame, names: tuple[str, ...]) -> str | None:
+    """The first config column whose last dotted part is one of `names` and has values, e.g.
+    `variant.num_experts` for ("num_experts",)."""
+    for name in names:
+        for col in frame.columns:
+            if col.split(".")[-1] == name and frame[col].notna().any():
+                return col
+    return None
+
+
+EXPERTS = ("num_experts",)
+TOKENS = ("tokens", "num_tokens")
+
+
+def _require(rows: pd.DataFrame, what: str) -> pd.DataFrame:
+    if rows.empty:
+        raise Missing(f"no {what} rows in this sweep")
+    return rows
+
+
+def _modal(rows: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Each variant's rows at its most common value of `col` (iso-compute gives variants
+    different expert counts), plus rows without the column (dense has no experts)."""
+    values = pd.to_numeric(rows[col], errors="coerce")
+    mode = values.groupby(rows["variant"]).transform(lambda v: v.mode().max())
+    return rows[values.isna() | (values == mode)]
+
+
+def routed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of layers that route: with one expert (dense), balance is trivially perfect."""
+    experts = find_column(rows, EXPERTS)
+    if experts is None:
+        return rows
+    return rows[~(pd.to_numeric(rows[experts], errors="coerce") <= 1)]
+
+
+def _numeric(rows: pd.DataFrame, *names: str) -> dict[str, pd.Series]:
+    # Columns that mix numbers and missing values (dense has no num_experts) load as object.
+    return {name: pd.to_numeric(rows[name], errors="coerce") for name in names}
+
+
+def _series_label(frame: pd.DataFrame) -> pd.Series:
+    """Legend label of each row: the variant, plus the backend when the sweep has several."""
+    if column(frame, "backend").nunique() > 1:
+        return frame["variant"] + " / " + frame["backend"].astype(str)
+    return frame["variant"]
+
+
+# --- drawing helpers ------------------------------------------------------------------------
+
+
+def _panels(n: int, ncols: int = 2, height: float = PANEL_HEIGHT_IN) -> tuple[plt.Figure, list]:
+    ncols = min(n, ncols)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(WIDTH_IN, height * nrows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _lines(ax, rows: pd.DataFrame, x: str, y: str, colors: dict[str, str], by: str) -> None:
+    """One line per series: mean of `y` over seeds at each `by` value, plotted at the mean `x`
+    (so `x` may be wall time, which differs per seed), with a min-max band over seeds."""
+    rows = rows.assign(series=_series_label(rows), **_numeric(rows, x, y))
+    backends = sorted(column(rows, "backend").dropna().astype(str).unique())
+    dashes = dict(zip(backends, ["-", "--", ":", "-."] * 4))
+    for series, part in rows.groupby("series", sort=True):
+        stats = (
+            part.groupby(by)
+            .agg(x=(x, "mean"), mid=(y, "mean"), lo=(y, "min"), hi=(y, "max"))
+            .sort_values("x")
+        )
+        color = colors[part["variant"].iloc[0]]
+        style = dashes.get(str(column(part, "backend").iloc[0]), "-")
+        marker = "o" if len(stats) <= 12 else None
+        ax.plot(stats["x"], stats["mid"], color=color, ls=style, marker=marker, ms=4, label=series)
+        if part["seed"].nunique() > 1:
+            ax.fill_between(stats["x"], stats["lo"], stats["hi"], color=color, alpha=0.18, lw=0)
+
+
+def _bars(ax, rows: pd.DataFrame, y: str, colors: dict[str, str]) -> None:
+    """One bar per series (mean over seeds) with a min-max whisker when there are seeds."""
+    rows = rows.assign(series=_series_label(rows), **_numeric(rows, y))
+    stats = rows.groupby("series", sort=True).agg(
+        variant=("variant", "first"), mid=(y, "mean"), lo=(y, "min"), hi=(y, "max")
+    )
+    pos = np.arange(len(stats))
+    err = np.vstack([stats["mid"] - stats["lo"], stats["hi"] - stats["mid"]])
+    seeds = rows["seed"].nunique() > 1
+    color = [colors[v] for v in stats["variant"]]
+    ax.bar(pos, stats["mid"], color=color, yerr=err if seeds else None, capsize=3)
+    ax.set_xticks(pos, stats.index, rotation=30, ha="right")
+    ax.grid(axis="x", visible=False)
+
+
+def _legend(fig: plt.Figure, axes: list) -> None:
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside right upper", frameon=False)
+
+
+def _log_x_if_wide(ax, values: pd.Series) -> None:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if len(values) and values.min() > 0 and values.max() / values.min() >= 8:
+        ax.set_xscale("log", base=2)
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def _throughput_vs(
+    frame: pd.DataFrame,
+    colors: dict[str, str],
+    names: tuple[str, ...],
+    other: tuple[str, ...],
+    label: str,
+) -> plt.Figure:
+    rows = _require(summary_rows(frame, "tokens_per_s"), "tokens_per_s")
+    x = find_column(rows, names)
+    if x is None or rows.groupby("variant")[x].nunique().max() < 2:
+        raise Missing(f"no variant ran at two or more values of {label}")
+    held = find_column(rows, other)
+    if held is not None:
+        rows = _modal(rows, held)
+    passes = sorted(column(rows, "pass").dropna().unique()) or [None]
+    fig, axes = _panels(len(passes))
+    for ax, pass_ in zip(axes, passes):
+        part = rows if pass_ is None else rows[rows["pass"] == pass_]
+        flat = part[part[x].isna()]  # a variant without this field (dense): a reference line
+        _lines(ax, part.dropna(subset=[x]), x, "value", colors, by=x)
+        for variant, ref in flat.groupby("variant"):
+            ax.axhline(ref["value"].mean(), color=colors[variant], ls="--", label=variant)
+        _log_x_if_wide(ax, part[x])
+        ax.set(xlabel=label, ylabel="tokens / s", title=f"pass: {pass_ or 'all'}")
+    _legend(fig, axes)
+    return fig
+
+
+def throughput_vs_experts(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    return _throughput_vs(frame, colors, EXPERTS, TOKENS, "number of experts")
+
+
+def throughput_vs_tokens(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    return _throughput_vs(frame, colors, TOKENS, EXPERTS, "tokens per batch")
+
+
+def throughput_bars(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    rows = _require(summary_rows(frame, "tokens_per_s"), "tokens_per_s")
+    for names in (EXPERTS, TOKENS):
+        col = find_column(rows, names)
+        if col is not None:
+            rows = _modal(rows, col)
+    passes = sorted(column(rows, "pass").dropna().unique()) or [None]
+    fig, axes = _panels(len(passes))
+    for ax, pass_ in zip(axes, passes):
+        _bars(ax, rows if pass_ is None else rows[rows["pass"] == pass_], "value", colors)
+        ax.set(ylabel="tokens / s", title=f"pass: {pass_ or 'all'}")
+    return fig
+
+
+def memory(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    rows = _require(summary_rows(frame, "peak_memory_bytes"), "peak_memory_bytes")
+    rows = rows.assign(mib=rows["value"] / 2**20)
+    tokens = find_column(rows, TOKENS)
+    passes = sorted(column(rows, "pass").dropna().unique()) or [None]
+    fig, axes = _panels(len(passes))
+    for ax, pass_ in zip(axes, passes):
+        part = rows if pass_ is None else rows[rows["pass"] == pass_]
+        if tokens is not None and part[tokens].nunique() > 1:
+            _lines(ax, part, tokens, "mib", colors, by=tokens)
+            _log_x_if_wide(ax, part[tokens])
+            ax.set_xlabel("tokens per batch")
+        else:
+            _bars(ax, part, "mib", colors)
+        ax.set(ylabel="peak memory (MiB)", title=f"pass: {pass_ or 'all'}")
+    _legend(fig, axes)
+    return fig
+
+
+def _loss_panels(frame: pd.DataFrame, colors: dict[str, str], x: str, xlabel: str) -> plt.Figure:
+    frame = frame.assign(**{x: column(frame, x)})
+    panels = [
+        panel
+        for name in ("train_loss", "val_loss")
+        for panel in facets(summary_rows(frame, name).dropna(subset=["step", x]), name)
+    ]
+    if not panels:
+        needs = "a step" if x == "step" else f"a step and {x}"
+        raise Missing(f"no train_loss or val_loss rows with {needs} in this sweep")
+    fig, axes = _panels(len(panels))
+    for ax, (title, rows) in zip(axes, panels):
+        _lines(ax, rows, x, "value", colors, by="step")
+        ax.set(xlabel=xlabel, ylabel="loss (nats)", title=title)
+        if x == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(fig, axes)
+    return fig
+
+
+def loss_vs_step(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    return _loss_panels(frame, colors, "step", "step")
+
+
+def loss_vs_wall(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    return _loss_panels(frame, colors, "wall_s", "wall time (s)")
+
+
+def max_vio_vs_step(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    rows = summary_rows(routed(frame), "max_vio_batch").dropna(subset=["step"])
+    _require(rows, "max_vio_batch")
+    panels = facets(rows, "MaxVio_batch")
+    fig, axes = _panels(len(panels))
+    for ax, (title, part) in zip(axes, panels):
+        _lines(ax, part, "step", "value", colors, by="step")
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set(xlabel="step (batch)", ylabel="MaxVio_batch, mean over layers", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(fig, axes)
+    return fig
+
+
+def _load_maps(frame: pd.DataFrame, colors: dict[str, str], rows_by: str) -> plt.Figure:
+    """Small multiples, one heatmap per variant: each expert's share of a row's assignments
+    relative to uniform (E * c_i / sum c), so 1 is perfect balance whatever E is."""
+    frame = frame.assign(expert=column(frame, "expert"), **{rows_by: column(frame, rows_by)})
+    rows = routed(frame[frame["metric"] == "expert_load"]).dropna(subset=["expert", rows_by])
+    rows = rows[rows[rows_by].astype(str) != "mean"]
+    if rows.empty:
+        raise Missing(f"no expert_load rows with a {rows_by} and an expert in this sweep")
+    step = column(rows, "step")
+    last = step.groupby(rows["job_dir"]).transform("max")
+    rows = rows[(step == last) | last.isna()]
+    several_tasks = rows["task"].nunique() > 1
+    maps = {}
+    for variant, part in rows.groupby("variant", sort=True):
+        counts = part.pivot_table(
+            index=["task", rows_by], columns="expert", values="value", aggfunc="sum"
+        ).fillna(0.0)
+        counts.index = [
+            f"{task} · {plain(value)}" if several_tasks else plain(value)
+            for task, value in counts.index
+        ]
+        maps[variant] = counts.div(counts.sum(axis=1), axis=0) * counts.shape[1]
+    if rows_by == "layer" and max(len(m) for m in maps.values()) < 2:
+        raise Missing("expert_load rows cover a single layer (its load is shown by domain)")
+    vmax = max(2.0, max(float(np.nanmax(m.to_numpy())) for m in maps.values()))
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
+    height = 0.35 * max(len(m) for m in maps.values()) + 1.5
+    fig, axes = _panels(len(maps), ncols=3, height=height)
+    for ax, (variant, share) in zip(axes, maps.items()):
+        image = ax.imshow(share.to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
+        ax.set_title(variant, color=colors[variant], fontweight="bold")
+        ax.set_yticks(range(len(share)), share.index)
+        ax.set_xlabel("expert")
+        ax.grid(False)
+    fig.colorbar(image, ax=axes, label="load / uniform load", shrink=0.9)
+    return fig
+
+
+def plain(value: object) -> str:
+    """0.0 -> "0": integer-valued floats (JSON numbers through pandas) print as integers."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def load_heatmaps(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    return _load_maps(frame, colors, "layer")
+
+
+def domain_load(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    return _load_maps(frame, colors, "domain")
+
+
+FIGURES = (
+    FigureSpec(
+        "throughput-experts",
+        "Throughput vs number of experts",
+        "Tokens per second at the most common batch size of the sweep; a variant without "
+        "experts (dense) is a dashed reference line. " + BAND_NOTE + ".",
+        throughput_vs_experts,
+    ),
+    FigureSpec(
+        "throughput-tokens",
+        "Throughput vs tokens per batch",
+        "Tokens per second at the most common number of experts of the sweep; " + BAND_NOTE + ".",
+        throughput_vs_tokens,
+    ),
+    FigureSpec(
+        "throughput",
+        "Throughput by variant",
+        "Tokens per second at each variant's most common size (mean over seeds; whiskers span "
+        "min to max over seeds when there are several).",
+        throughput_bars,
+    ),
+    FigureSpec(
+        "memory",
+        "Peak memory",
+        "Peak memory of one step (MiB) as measured by the memory task.",
+        memory,
+    ),
+    FigureSpec(
+        "loss-step",
+        "Loss vs step",
+        "Training and validation loss (nats per token); " + BAND_NOTE + ".",
+        loss_vs_step,
+    ),
+    FigureSpec(
+        "loss-wall",
+        "Loss vs wall time",
+        "The same losses against wall-clock seconds since training started (mean over seeds "
+        "at each step); " + BAND_NOTE + ".",
+        loss_vs_wall,
+    ),
+    FigureSpec(
+        "maxvio",
+        "MaxVio_batch vs step",
+        "E · max_i p_i − 1 per batch (training steps of the convergence task, input batches "
+        "of the balance task), mean over layers; 0 is perfect balance (Wang et al. 2024, "
+        "Eq. 4); " + BAND_NOTE + ".",
+        max_vio_vs_step,
+    ),
+    FigureSpec(
+        "load-layers",
+        "Expert load per layer",
+        "Share of assignments each expert received in each layer, relative to a uniform share "
+        "(1, white); red experts are overloaded, blue ones starved. Summed over seeds and "
+        "domains, at the last recorded step.",
+        load_heatmaps,
+    ),
+    FigureSpec(
+        "load-domains",
+        "Expert load by domain (specialisation)",
+        "Share of each domain's assignments per expert relative to uniform, summed over layers "
+        "and seeds. Distinct rows mean experts specialise by domain.",
+        domain_load,
+    ),
+)

@@ -1,0 +1,61 @@
+"""Fixtures for the runner tests: Hydra's compose API over sweeps/, and a subprocess CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from moe_bench import config
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+# tiny sizes on one thread (tiny ops gain nothing from two, and spin-waiting threads on a
+# busy CI machine cost seconds): every test job runs in well under a second of compute
+FAST = ["model=tiny", "device=cpu", "device.threads=1"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _schemas() -> None:
+    config.register()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A job sets torch's thread count (device.threads) for the process; give it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """compose_cfg(*overrides, hydra=False) -> the composed config, as the CLI would build it."""
+
+    def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
+        with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+    return _compose
+
+
+def run_cli(
+    args: list[str], cwd: Path, prelude: str = "", timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m moe_bench ARGS` in a fresh process; `prelude` runs first (to patch a task)."""
+    code = (
+        f"import runpy, sys\n{prelude}\n"
+        f"sys.argv = ['moe_bench', *{args!r}]\n"
+        "runpy.run_module('moe_bench', run_name='__main__', alter_sys=True)\n"
+    )
+    env = {**os.environ, "HYDRA_FULL_ERROR": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip

@@ -1,0 +1,150 @@
+"""Synthetic Hydra multirun directories for the report tests (SPEC section 5 row format).
+
+A sweep is `<sweep>/multirun.yaml` plus one numbered job directory per job holding
+`results.jsonl`, `env.json` and `.hydra/overrides.yaml`. The rows are made up but shaped like
+the runner's: every row carries the base columns, the metric, its unit, step and status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+VARIANTS = ("dense", "switch", "gshard", "deepseek_moe", "mixtral", "expert_choice")
+DOMAINS = ("prose", "code")
+
+
+def base(variant: str, task: str, seed: int = 0, **config: Any) -> dict[str, Any]:
+    """Columns every row of one job carries."""
+    experts = config.pop("variant.num_experts", 8)
+    return {
+        "variant": variant,
+        "task": task,
+        "backend": "loop",
+        "device": "cpu",
+        "dtype": "float32",
+        "seed": seed,
+        "params_total": 66_000 if variant == "dense" else 8 * 33_000,
+        "params_active": 66_000,
+        "flops_per_token": 132_000,
+        "model.d_model": 64,
+        "variant.num_experts": None if variant == "dense" else experts,
+        **config,
+    }
+
+
+def row(common: dict[str, Any], metric: str, value: float, unit: str = "", **extra: Any) -> dict:
+    return {
+        **common,
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "step": None,
+        "status": "ok",
+        "error": None,
+        **extra,
+    }
+
+
+def throughput_job(variant: str, seed: int = 0, tokens: int = 512, experts: int = 8) -> list[dict]:
+    common = base(
+        variant, "throughput", seed, **{"model.tokens": tokens, "variant.num_experts": experts}
+    )
+    speed = 1e5 / (1 + VARIANTS.index(variant)) * (1 + 0.01 * seed) * math.sqrt(tokens / 512)
+    rows = []
+    for pass_, factor in (("fwd", 1.0), ("fwd_bwd", 1 / 3)):
+        rows.append(row(common, "tokens_per_s", speed * factor, "tok/s", **{"pass": pass_}))
+        rows.append(row(common, f"{pass_}_ms", tokens / (speed * factor) * 1e3, "ms"))
+        rows.append(
+            row(common, "ratio_to_dense", 1 / (1 + VARIANTS.index(variant)), "x", **{"pass": pass_})
+        )
+    return rows
+
+
+def memory_job(variant: str, seed: int = 0) -> list[dict]:
+    common = base(variant, "memory", seed)
+    peak = (1 + VARIANTS.index(variant)) * 3 * 2**20
+    return [row(common, "peak_memory_bytes", peak, "bytes", **{"pass": "fwd_bwd"})]
+
+
+def convergence_job(
+    variant: str, seed: int = 0, steps: int = 6, layers: int = 2, experts: int = 4
+) -> list[dict]:
+    common = base(variant, "convergence", seed, **{"variant.num_experts": experts})
+    offset = 0.05 * VARIANTS.index(variant) + 0.01 * seed
+    rows = []
+    for step in range(steps):
+        loss = 5.0 * math.exp(-step / steps) + offset
+        rows.append(row(common, "train_loss", loss, "nats", step=step, wall_s=0.2 * step))
+        if variant != "dense":
+            rows.append(row(common, "aux_loss", 0.01, "", step=step))
+            rows.append(
+                row(common, "max_vio_batch", 1.0 / (1 + step) + offset, "", step=step, layer="mean")
+            )
+        if step % 2 == 1 or step == steps - 1:
+            rows.append(row(common, "val_loss", loss + 0.1, "nats", step=step, wall_s=0.2 * step))
+    if variant == "dense":
+        return rows
+    for layer in range(layers):
+        for name, value in (("max_vio_global", 0.3 + offset), ("load_entropy", 0.95 - offset)):
+            rows.append(row(common, name, value, "", step=steps - 1, layer=layer))
+        for domain_i, domain in enumerate(DOMAINS):
+            for expert in range(experts):
+                count = 100 + 40 * ((expert + domain_i + layer) % experts)
+                rows.append(
+                    row(
+                        common,
+                        "expert_load",
+                        count,
+                        "assignments",
+                        step=steps - 1,
+                        layer=layer,
+                        expert=expert,
+                        domain=domain,
+                    )
+                )
+    for name, value in (("max_vio_global", 0.3 + offset), ("load_entropy", 0.95 - offset)):
+        rows.append(row(common, name, value, "", step=steps - 1, layer="mean"))
+    rows.append(row(common, "drop_fraction", 0.02 * VARIANTS.index(variant), "", step=steps - 1))
+    return rows
+
+
+def failed_job(variant: str, task: str, error: str, seed: int = 0) -> list[dict]:
+    failed = row(base(variant, task, seed), "job", None)
+    return [{**failed, "status": "failed", "error": error}]
+
+
+def frame(jobs: list[list[dict]]) -> pd.DataFrame:
+    """The rows of `jobs` in one frame, shaped as results.load returns them (job_dir = index)."""
+    return pd.DataFrame([{**r, "job_dir": str(n)} for n, rows in enumerate(jobs) for r in rows])
+
+
+def write_sweep(root: Path, jobs: list[list[dict]], overrides: list[str] | None = None) -> Path:
+    """Write a multirun directory with one job per entry of `jobs`; returns its path."""
+    root.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or ["variant=dense,switch", "task=throughput"]
+    (root / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n" + "".join(f"    - {o}\n" for o in overrides)
+    )
+    for n, rows in enumerate(jobs):
+        job = root / str(n)
+        (job / ".hydra").mkdir(parents=True, exist_ok=True)
+        first = rows[0]
+        (job / ".hydra" / "overrides.yaml").write_text(
+            f"- variant={first['variant']}\n- task={first['task']}\n- seed={first['seed']}\n"
+        )
+        (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        env = {
+            "torch": "2.13.0",
+            "device": "cpu",
+            "cpu": "Synthetic CPU",
+            "threads": 2,
+            "git_commit": "abc1234",
+            "command": "python -m moe_bench -m " + " ".join(overrides),
+        }
+        (job / "env.json").write_text(json.dumps(env))
+    return root

@@ -1,0 +1,125 @@
+"""Every group, variant and preset composes (Hydra compose API) and validates before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError
+
+import variants
+from moe_bench.config import TASK_SCHEMAS, resolve
+from tests.moe_bench.conftest import SWEEPS
+
+PRESETS = sorted(p.stem for p in (SWEEPS / "experiment").glob("*.yaml"))
+YAML_TASKS = sorted(p.stem for p in (SWEEPS / "task").glob("*.yaml"))
+
+
+def test_every_registered_variant_has_a_config_file_and_back() -> None:
+    assert sorted(p.stem for p in (SWEEPS / "variant").glob("*.yaml")) == variants.names()
+    assert set(YAML_TASKS) <= set(TASK_SCHEMAS)
+
+
+@pytest.mark.parametrize("model", ["tiny", "small", "medium", "large"])
+@pytest.mark.parametrize("variant", variants.names())
+def test_variant_resolves_at_equal_active_flops(compose_cfg, variant: str, model: str) -> None:
+    run = resolve(compose_cfg(f"variant={variant}", f"model={model}", "device=cpu"))
+    cfg, m = run.layer, run.model
+    assert run.variant == variant and cfg.d_model == m.d_model
+    active = getattr(cfg, "d_ff", None) if variant == "dense" else None
+    if active is None:
+        active = (cfg.top_k + cfg.num_shared_experts) * cfg.expert_hidden
+    assert active == m.active * m.d_ff
+
+
+def test_variant_fields_are_overridable(compose_cfg) -> None:
+    run = resolve(compose_cfg("variant=deepseek_moe", "variant.top_k=2", "variant.alpha1=0.1"))
+    assert run.layer.top_k == 2 and run.layer.alpha1 == 0.1
+    assert run.layer.expert_hidden == run.model.d_ff // 4  # the rest still derived
+    dropless = resolve(compose_cfg("variant=switch", "variant.capacity_factor=null"))
+    assert dropless.layer.capacity_factor is None and dropless.layer.expert_hidden > 0
+
+
+@pytest.mark.parametrize("task", YAML_TASKS)
+def test_every_task_composes(compose_cfg, task: str) -> None:
+    run = resolve(compose_cfg(f"task={task}", "model=tiny"))
+    assert run.task.name == task and isinstance(run.task, TASK_SCHEMAS[task])
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_devices(compose_cfg, device: str) -> None:
+    assert resolve(compose_cfg(f"device={device}")).device.type in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_into_a_multirun(compose_cfg, preset: str) -> None:
+    cfg = compose_cfg(f"+experiment={preset}", hydra=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    for name in params.variant.split(","):
+        assert name in variants.names()
+    for task in params.task.split(","):
+        assert task in YAML_TASKS
+    resolve(cfg)  # the preset's own sizes are valid for its default variant
+
+
+def test_quick_preset_is_the_headline_comparison_at_cpu_sizes(compose_cfg) -> None:
+    cfg = compose_cfg("+experiment=quick", hydra=True)
+    assert cfg.hydra.sweeper.params.variant == "switch,gshard,deepseek_moe,deepseek_v3"
+    assert cfg.model.d_model == 128
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("model.tokens=-5", r"model: tokens=-5 must be >= 1"),
+        ("model.tokens=100", r"model: tokens=100 must be divisible by seq_len=256"),
+        ("model.active=32", r"model: active=32 must be <= expansion=16"),
+        ("dtype=float8", r"dtype='float8' is not one of"),
+        ("seed=-1", r"seed=-1 must be >= 0"),
+        ("device.threads=0", r"device: threads=0 must be >= 1"),
+        ("device.name=tpu", r"device: name='tpu' is not one of 'auto', 'cpu', 'cuda'"),
+        ("task.repeats=0", r"task: repeats=0 must be >= 1"),
+        ("task.passes=[fwd,bwd]", r"task: passes=\['fwd', 'bwd'\] must be a non-empty list"),
+        ("variant.capacity_factor=-1", r"variant 'switch': capacity_factor=-1.0 must be > 0"),
+        ("variant.top_k=2", r"variant 'switch': top_k=2 must be 1 for switch"),
+        ("variant.top_k=99", r"variant 'switch': top_k=99 .* expert_hidden = d_ff / m"),
+        ("backend=fast", r"variant 'switch': backend='fast' is not one of"),
+        ("+model.tokenz=5", r"model.tokenz is not a key of model; allowed: d_model"),
+    ],
+)
+def test_bad_values_fail_before_any_work_naming_the_key(compose_cfg, override, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        resolve(compose_cfg(override))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        (["variant=foo"], MissingConfigException, "Could not find 'variant/foo'"),
+        (["task=bar"], MissingConfigException, "Could not find 'task/bar'"),
+        (["model.tokenz=5"], ConfigCompositionException, "model.tokenz"),
+        (["variant.topk=2"], ConfigCompositionException, "variant.topk"),
+        (["model.tokens=abc"], ConfigCompositionException, "model.tokens"),
+    ],
+)
+def test_unknown_names_and_keys_fail_at_composition(compose_cfg, overrides, error, match) -> None:
+    with pytest.raises(error, match=match):
+        compose_cfg(*overrides)
+
+
+def test_schema_options_are_not_offered_as_variants(compose_cfg) -> None:
+    with pytest.raises(MissingConfigException) as info:
+        compose_cfg("variant=foo")
+    assert "switch" in str(info.value) and "schema" not in str(info.value).split("Config search")[0]
+
+
+def test_convergence_schema_is_ready(tmp_path: Path) -> None:
+    from moe_bench.config import ConvergenceConfig
+
+    assert ConvergenceConfig().name == "convergence"
+    with pytest.raises(ValueError, match="lr=0 must be > 0"):
+        ConvergenceConfig(lr=0)
+    with pytest.raises((ValueError, ConfigKeyError)):
+        ConvergenceConfig(steps=0)

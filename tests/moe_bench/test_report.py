@@ -1,0 +1,252 @@
+"""The HTML report: built from synthetic sweeps (report_fixtures), checked as a user sees it."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import markupsafe
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from moe_bench.report import build, figures
+from moe_bench.report.__main__ import main
+from moe_bench.report.build import build_report
+
+from . import headless_chromium
+from . import report_fixtures as fx
+
+ALL_FIGURES = {spec.key for spec in figures.FIGURES}
+
+
+def full_jobs() -> list[list[dict]]:
+    """Every task, three variants, two seeds, a small size grid, and one failed job."""
+    jobs = []
+    for variant in ("dense", "switch", "gshard"):
+        for seed in (0, 1):
+            for tokens in (256, 1024):
+                for experts in (4, 8):
+                    jobs.append(fx.throughput_job(variant, seed, tokens, experts))
+            jobs.append(fx.memory_job(variant, seed))
+            jobs.append(fx.convergence_job(variant, seed))
+    jobs.append(fx.failed_job("switch", "memory", "Traceback:\n  ...\nRuntimeError: out of memory"))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sweep = fx.write_sweep(tmp_path_factory.mktemp("full"), full_jobs())
+    return build_report(sweep)
+
+
+def figure_ids(html: str) -> set[str]:
+    return set(re.findall(r'<figure id="([^"]+)"', html))
+
+
+def test_full_sweep_draws_every_figure(full_report: Path) -> None:
+    html = full_report.read_text()
+    assert figure_ids(html) == ALL_FIGURES
+    assert html.count("<svg") == len(ALL_FIGURES)
+    assert "could not be drawn" not in html
+    for task in ("throughput", "memory", "convergence"):
+        assert f"<h3>{task}</h3>" in html
+
+
+def test_results_csv_holds_every_row(full_report: Path) -> None:
+    rows = sum(len(job) for job in full_jobs())
+    table = pd.read_csv(full_report.parent / "results.csv")
+    assert len(table) == rows
+    assert {"variant", "metric", "value", "status", "job_dir"} <= set(table.columns)
+
+
+def test_report_is_self_contained(full_report: Path) -> None:
+    html = full_report.read_text()
+    assert not re.search(r"<(link|script|iframe|img)\b", html)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "@import" not in html and "url(http" not in html
+    # only in-page anchors, inline images and the tidy data beside the report
+    links = set(re.findall(r'href="([^"#][^"]*)"', html))
+    assert {link for link in links if not link.startswith("data:")} == {"results.csv"}
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), "inline SVGs must not share element ids"
+    for anchor in re.findall(r'(?:href="|url\()#([^")]+)', html):
+        assert anchor in ids, f"dangling reference #{anchor}"
+
+
+def test_failed_job_is_listed_with_its_error(tmp_path: Path) -> None:
+    error = 'Traceback (most recent call last):\n  File "x.py"\nValueError: top_k=9 <= 8 & <b>'
+    jobs = [fx.throughput_job("switch"), fx.failed_job("gshard", "throughput", error)]
+    html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
+    failed = html[html.index('<section id="failed">') : html.index('<section id="leaderboards">')]
+    assert "ValueError: top_k=9 &lt;= 8 &amp; &lt;b&gt;" in failed  # last line, escaped
+    assert "Traceback (most recent call last)" in failed  # the full text, folded
+    assert "<td><code>1</code></td>" in failed  # its job directory
+    assert "1 failed" in html
+    board = build.leaderboard("throughput", fx.frame(jobs))
+    gshard = board.shown[board.shown["variant"] == "gshard"].iloc[0]
+    assert gshard["runs"] == "1 (1 failed)"
+
+
+def test_single_job_sweep_says_what_is_missing(tmp_path: Path) -> None:
+    html = build_report(fx.write_sweep(tmp_path, [fx.convergence_job("switch")])).read_text()
+    assert figure_ids(html) == {"loss-step", "loss-wall", "maxvio", "load-layers", "load-domains"}
+    missing = html[html.index('id="missing"') : html.index('<section id="run">')]
+    assert "no tokens_per_s rows in this sweep" in missing
+    assert "no peak_memory_bytes rows in this sweep" in missing
+    assert "★" not in html  # one row per column: nothing to be best against
+
+
+def test_throughput_only_sweep(tmp_path: Path) -> None:
+    jobs = [fx.throughput_job(v, tokens=t) for v in ("dense", "switch") for t in (256, 512)]
+    html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
+    assert figure_ids(html) == {"throughput-tokens", "throughput"}
+    missing = html[html.index('id="missing"') : html.index('<section id="run">')]
+    assert "no variant ran at two or more values of number of experts" in missing
+    for metric in ("train_loss", "max_vio_batch", "expert_load", "peak_memory_bytes"):
+        assert f"no {metric}" in missing
+
+
+def test_started_sweep_without_results_lists_its_jobs(tmp_path: Path) -> None:
+    fx.write_sweep(tmp_path, [fx.throughput_job("switch"), fx.throughput_job("gshard")])
+    for job in ("0", "1"):
+        (tmp_path / job / "results.jsonl").unlink()
+    html = build_report(tmp_path).read_text()
+    assert "Jobs 0, 1" in html and "no results.jsonl" in html
+    assert figure_ids(html) == set()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda root: root / "absent", id="missing-dir"),
+        pytest.param(lambda root: root, id="empty-dir"),
+        pytest.param(lambda root: (root / "notes.txt").write_text("x") and root, id="no-results"),
+    ],
+)
+def test_not_a_sweep_is_one_clear_error(tmp_path: Path, make, capsys) -> None:
+    assert main([str(make(tmp_path))]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and "error:" in err
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_command_line_prints_the_report_path(tmp_path: Path) -> None:
+    sweep = fx.write_sweep(tmp_path, [fx.memory_job("dense"), fx.memory_job("switch")])
+    done = subprocess.run(
+        [sys.executable, "-m", "moe_bench.report", str(sweep)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(sweep / "report.html")
+    assert (sweep / "results.csv").is_file()
+    leftovers = [p.name for p in sweep.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == [], "atomic writes leave no temp files"
+
+
+def test_leaderboard_pools_seeds_and_marks_the_best(tmp_path: Path) -> None:
+    jobs = [fx.convergence_job(v, seed) for v in ("dense", "switch", "gshard") for seed in (0, 1)]
+    rows = fx.frame(jobs)
+    board = build.leaderboard("convergence", rows)
+    loss = "final val loss [nats] ↓"
+    # the expected spread, straight from the rows: each job's last val_loss, over seeds
+    val = rows[rows["metric"] == "val_loss"]
+    final = val[val["step"] == val.groupby("job_dir")["step"].transform("max")]
+    stats = final.groupby("variant")["value"].agg(["mean", "std"])
+    best_variant = stats["mean"].idxmin()
+    for _, line in board.shown.iterrows():
+        mean, std = stats.loc[line["variant"]]
+        assert line[loss].startswith(f"{mean:,.3f} ± {std:,.3f}")
+    marked = board.shown.loc[board.best[loss], "variant"].tolist()
+    assert marked == [best_variant]
+    assert board.shown.loc[board.best[loss], loss].item().endswith("★")
+
+
+def test_leaderboard_separates_swept_settings(tmp_path: Path) -> None:
+    jobs = [fx.throughput_job(v, tokens=t) for v in ("dense", "switch") for t in (256, 1024)]
+    board = build.leaderboard("throughput", fx.frame(jobs))
+    assert board.ties == ["model.tokens"]
+    assert len(board.shown) == 4
+    fwd = "tokens/s fwd [tok/s] ↑"
+    # one best per token count: the faster variant at that size
+    assert board.best[fwd].sum() == 2
+    assert set(board.shown.loc[board.best[fwd], "variant"]) == {"dense"}
+
+
+def test_balance_columns_leave_out_single_expert_layers() -> None:
+    routed = fx.base("switch", "balance", **{"variant.num_experts": 8})
+    single = {**fx.base("dense", "balance"), "variant.num_experts": 1}
+    jobs = [[fx.row(common, "max_vio_global", 0.5)] for common in (routed, single)]
+    board = build.leaderboard("balance", fx.frame(jobs))
+    assert board.shown["variant"].tolist() == ["switch"]  # dense's 0.0 is no balance at all
+    alone = build.leaderboard("balance", fx.frame(jobs[1:]))
+    assert alone.shown.empty
+
+
+def test_notes_give_loss_normalisation_and_flag_expert_choice(tmp_path: Path) -> None:
+    jobs = [fx.convergence_job("switch"), fx.convergence_job("mixtral")]
+    jobs.append(fx.convergence_job("expert_choice"))
+    html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
+    notes = html[html.index('<section id="notes">') :]
+    for variant in ("switch", "mixtral", "expert_choice"):
+        assert str(markupsafe.escape(build.NOTES[variant].loss)) in notes
+    assert "⚠ non-causal" in notes
+    assert "expert_choice  ⚠ non-causal" in html  # flagged in the leaderboard row too
+
+
+def test_variant_colours_are_fixed_and_distinct() -> None:
+    alone = figures.variant_colors([])
+    with_extra = figures.variant_colors(["megablocks_dmoe", "switch"])
+    assert {k: with_extra[k] for k in alone} == alone
+    assert len(set(with_extra.values())) == len(with_extra)
+
+
+def assert_opens_cleanly(report: Path, profile: Path) -> None:
+    """Open the report from file:// in headless Chromium: no failed or outside requests and a
+    screenshot that shows something."""
+    if headless_chromium.executable() is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium); page not opened")
+    url = report.resolve().as_uri()
+    page = headless_chromium.open_page(url, profile)
+    assert page.failed == []
+    assert {u for u in page.requested if not u.startswith("data:")} == {url}
+    assert page.screenshot_png.startswith(b"\x89PNG")
+    pixels = matplotlib.image.imread(io.BytesIO(page.screenshot_png), format="png")
+    assert pixels.shape[1] == 1280 and pixels.shape[0] > 1000
+    assert pixels.std() > 0.05, "the screenshot is blank"
+
+
+def test_report_opens_in_headless_chromium(full_report: Path, tmp_path: Path) -> None:
+    assert_opens_cleanly(full_report, tmp_path / "profile")
+
+
+def test_committed_example_opens_in_headless_chromium(tmp_path: Path) -> None:
+    # reports/example: the report of a real `+experiment=quick` sweep, linked from the README
+    example = Path(__file__).parents[2] / "reports" / "example" / "report.html"
+    assert example.is_file(), "reports/example/report.html is missing"
+    assert_opens_cleanly(example, tmp_path / "profile")
+
+
+@pytest.mark.slow
+def test_real_multirun_ends_with_a_report_that_opens(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "moe_bench",
+        "-m",
+        "variant=switch,gshard",
+        "task=balance",
+        "model=tiny",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = sweep / "report.html"
+    assert f"report: {report}" in done.stdout  # built by the Hydra callback
+    html = report.read_text()
+    assert "<h3>balance</h3>" in html and "could not be drawn" not in html
+    assert_opens_cleanly(report, tmp_path / "profile")

@@ -1,0 +1,80 @@
+"""Recorder rows, atomic files, resume check, and loading a sweep (moe_bench.results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_bench import results
+
+BASE = {"variant": "switch", "task": "throughput", "seed": 0, "model.d_model": 32}
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / results.RESULTS).read_text().splitlines()]
+
+
+def test_rows_carry_base_metric_and_status(tmp_path: Path) -> None:
+    rec = results.Recorder(tmp_path, BASE)
+    rec.log("fwd_ms", torch.tensor(1.5), unit="ms", **{"pass": "fwd"})
+    rec.log("load_entropy", float("nan"), step=3, domain="code", layer=0)
+    rec.finish()
+    got = rows(tmp_path)
+    assert [r["metric"] for r in got] == ["fwd_ms", "load_entropy", "job"]
+    assert got[0] == {
+        **BASE, "metric": "fwd_ms", "value": 1.5, "unit": "ms", "step": None,
+        "pass": "fwd", "status": "ok", "error": None,
+    }  # fmt: skip
+    assert got[1]["value"] is None and got[1]["step"] == 3  # non-finite -> null
+    assert got[2]["unit"] == "s" and got[2]["value"] >= 0
+    assert results.completed(tmp_path)
+
+
+def test_failed_job_marks_every_row(tmp_path: Path) -> None:
+    rec = results.Recorder(tmp_path, BASE)
+    rec.log("fwd_ms", 1.0)
+    rec.finish("failed", "OutOfMemoryError: boom")
+    got = rows(tmp_path)
+    assert {(r["status"], r["error"]) for r in got} == {("failed", "OutOfMemoryError: boom")}
+    assert got[-1]["metric"] == "job"
+    assert not results.completed(tmp_path)
+    assert not results.completed(tmp_path / "never_ran")
+    with pytest.raises(ValueError, match="status='done' is not one of"):
+        results.Recorder(tmp_path, BASE).finish("done")
+
+
+def test_flush_is_atomic_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    rec = results.Recorder(tmp_path, BASE)
+    rec.log("a", 1.0)
+    rec.flush()
+    rec.log("b", 2.0)
+    rec.flush()
+    assert [r["metric"] for r in rows(tmp_path)] == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [results.RESULTS]
+
+
+def test_load_concatenates_jobs_in_natural_order(tmp_path: Path) -> None:
+    for job in (10, 2, 0):
+        rec = results.Recorder(tmp_path / str(job), {**BASE, "seed": job})
+        rec.log("fwd_ms", float(job))
+        rec.finish()
+        results.write_env(tmp_path / str(job), torch.device("cpu"))
+    frame = results.load(tmp_path)
+    assert list(frame["job_dir"].unique()) == ["0", "2", "10"]
+    assert len(frame) == 6
+    assert list(frame.columns[:5]) == ["variant", "task", "seed", "metric", "value"]
+    assert frame.loc[frame.metric == "fwd_ms", "value"].tolist() == [0.0, 2.0, 10.0]
+    envs = results.load_env(tmp_path)
+    assert [e["job_dir"] for e in envs] == ["0", "2", "10"]
+    assert envs[0]["torch"] == torch.__version__ and envs[0]["threads"] >= 1
+    assert {"git_commit", "command", "cpu_model", "gpu_model", "device"} <= envs[0].keys()
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a directory"):
+        results.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"is not a sweep directory: no results\.jsonl under it"):
+        results.load(tmp_path)
