@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import variants
-from moe_bench import config, results
+from moe_bench import config, peers, results
 from moe_bench.isocompute import count_params, ffn_flops_per_token
 from moe_bench.tasks import get_task
 
@@ -59,11 +59,17 @@ def config_columns(cfg: DictConfig) -> dict[str, Any]:
     return columns
 
 
+def param_counts(run: config.Resolved) -> tuple[int, int]:
+    """(total, active) parameters of the job's layer, counted without allocating it."""
+    if run.variant in peers.PEERS:  # megablocks cannot be built off its GPU: count its shapes
+        return peers.param_counts(run.layer)
+    with torch.device("meta"):
+        return count_params(variants.lookup(run.variant).make(run.layer))
+
+
 def resolved_columns(cfg: DictConfig, run: config.Resolved) -> dict[str, Any]:
     """Base columns of a valid job: resolved device and variant sizes, params and FLOPs."""
-    with torch.device("meta"):  # counts without allocating, at any size
-        layer = variants.lookup(run.variant).make(run.layer)
-    total, active = count_params(layer)
+    total, active = param_counts(run)
     return {
         **config_columns(cfg),
         **flatten(dataclasses.asdict(run.layer), "variant"),

@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import variants
+from moe_bench import peers
 from moe_bench.data import DataConfig
 from moe_bench.isocompute import iso_fields
 from variants.config import check_choice, check_int, check_number
@@ -170,6 +171,11 @@ class RunConfig:
     backend: str = "loop"
 
 
+def config_class(name: str) -> type[variants.MoEConfig]:
+    """The config dataclass of a registered variant, or of a peer system (moe_bench.peers)."""
+    return peers.lookup(name).config if name in peers.PEERS else variants.lookup(name).config
+
+
 def variant_schema(name: str) -> type:
     """The variant node's dataclass: `name`, `granularity`, and the variant's config fields.
 
@@ -177,7 +183,7 @@ def variant_schema(name: str) -> type:
     size fields become optional (null = derived by iso-compute) and run-level fields are left
     to the top-level config.
     """
-    config_cls = variants.lookup(name).config
+    config_cls = config_class(name)
     hints = typing.get_type_hints(config_cls)
     fields: list[tuple[str, Any, Any]] = [
         ("name", str, field(default=name)),
@@ -200,7 +206,7 @@ def register() -> None:
     """
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for name in variants.names():
+    for name in [*variants.names(), *peers.PEERS]:
         cs.store(group="schema/variant", name=name, node=variant_schema(name))
     for name, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=name, node=schema)
@@ -270,7 +276,7 @@ def resolve(cfg: DictConfig) -> Resolved:
     check_int(cfg, "seed", 0)
     name = cfg.variant.name
     try:
-        layer = variants.make_config(name, **variant_fields(cfg, model))
+        layer = config_class(name).from_fields(name, variant_fields(cfg, model))
     except ValueError as e:
         raise ValueError(f"variant {name!r}: {e}") from None
     return Resolved(

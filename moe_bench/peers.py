@@ -163,6 +163,19 @@ def build_megablocks_dmoe(
     return MegablocksDMoE(cfg, dMoE(args), args, lbl).to(device, dtype)
 
 
+def param_counts(cfg: MoEConfig) -> tuple[int, int]:
+    """(total, active per token) of a dMoE built from `cfg`: router [E, D] (no bias), routed
+    and shared expert matrices of D x H (two, three for glu), K of E routed experts active."""
+    mats = 3 if cfg.activation == "swiglu" else 2
+    expert = mats * cfg.d_model * cfg.expert_hidden
+    router = cfg.num_experts * cfg.d_model
+    shared = cfg.num_shared_experts * expert
+    return (
+        router + shared + cfg.num_experts * expert,
+        router + shared + cfg.top_k * expert,
+    )
+
+
 class Peer(NamedTuple):
     config: type[MoEConfig]
     make: Callable[..., nn.Module]  # (cfg, device, dtype) -> nn.Module returning MoEOutput

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 import variants
+from moe_bench import peers
 from moe_bench.config import Resolved
 from moe_bench.isocompute import dense_reference
 from moe_bench.results import Recorder
@@ -45,6 +46,8 @@ def get_task(name: str) -> TaskFn:
 def build_layer(run: Resolved) -> nn.Module:
     """The run's variant layer, seeded, on its device and dtype."""
     torch.manual_seed(run.seed)
+    if run.variant in peers.PEERS:  # a reference system, built on its own terms
+        return peers.lookup(run.variant).make(run.layer, run.device, run.dtype)
     layer = variants.lookup(run.variant).make(run.layer)
     return layer.to(device=run.device, dtype=run.dtype)
 

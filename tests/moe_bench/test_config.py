@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError
 
 import variants
+from moe_bench import peers
 from moe_bench.config import TASK_SCHEMAS, resolve
 from tests.moe_bench.conftest import SWEEPS
 
@@ -17,12 +18,13 @@ YAML_TASKS = sorted(p.stem for p in (SWEEPS / "task").glob("*.yaml"))
 
 
 def test_every_registered_variant_has_a_config_file_and_back() -> None:
-    assert sorted(p.stem for p in (SWEEPS / "variant").glob("*.yaml")) == variants.names()
+    files = sorted(p.stem for p in (SWEEPS / "variant").glob("*.yaml"))
+    assert files == sorted([*variants.names(), *peers.PEERS])
     assert set(YAML_TASKS) <= set(TASK_SCHEMAS)
 
 
 @pytest.mark.parametrize("model", ["tiny", "small", "medium", "large"])
-@pytest.mark.parametrize("variant", variants.names())
+@pytest.mark.parametrize("variant", [*variants.names(), *peers.PEERS])
 def test_variant_resolves_at_equal_active_flops(compose_cfg, variant: str, model: str) -> None:
     run = resolve(compose_cfg(f"variant={variant}", f"model={model}", "device=cpu"))
     cfg, m = run.layer, run.model

@@ -9,6 +9,8 @@ paths. Tests marked `gpu` build the real dMoE (`pytest -m gpu`).
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 import sys
 import types
 from typing import Any
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import variants
 from moe_bench import peers
 from variants.backends import loop
 from variants.experts import ExpertBank
@@ -368,3 +371,45 @@ def test_gpu_peer_throughput_smoke() -> None:
     for pass_, step in STEPS.items():
         timing = time_steps(step(peer, x), torch.device("cuda"), warmup=2, repeats=3, desc=pass_)
         assert all(0 < ms < 10_000 for ms in timing.samples_ms), (pass_, timing.samples_ms)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_param_counts_match_an_equal_shaped_variant(activation: str, shared: int) -> None:
+    """dMoE's shapes are a softmax top-k layer's: counted like our own mixtral-shaped layer."""
+    from moe_bench.isocompute import count_params
+
+    fields = dict(
+        d_model=16,
+        num_experts=8,
+        expert_hidden=24,
+        top_k=2,
+        activation=activation,
+        num_shared_experts=shared,
+    )
+    assert peers.param_counts(peers.make_config("megablocks_dmoe", **fields)) == count_params(
+        variants.build("mixtral", **fields)
+    )
+
+
+def test_runner_records_the_peer_as_a_failed_row_without_cuda(tmp_path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU failure row")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_bench",
+            "variant=megablocks_dmoe",
+            "model=tiny",
+            f"hydra.run.dir={tmp_path}",
+            "device.threads=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "needs a CUDA device" in run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rows and all(r["status"] == "failed" for r in rows)
+    assert rows[0]["params_total"] > rows[0]["params_active"] > 0
