@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .experts import ExpertBank
+from .dispatch import ExpertRows, GatherMM, WeightedMMScatter
+from .experts import ExpertBank, ExpertWeights
 from .routing import Routing, rank_in_expert
 
 Backend = Callable[[torch.Tensor, Routing, ExpertBank], torch.Tensor]
@@ -37,17 +38,71 @@ def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor
     return y_TD
 
 
-def grouped(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
-    """Dropless: sort assignments by expert, one grouped GEMM per projection, scatter back."""
+def sort_by_expert(routing: Routing) -> tuple[ExpertRows, torch.Tensor]:
+    """Assignments grouped by expert: their row slices and the sorting permutation.
+
+    A stable sort keeps each expert's tokens in ascending order (token-major routings), so its
+    gathers and scatters walk memory forward.
+    """
+    order_A = torch.argsort(routing.expert, stable=True)
+    rows = ExpertRows.from_counts(routing.token[order_A], routing.load.tolist(), routing.num_tokens)
+    return rows, order_A
+
+
+def grouped(
+    x_TD: torch.Tensor, routing: Routing, bank: ExpertBank, use_grouped_mm: bool | None = None
+) -> torch.Tensor:
+    """Dropless: assignments sorted by expert, one GEMM per expert and projection.
+
+    On CUDA (with 16-byte aligned rows) one `grouped_mm` kernel per projection; elsewhere
+    per-expert GEMMs on row slices with no [A, D] copies (`variants.dispatch` has the CPU
+    profile behind it: `grouped_mm` loops over experts on CPU anyway). `use_grouped_mm`
+    forces the choice (tests check both paths on CPU).
+
+    Every GEMM runs in one dtype: autocast's where it is on (it does not reach into the
+    custom autograd Functions), else the input's.
+    """
+    device, out_dtype = x_TD.device.type, x_TD.dtype
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out_dtype
+    if use_grouped_mm is None:
+        use_grouped_mm = x_TD.is_cuda and _aligned(dtype, bank)
+    with torch.autocast(device, enabled=False):
+        x_TD, weights = x_TD.to(dtype), bank.weights(dtype)
+        weight_A = routing.weight.to(dtype)
+        if use_grouped_mm:
+            y_TD = _grouped_mm(x_TD, routing, weight_A, weights, bank.act)
+        else:
+            rows, order_A = sort_by_expert(routing)
+            w_in = (weights.w1,) if weights.w3 is None else (weights.w1, weights.w3)
+            h_AH = GatherMM.apply(x_TD, rows, *w_in)
+            act_AH = bank.act(h_AH[0], h_AH[1] if weights.w3 is not None else None)
+            y_TD = WeightedMMScatter.apply(act_AH, weight_A[order_A], weights.w2, rows)
+    return y_TD.to(out_dtype)  # like loop and padded: the input's dtype
+
+
+def _aligned(dtype: torch.dtype, bank: ExpertBank) -> bool:
+    """grouped_mm needs 16-byte aligned rows of x, h and the weights."""
+    per_16_bytes = 16 // dtype.itemsize
+    return bank.d_model % per_16_bytes == 0 and bank.hidden % per_16_bytes == 0
+
+
+def _grouped_mm(
+    x_TD: torch.Tensor,
+    routing: Routing,
+    weight_A: torch.Tensor,
+    weights: ExpertWeights,
+    act: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """One `torch.nn.functional.grouped_mm` per projection over the [A, D] rows sorted by
+    expert (jagged groups given by cumulative offsets), weighed and scattered back."""
     order_A = torch.argsort(routing.expert, stable=True)
     token_A = routing.token[order_A]
     offs_E = torch.cumsum(routing.load, 0).to(torch.int32)
     x_AD = x_TD[token_A]
-    h1_AH = F.grouped_mm(x_AD, bank.w1, offs=offs_E)
-    h3_AH = F.grouped_mm(x_AD, bank.w3, offs=offs_E) if bank.w3 is not None else None
-    out_AD = F.grouped_mm(bank.act(h1_AH, h3_AH), bank.w2, offs=offs_E)
-    out_AD = out_AD * routing.weight[order_A, None].to(x_TD.dtype)
-    return _combine(x_TD, token_A, out_AD)
+    h1_AH = F.grouped_mm(x_AD, weights.w1, offs=offs_E)
+    h3_AH = F.grouped_mm(x_AD, weights.w3, offs=offs_E) if weights.w3 is not None else None
+    out_AD = F.grouped_mm(act(h1_AH, h3_AH), weights.w2, offs=offs_E)
+    return _combine(x_TD, token_A, out_AD * weight_A[order_A, None])
 
 
 def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:

@@ -111,14 +111,6 @@ class MoEConfig:
             )
         if self.backend == "megablocks":
             self.check_megablocks()
-        if self.backend == "grouped":
-            # torch.nn.functional.grouped_mm needs 16-byte row strides: 8 elements in bf16.
-            for name in ("d_model", "expert_hidden"):
-                if getattr(self, name) % 8:
-                    raise ValueError(
-                        f"{name}={getattr(self, name)} must be a multiple of 8 for "
-                        "backend='grouped' (grouped_mm needs 16-byte aligned rows)"
-                    )
 
     def check_megablocks(self) -> None:
         if self.uneven_top_k is not None:

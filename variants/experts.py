@@ -8,9 +8,19 @@ swiglu: FFN(x) = (silu(x @ w1) * (x @ w3)) @ w2       (Shazeer 2020, arXiv:2002.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class ExpertWeights(NamedTuple):
+    """The bank's stacked weights, possibly cast: w1 [E, D, H], w2 [E, H, D], w3 [E, D, H]."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor | None
 
 
 class ExpertBank(nn.Module):
@@ -33,6 +43,11 @@ class ExpertBank(nn.Module):
             if w is not None:
                 nn.init.normal_(w, std=self.d_model**-0.5)
         nn.init.normal_(self.w2, std=self.hidden**-0.5)
+
+    def weights(self, dtype: torch.dtype) -> ExpertWeights:
+        """The weights in `dtype` (differentiable casts; the parameters themselves when equal)."""
+        w3 = self.w3.to(dtype) if self.w3 is not None else None
+        return ExpertWeights(self.w1.to(dtype), self.w2.to(dtype), w3)
 
     def act(self, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
         """Hidden activation from the w1 (and, for swiglu, w3) projections."""

@@ -71,10 +71,11 @@ def test_dense_blocks_have_the_active_width_of_the_variant():
             assert block.ffn.cfg.activation == "gelu"
 
 
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
 @pytest.mark.parametrize("variant", ["dense", "switch", "deepseek_v3"])
-def test_trains_under_bf16_autocast(variant):
+def test_trains_under_bf16_autocast(variant, backend):
     """The GPU recipe (bf16 autocast), run on CPU: fp32 loss, gradients reach every weight."""
-    lm = tiny_lm(variant).train()
+    lm = tiny_lm(variant, backend).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = lm(random_tokens(2, 16), random_tokens(2, 16, seed=1))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)

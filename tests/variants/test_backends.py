@@ -7,17 +7,20 @@ nothing kept), and whole layers of every variant on every backend that fits.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 
 import variants
-from variants.backends import BACKENDS
+from variants.backends import BACKENDS, grouped
 from variants.experts import ExpertBank
 
 from .helpers import hand_routing
 
 FAST = [b for b in BACKENDS if b not in ("loop", "megablocks")]
+# the CUDA path of `grouped`, checked here on CPU (grouped_mm runs there too)
+IMPLEMENTATIONS = {**BACKENDS, "grouped_mm": partial(grouped, use_grouped_mm=True)}
 T, E, D, H = 12, 4, 16, 24
 
 
@@ -47,14 +50,14 @@ def _run(backend: str, bank: ExpertBank, x_TD: torch.Tensor, spec: dict):
     routing = hand_routing(**spec, num_tokens=T, num_experts=E)
     if backend == "padded":
         routing.capacity = int(routing.load.max()) if routing.expert.numel() else 1
-    y_TD = BACKENDS[backend](x_TD, routing, bank)
+    y_TD = IMPLEMENTATIONS[backend](x_TD, routing, bank)
     y_TD.backward(torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(2)))
     grads = {"x": x_TD.grad, "weight": routing.weight.grad}
     grads.update({n: p.grad for n, p in bank.named_parameters()})
     return y_TD.detach(), grads
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", [*FAST, "grouped_mm"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("case", list(_routings()))
 def test_backend_matches_loop_on_hand_routings(backend: str, activation: str, case: str) -> None:
@@ -132,3 +135,19 @@ def test_layer_backend_matches_loop(name: str, fields: dict, activation: str, ba
     assert gp_ref.keys() == gp.keys()
     for n in gp_ref:
         torch.testing.assert_close(gp[n], gp_ref[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_backends_run_under_bf16_autocast(backend: str) -> None:
+    """One compute dtype inside every backend: autocast's, like the loop reference."""
+    fields = dict(d_model=16, num_experts=4, expert_hidden=8, capacity_factor=2.0)
+    ref = variants.build("deepseek_moe", top_k=2, **fields)
+    other = variants.build("deepseek_moe", top_k=2, backend=backend, **fields)
+    other.load_state_dict(ref.state_dict())
+    x = torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x).y, other(x).y
+    y.sum().backward()
+    assert y.dtype == y_ref.dtype == x.dtype
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    assert all(p.grad is not None for p in other.experts.parameters())
