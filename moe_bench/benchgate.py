@@ -1,0 +1,183 @@
+"""CI gate on a pytest-benchmark run of `tests/benchmarks`, and its comparison with a baseline.
+
+    python -m moe_bench.benchgate BENCH_JSON [--baseline reports/benchmarks/baseline.json]
+
+The gate compares ratios measured in the same run (grouped vs dense, a slow baseline vs
+grouped, peak memory vs dense), never absolute times against an old file: CI machines differ
+and are noisy, while two layers timed minutes apart on one machine see the same machine. A
+ratio over its limit (or under it, for "at least" rules) fails the gate: exit status 1. The
+baseline is a committed run from a known machine; the table shows each ratio beside it, for
+people to read, and never gates.
+
+Times are the minimum over rounds by default: noise from other processes only ever adds time,
+so the minimum is the steadiest estimate of what the code costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BASELINE = Path("reports/benchmarks/baseline.json")
+STATS = ("min", "median", "mean")
+
+# (size, variant, backend): the params of one `tests/benchmarks` case
+Key = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`numerator / denominator` of `metric` in one size must be `<=` (or `>=`) `limit`."""
+
+    size: str
+    numerator: tuple[str, str]  # (variant, backend)
+    denominator: tuple[str, str]
+    op: str  # "<=" or ">="
+    limit: float
+    metric: str = "time"  # "time" or "memory"
+
+    @property
+    def name(self) -> str:
+        num, den = "/".join(self.numerator), "/".join(self.denominator)
+        return f"{self.size} {self.metric}: {num} vs {den}"
+
+    def holds(self, ratio: float) -> bool:
+        return {"<=": operator.le, ">=": operator.ge}[self.op](ratio, self.limit)
+
+
+DENSE = ("dense", "dense")
+FINE, COARSE = ("deepseek_moe", "grouped"), ("mixtral", "grouped")
+# Goals of issue 7 (forward+backward, T=4096, D=512, float32, 2 threads).
+RULES: tuple[Rule, ...] = (
+    # dropless grouped dispatch near the dense FFN with the same active FLOPs
+    Rule("fine", FINE, DENSE, "<=", 1.5),
+    Rule("coarse", COARSE, DENSE, "<=", 1.2),
+    # the HuggingFace DeepseekMoE training path (boolean mask per expert) at E=64
+    Rule("fine", ("deepseek_moe", "hf_style"), FINE, ">=", 10.0),
+    # the plain per-expert reference must stay behind the fast path it is the reference for
+    Rule("fine", ("deepseek_moe", "loop"), FINE, ">=", 1.3),
+    # peak tensor memory of a training step above parameters and gradients
+    Rule("fine", FINE, DENSE, "<=", 1.5, metric="memory"),
+    Rule("coarse", COARSE, DENSE, "<=", 1.5, metric="memory"),
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pytest-benchmark JSON: per case, seconds (of the chosen stat) and peak bytes."""
+
+    seconds: dict[Key, float]
+    peak_bytes: dict[Key, float]
+    machine: str
+
+    def value(self, metric: str, size: str, case: tuple[str, str]) -> float | None:
+        table = self.seconds if metric == "time" else self.peak_bytes
+        return table.get((size, *case))
+
+
+def machine_name(info: dict[str, Any]) -> str:
+    cpu = info.get("cpu", {})
+    brand = cpu.get("brand_raw") or cpu.get("brand") or info.get("processor") or "unknown CPU"
+    return f"{info.get('node', '?')}: {brand}, {cpu.get('count', '?')} cores"
+
+
+def load_run(path: Path, stat: str = "min") -> Run:
+    """Read a `--benchmark-json` file; cases are keyed by their (size, variant, backend) params."""
+    data = json.loads(Path(path).read_text())
+    seconds, peak = {}, {}
+    for bench in data.get("benchmarks", []):
+        params = bench.get("params") or {}
+        if not {"size", "variant", "backend"} <= params.keys():
+            continue  # not one of our cases
+        key = (params["size"], params["variant"], params["backend"])
+        seconds[key] = float(bench["stats"][stat])
+        if "peak_memory_bytes" in bench.get("extra_info", {}):
+            peak[key] = float(bench["extra_info"]["peak_memory_bytes"])
+    return Run(seconds, peak, machine_name(data.get("machine_info", {})))
+
+
+def ratio(run: Run, rule: Rule) -> float | None:
+    """The rule's ratio in `run`, or None when either case is missing from it."""
+    num = run.value(rule.metric, rule.size, rule.numerator)
+    den = run.value(rule.metric, rule.size, rule.denominator)
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def failures(run: Run, rules: Sequence[Rule] = RULES) -> list[str]:
+    """One line per rule that does not hold; a missing case fails too (a gate that cannot see
+    the number must not pass)."""
+    out = []
+    for rule in rules:
+        value = ratio(run, rule)
+        if value is None:
+            out.append(f"{rule.name}: case missing from the run")
+        elif not rule.holds(value):
+            out.append(f"{rule.name}: {value:.2f}, must be {rule.op} {rule.limit:g}")
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(run: Run, baseline: Run | None, rules: Sequence[Rule] = RULES) -> str:
+    """Rules as rows: limit, ratio in this run, ratio in the baseline, change, verdict."""
+    head = f"{'rule':<48} {'limit':>8} {'run':>7} {'baseline':>9} {'change':>8}  verdict"
+    lines = [head, "-" * len(head)]
+    for rule in rules:
+        value = ratio(run, rule)
+        base = ratio(baseline, rule) if baseline is not None else None
+        change = f"{value / base - 1:+.0%}" if value is not None and base else "-"
+        verdict = "missing" if value is None else ("ok" if rule.holds(value) else "FAIL")
+        limit = f"{rule.op} {rule.limit:g}"
+        lines.append(
+            f"{rule.name:<48} {limit:>8} {_fmt(value):>7} {_fmt(base):>9} {change:>8}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def cases_table(run: Run) -> str:
+    """Every case: fwd+bwd ms, ratio to its size's dense reference, peak MiB."""
+    head = f"{'size':<7} {'variant':<13} {'backend':<9} {'ms':>9} {'x dense':>8} {'peak MiB':>9}"
+    lines = [head, "-" * len(head)]
+    for key in sorted(run.seconds):
+        size = key[0]
+        dense = run.seconds.get((size, *DENSE))
+        rel = _fmt(run.seconds[key] / dense) if dense else "-"
+        peak = run.peak_bytes.get(key)
+        mib = "-" if peak is None else f"{peak / 2**20:.1f}"
+        lines.append(
+            f"{key[0]:<7} {key[1]:<13} {key[2]:<9} {run.seconds[key] * 1e3:>9.1f} {rel:>8} {mib:>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_bench.benchgate", description=__doc__)
+    parser.add_argument("bench_json", type=Path, help="pytest --benchmark-json output")
+    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    parser.add_argument("--stat", choices=STATS, default="min", help="statistic over rounds")
+    args = parser.parse_args(argv)
+    run = load_run(args.bench_json, args.stat)
+    baseline = load_run(args.baseline, args.stat) if args.baseline.is_file() else None
+    print(f"run: {run.machine}")
+    print(f"baseline: {baseline.machine if baseline else f'none ({args.baseline} not found)'}")
+    print(cases_table(run))
+    print()
+    print(table(run, baseline))
+    failed = failures(run)
+    for line in failed:
+        print(f"FAIL {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Fixtures of the benchmark suite (the cases themselves live in `cases.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from .cases import NUM_THREADS
+
+
+@pytest.fixture
+def bench_threads() -> Iterator[int]:
+    """Timed cases run with the CI machine's 2 threads (unit tests run with 1); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS)
+    yield NUM_THREADS
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def dense_seconds() -> dict[str, float]:
+    """size -> best fwd+bwd seconds of that size's dense reference, filled as dense cases run."""
+    return {}

@@ -1,0 +1,72 @@
+"""Forward+backward speed of MoE layers: variant x backend x size, against the dense reference.
+
+Normal test runs (`--benchmark-disable`) run each case once as a smoke test. The benchmark run
+(`--benchmark-enable --benchmark-only --benchmark-json FILE`) times them and
+`python -m moe_bench.benchgate FILE` gates on ratios within that one run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_bench.isocompute import ffn_flops_per_token
+from moe_bench.metrics import load_entropy
+
+from .cases import (
+    CASES,
+    NUM_TOKENS,
+    Case,
+    build_layer,
+    make_inputs,
+    step_peak_bytes,
+    training_step,
+)
+
+# the gated ratios' own cases get more rounds; slow baselines (seconds per step) fewer
+ROUNDS = {"dense": 5, "grouped": 5}
+OTHER_ROUNDS, WARMUP_ROUNDS = 3, 1
+# forward+backward costs about three forwards (two GEMMs in backward per GEMM in forward)
+FWD_BWD_FLOPS_PER_FWD = 3
+
+
+@pytest.mark.parametrize(
+    ("size", "variant", "backend"),
+    [(c.size, c.variant, c.backend) for c in CASES],
+    ids=[c.id for c in CASES],
+)
+def test_fwd_bwd(
+    benchmark,
+    bench_threads: int,
+    dense_seconds: dict[str, float],
+    size: str,
+    variant: str,
+    backend: str,
+) -> None:
+    case = Case(size, variant, backend)
+    layer = build_layer(case)
+    x_TD, grad_TD = make_inputs()
+    benchmark.group = size
+    out = benchmark.pedantic(
+        training_step(layer, x_TD, grad_TD),
+        rounds=ROUNDS.get(backend, OTHER_ROUNDS),
+        warmup_rounds=WARMUP_ROUNDS,
+    )
+    assert out.y.shape == x_TD.shape and torch.isfinite(out.y).all()
+    info = {
+        "size": size,
+        "variant": variant,
+        "backend": backend,
+        "num_threads": bench_threads,
+        "active_flops": FWD_BWD_FLOPS_PER_FWD * NUM_TOKENS * ffn_flops_per_token(layer.cfg),
+        "load_entropy": load_entropy(out.routing.load),
+        "peak_memory_bytes": step_peak_bytes(layer, x_TD, grad_TD),
+    }
+    if benchmark.stats is not None:
+        seconds = benchmark.stats.stats.min
+        if variant == "dense":
+            dense_seconds[size] = seconds
+        info["tokens_per_s"] = NUM_TOKENS / seconds
+        if size in dense_seconds:
+            info["ratio_to_dense"] = seconds / dense_seconds[size]
+    benchmark.extra_info.update(info)

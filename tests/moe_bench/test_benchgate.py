@@ -1,0 +1,152 @@
+"""The benchmark gate on synthetic pytest-benchmark JSON: ratios within one run decide.
+
+The key check: a planted 2x slowdown of `grouped` (its times doubled in the JSON, the code
+untouched) must fail the gate, while the same run without it passes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_bench import benchgate
+from moe_bench.benchgate import RULES, Rule, failures, load_run, main, ratio
+from tests.benchmarks.cases import CASES
+
+# A healthy run, in seconds (min of rounds) and peak bytes: every rule holds with a margin.
+HEALTHY_S = {
+    ("fine", "dense", "dense"): 0.100,
+    ("fine", "deepseek_moe", "grouped"): 0.130,
+    ("fine", "deepseek_moe", "loop"): 0.250,
+    ("fine", "deepseek_moe", "hf_style"): 2.000,
+    ("coarse", "dense", "dense"): 0.200,
+    ("coarse", "mixtral", "grouped"): 0.220,
+}
+HEALTHY_BYTES = {
+    ("fine", "dense", "dense"): 100e6,
+    ("fine", "deepseek_moe", "grouped"): 120e6,
+    ("coarse", "dense", "dense"): 150e6,
+    ("coarse", "mixtral", "grouped"): 170e6,
+}
+
+
+def fake_bench_json(seconds: dict, peak_bytes: dict, noise: float = 1.0) -> dict:
+    """The fields of a `--benchmark-json` file the gate reads (median = min * noise)."""
+    benchmarks = []
+    for (size, variant, backend), s in seconds.items():
+        extra = {}
+        if (size, variant, backend) in peak_bytes:
+            extra["peak_memory_bytes"] = peak_bytes[(size, variant, backend)]
+        benchmarks.append(
+            {
+                "group": size,
+                "name": f"test_fwd_bwd[{size}-{variant}-{backend}]",
+                "params": {"size": size, "variant": variant, "backend": backend},
+                "stats": {"min": s, "median": s * noise, "mean": s * noise},
+                "extra_info": extra,
+            }
+        )
+    machine = {"node": "ci", "cpu": {"brand_raw": "Fake CPU", "count": 2}}
+    return {"machine_info": machine, "benchmarks": benchmarks}
+
+
+def write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def slowed(seconds: dict, backend: str, factor: float) -> dict:
+    return {k: v * factor if k[2] == backend else v for k, v in seconds.items()}
+
+
+def test_healthy_run_passes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path, "run.json", fake_bench_json(HEALTHY_S, HEALTHY_BYTES))
+    assert failures(load_run(path)) == []
+    assert main([str(path), "--baseline", str(tmp_path / "none.json")]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.count(" ok") == len(RULES)
+
+
+def test_planted_2x_slowdown_of_grouped_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = write(tmp_path, "base.json", fake_bench_json(HEALTHY_S, HEALTHY_BYTES))
+    run = write(
+        tmp_path, "run.json", fake_bench_json(slowed(HEALTHY_S, "grouped", 2.0), HEALTHY_BYTES)
+    )
+    assert main([str(run), "--baseline", str(base)]) == 1
+    failed = failures(load_run(run))
+    # both grouped-vs-dense time rules catch it, memory rules do not move
+    assert any(f.startswith("fine time: deepseek_moe/grouped vs dense/dense") for f in failed)
+    assert any(f.startswith("coarse time: mixtral/grouped vs dense/dense") for f in failed)
+    assert not any(" memory: " in f for f in failed)
+    out = capsys.readouterr()
+    assert "+100%" in out.out  # the comparison with the baseline shows the doubling
+    assert "FAIL" in out.err
+
+
+def test_equal_slowdown_of_everything_passes(tmp_path: Path) -> None:
+    """A slower machine slows every case alike; ratios, hence the gate, do not move."""
+    everything = {k: v * 3.0 for k, v in HEALTHY_S.items()}
+    path = write(tmp_path, "run.json", fake_bench_json(everything, HEALTHY_BYTES))
+    assert failures(load_run(path)) == []
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+@pytest.mark.parametrize(("side", "should_hold"), [(0.99, True), (1.01, False)])
+def test_each_rule_flips_at_its_limit(
+    tmp_path: Path, rule: Rule, side: float, should_hold: bool
+) -> None:
+    """Set the rule's numerator to just inside / just outside its limit; only that rule moves."""
+    seconds, peaks = dict(HEALTHY_S), dict(HEALTHY_BYTES)
+    table = seconds if rule.metric == "time" else peaks
+    num_key, den_key = (rule.size, *rule.numerator), (rule.size, *rule.denominator)
+    inside = side if rule.op == "<=" else 2 - side  # ">=": 1.01 is inside, 0.99 outside
+    table[num_key] = table[den_key] * rule.limit * inside
+    run = load_run(write(tmp_path, "run.json", fake_bench_json(seconds, peaks)))
+    assert ratio(run, rule) == pytest.approx(rule.limit * inside)
+    assert rule.holds(ratio(run, rule)) is should_hold
+    assert (failures(run) == []) is should_hold
+
+
+def test_missing_case_fails(tmp_path: Path) -> None:
+    seconds = {k: v for k, v in HEALTHY_S.items() if k[2] != "hf_style"}
+    run = load_run(write(tmp_path, "run.json", fake_bench_json(seconds, HEALTHY_BYTES)))
+    assert failures(run) == [
+        "fine time: deepseek_moe/hf_style vs deepseek_moe/grouped: case missing from the run"
+    ]
+
+
+def test_stat_choice_reads_that_statistic(tmp_path: Path) -> None:
+    """Medians inflated 2x only for grouped: min passes, median fails."""
+    data = fake_bench_json(HEALTHY_S, HEALTHY_BYTES)
+    for bench in data["benchmarks"]:
+        if bench["params"]["backend"] == "grouped":
+            bench["stats"]["median"] *= 2
+    path = write(tmp_path, "run.json", data)
+    assert failures(load_run(path, "min")) == []
+    assert failures(load_run(path, "median")) != []
+
+
+def test_foreign_benchmarks_are_ignored(tmp_path: Path) -> None:
+    data = fake_bench_json(HEALTHY_S, HEALTHY_BYTES)
+    data["benchmarks"].append({"params": None, "stats": {"min": 9.0}, "extra_info": {}})
+    assert failures(load_run(write(tmp_path, "run.json", data))) == []
+
+
+def test_every_rule_names_cases_the_suite_runs() -> None:
+    suite = {(c.size, c.variant, c.backend) for c in CASES}
+    for rule in RULES:
+        assert (rule.size, *rule.numerator) in suite, rule.name
+        assert (rule.size, *rule.denominator) in suite, rule.name
+
+
+def test_committed_baseline_passes_the_gate() -> None:
+    """The reference figures the README points at satisfy the gate they are shown beside."""
+    baseline = Path(__file__).parents[2] / benchgate.DEFAULT_BASELINE
+    if not baseline.is_file():
+        pytest.skip(f"{benchgate.DEFAULT_BASELINE} not recorded yet (reports/benchmarks/README.md)")
+    assert failures(load_run(baseline)) == []
