@@ -116,12 +116,10 @@ class BalanceConfig(TaskConfig):
     name: str = "balance"
     batches: int = 4  # forwards of model.tokens tokens per input kind
     skew: float = 4.0  # adversarial inputs: skew * (a unit vector toward expert 0) + N(0, 1)
-    max_bytes: int = 65536  # text read per domain of the embedded corpus
 
     def __post_init__(self) -> None:
         check_int(self, "batches", 1)
         check_number(self, "skew", minimum=0)
-        check_int(self, "max_bytes", 1)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +52,12 @@ MLP_TYPES = {"gelu": "mlp", "swiglu": "glu"}
 class MegablocksDMoEConfig(MoEConfig):
     """The common fields (sizes, activation, shared experts, uniform routing) plus megablocks'."""
 
+    dropless: ClassVar[str | None] = "megablocks' dMoE is dropless"
     balance_coef: float = 0.01  # megablocks' moe_loss_weight (its own default is 0.1)
     normalize_expert_weights: float | None = None  # megablocks' moe_normalize_expert_weights
 
     def validate(self) -> None:
         super().validate()
-        if self.capacity_factor is not None:
-            raise ValueError(
-                f"capacity_factor={self.capacity_factor} must be None for megablocks_dmoe "
-                "(dMoE is dropless)"
-            )
         check_number(self, "balance_coef", minimum=0)
         if self.normalize_expert_weights is not None:
             check_number(self, "normalize_expert_weights", positive=True)

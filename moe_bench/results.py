@@ -88,11 +88,16 @@ class Recorder:
 
 
 def completed(out_dir: str | Path) -> bool:
-    """True when out_dir/results.jsonl holds ok rows (the job need not run again)."""
+    """True when out_dir/results.jsonl ends a finished job: its `job` row has status ok.
+
+    Rows flushed while a job runs carry status ok too; a job killed before `finish` has no
+    `job` row and runs again.
+    """
     path = Path(out_dir) / RESULTS
     if not path.is_file():
         return False
-    return any(json.loads(line).get("status") == "ok" for line in path.read_text().splitlines())
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return any(r.get("metric") == "job" and r.get("status") == "ok" for r in rows)
 
 
 def _git_commit() -> str | None:
@@ -132,7 +137,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join(sys.orig_argv),
     }
 
 
@@ -161,6 +166,12 @@ def load(sweep_dir: str | Path) -> pd.DataFrame:
         job_dir = str(path.parent.relative_to(root))
         rows.extend({**json.loads(line), "job_dir": job_dir} for line in path.open())
     frame = pd.DataFrame(rows)
+    if "layer" in frame.columns:  # SPEC: an integer, or "mean"; pandas would make it float
+        frame["layer"] = (
+            frame["layer"]
+            .map(lambda v: v if isinstance(v, str) or pd.isna(v) else int(v))
+            .astype(object)
+        )
     first = [c for c in (*CORE_COLUMNS, "job_dir") if c in frame.columns]
     return frame[first + [c for c in frame.columns if c not in first]]
 

@@ -73,6 +73,8 @@ class MoEConfig:
     # megablocks' dropless kernels need every token to keep exactly top_k experts; a variant
     # whose routing cannot promise that says why here.
     uneven_top_k: ClassVar[str | None] = None
+    # why a variant must stay dropless (capacity_factor None), where it must
+    dropless: ClassVar[str | None] = None
 
     d_model: int = 512
     num_experts: int = 8
@@ -98,6 +100,10 @@ class MoEConfig:
         check_choice(self, "activation", ACTIVATIONS)
         if self.capacity_factor is not None:
             check_number(self, "capacity_factor", positive=True)
+            if self.dropless is not None:
+                raise ValueError(
+                    f"capacity_factor={self.capacity_factor} must be None ({self.dropless})"
+                )
         check_choice(self, "backend", BACKENDS)
         if not isinstance(self.force_uniform_routing, bool):
             raise ValueError(

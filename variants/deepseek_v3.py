@@ -28,6 +28,7 @@ S sequence length, A assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -46,6 +47,7 @@ from .routing import (
 
 @dataclass
 class DeepSeekV3Config(MoEConfig):
+    dropless: ClassVar[str | None] = "deepseek_v3 balances with its bias, not with drops"
     num_experts: int = 256
     top_k: int = 8
     expert_hidden: int = 128
@@ -58,11 +60,6 @@ class DeepSeekV3Config(MoEConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.capacity_factor is not None:
-            raise ValueError(
-                f"capacity_factor={self.capacity_factor} must be None for deepseek_v3 "
-                "(dropless: balance comes from the bias, not from drops)"
-            )
         check_int(self, "num_groups", 1)
         check_divides(self, "num_groups", "num_experts")
         check_int(self, "topk_groups", 1)
@@ -88,6 +85,14 @@ class DeepSeekV3Router(Router):
         self.register_buffer(
             "load_count", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False
         )
+
+    def _apply(self, fn, recurse=True):
+        """Keep `expert_bias` in float32 whatever dtype the layer is cast to: in bf16 an update
+        of 1e-3 rounds to nothing once |b| nears 0.5, and balancing would silently stop."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        self._buffers["expert_bias"] = bias.to(device=self.expert_bias.device)
+        return self
 
     def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits_TE)

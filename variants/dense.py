@@ -23,13 +23,10 @@ from .routing import make_routing
 class DenseConfig(MoEConfig):
     d_ff: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.d_ff is None and isinstance(self.expert_hidden, int):
-            self.d_ff = self.expert_hidden * (self.top_k + self.num_shared_experts)
-        super().__post_init__()
-
     def validate(self) -> None:
         super().validate()
+        if self.d_ff is None:
+            self.d_ff = self.expert_hidden * (self.top_k + self.num_shared_experts)
         check_int(self, "d_ff", 1)
 
 

@@ -31,6 +31,8 @@ def flatten_tokens(x: torch.Tensor, d_model: int) -> tuple[torch.Tensor, int]:
     if x.dim() == 0 or x.shape[-1] != d_model:
         got = tuple(x.shape)
         raise ValueError(f"input shape {got}: last dim must equal d_model={d_model}")
+    if x.numel() == 0:
+        raise ValueError(f"input shape {tuple(x.shape)} holds 0 tokens; need at least 1")
     if not x.is_floating_point():
         raise ValueError(f"input dtype={x.dtype} must be a floating point dtype")
     num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1

@@ -18,6 +18,7 @@ Shape legend: T tokens, E experts, K = top_k experts per token, A assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +29,13 @@ from .routing import Router, Routing, f_dot_p, flatten_topk, make_routing
 
 @dataclass
 class MixtralConfig(MoEConfig):
+    dropless: ClassVar[str | None] = "mixtral is dropless: every selected expert computes"
     num_experts: int = 8
     top_k: int = 2
     balance_coef: float = 0.01
 
     def validate(self) -> None:
         super().validate()
-        if self.capacity_factor is not None:
-            raise ValueError(
-                f"capacity_factor={self.capacity_factor} must be None for mixtral "
-                "(dropless: every selected expert is computed)"
-            )
         check_number(self, "balance_coef", minimum=0)
 
 

@@ -27,6 +27,7 @@ Shape legend: T tokens, D model width, E experts, K experts per token, A assignm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from .routing import Router, Routing, flatten_topk, make_routing
 
 @dataclass
 class NoisyTopKConfig(MoEConfig):
+    dropless: ClassVar[str | None] = "noisy_topk balances with its importance and load losses"
     num_experts: int = 32
     top_k: int = 4
     importance_coef: float = 0.1
@@ -49,11 +51,6 @@ class NoisyTopKConfig(MoEConfig):
             raise ValueError(
                 f"top_k={self.top_k} must be < num_experts={self.num_experts} for noisy_topk "
                 "(the load estimator compares each expert with the (k+1)-th gate value)"
-            )
-        if self.capacity_factor is not None:
-            raise ValueError(
-                f"capacity_factor={self.capacity_factor} must be None for noisy_topk "
-                "(dropless: the paper balances with its importance and load losses)"
             )
         check_number(self, "importance_coef", minimum=0)
         check_number(self, "load_coef", minimum=0)

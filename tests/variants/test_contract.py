@@ -147,3 +147,15 @@ def test_router_stays_float32_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(6, 16))
     assert out.routing.logits.dtype == out.routing.scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16), (0, 3, 16)])
+def test_empty_input_is_a_value_error(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"holds 0 tokens"):
+        small("deepseek_v3").train()(torch.randn(shape))
+
+
+@pytest.mark.parametrize("fields", [{"top_k": "2"}, {"top_k": None}, {"num_shared_experts": None}])
+def test_dense_bad_sizes_are_value_errors(fields: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        variants.build("dense", **fields)

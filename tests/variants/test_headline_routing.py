@@ -300,3 +300,17 @@ def test_dense_is_one_ffn_of_width_d_ff() -> None:
     assert bank.w1.shape == (1, 8, 24)
     default = variants.build("dense", d_model=8, expert_hidden=16, top_k=2, num_shared_experts=1)
     assert default.experts.w1.shape == (1, 8, 48)  # same active width as that MoE
+
+
+def test_deepseek_v3_bias_stays_float32_when_the_layer_is_cast_to_bf16() -> None:
+    logits = torch.tensor([[2.0, 0, 0, 0], [2.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 0, 2.0, 0]])
+    layer, x = with_logits("deepseek_v3", logits, top_k=1, bias_update_rate=1e-3, **V3)
+    layer = layer.to(torch.bfloat16).train()
+    assert layer.router.expert_bias.dtype == torch.float32
+    assert layer.experts.w1.dtype == torch.bfloat16
+    for _ in range(1000):
+        layer.router.load_count += torch.tensor([3, 0, 1, 0])
+        layer.update_bias()
+    # 1000 steps of +-1e-3 in bf16 would stall near 0.5; in fp32 they reach 1.0
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-1.0, 1.0, 0.0, 1.0]))
+    layer(x.to(torch.bfloat16))  # routing still runs with the fp32 bias
