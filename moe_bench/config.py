@@ -137,9 +137,10 @@ class ConvergenceConfig(TaskConfig):
     moe_every: int = 1
     grad_clip: float = 1.0
     weight_decay: float = 0.1
+    log_every: int = 1  # training rows: the mean over this many steps
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
             check_int(self, name, 1)
         for name in ("n_layers", "n_heads", "moe_every"):
             check_int(self, name, 1)

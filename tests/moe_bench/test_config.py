@@ -59,16 +59,17 @@ def test_every_preset_composes_into_a_multirun(compose_cfg, preset: str) -> None
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = cfg.hydra.sweeper.params
-    for name in params.variant.split(","):
+    for name in params.get("variant", cfg.variant.name).split(","):
         assert name in variants.names()
-    for task in params.task.split(","):
+    for task in params.get("task", cfg.task.name).split(","):
         assert task in YAML_TASKS
     resolve(cfg)  # the preset's own sizes are valid for its default variant
 
 
 def test_quick_preset_is_the_headline_comparison_at_cpu_sizes(compose_cfg) -> None:
     cfg = compose_cfg("+experiment=quick", hydra=True)
-    assert cfg.hydra.sweeper.params.variant == "switch,gshard,deepseek_moe,deepseek_v3"
+    assert cfg.hydra.sweeper.params.variant == "dense,switch,gshard,deepseek_moe,deepseek_v3"
+    assert cfg.hydra.sweeper.params.task == "throughput,memory,balance,convergence"
     assert cfg.model.d_model == 128
 
 

@@ -1,0 +1,310 @@
+"""convergence: train a tiny byte-level LM whose FFNs are the variant under test.
+
+Shape legend: B sequences, S sequence length, V byte vocabulary, E routed experts, A kept
+assignments, N validation windows, M corpus domains (prose, code).
+
+Model: `moe_bench.lm.TinyLM` of width `model.d_model` with `task.n_layers` blocks; every
+`task.moe_every`-th FFN is the variant, sized by iso-compute from the `model` group (so the
+dense variant is the baseline at equal active FLOPs per token), the others dense of that width.
+Data: `moe_bench.data` (the embedded CPython docs and stdlib sources, or data.path).
+
+Training follows the DeepSeek-V3 recipe at toy scale (DeepSeek-AI 2024, arXiv:2412.19437,
+Sec. 4.2): AdamW with betas (0.9, 0.95) and weight decay on matrices only (GPT-2/nanoGPT:
+norm gains are not decayed), linear warm-up over `task.warmup_steps`, then cosine decay to
+MIN_LR_RATIO of `task.lr` (Hoffmann et al. 2022 decay to 10%), gradient-norm clipping, objective
+= LM loss + the layers' aux losses, and `update_bias()` after every optimizer step (loss-free
+balancing, Wang et al. 2024, arXiv:2408.15664, Alg. 1). Weights stay float32; a run `dtype`
+of bfloat16 trains under `torch.autocast` with that dtype (the GPU preset uses it). float16
+would need loss scaling and is refused. Seeds: `seed` sets the initialisation and the global
+RNG (random second choices, router noise), and a generator of its own draws the batches.
+
+Rows (SPEC section 5), `step` = optimizer steps taken:
+- training, every step (the mean over the last `log_every` steps when that is larger):
+  `train_loss` (LM cross-entropy, nats/byte), `aux_loss` (weighted, summed over layers; column
+  `loss` = the loss's name, e.g. balance or z, or `total` for their sum), `tokens_per_s`
+  (unit tok/s, pass fwd_bwd: forward, backward, optimizer step and bias update), and per MoE
+  layer (column `layer`, plus `layer="mean"`): `load_entropy`, `max_vio_batch`, `drop_fraction`.
+- evaluation, at step 0, every `eval_every` steps and at the end, over the fixed validation set
+  (`eval_batches` batches of `batch_size` windows): `val_loss` (nats/byte; column
+  `unigram_entropy`, the loss of the best context-free byte model, for reference), `val_ppl`
+  (per byte), `max_vio_global` per layer and mean (loads summed over the whole set), and
+  `expert_load`: per layer, expert and domain, the expert's share of that domain's kept
+  assignments (unit `share`, sums to 1 over experts), the expert-specialisation matrix.
+Every row carries `model_params_total` and `model_params_active` (the whole LM; routed experts
+count top_k/E of their weights), beside the runner's per-layer `params_total`/`params_active`.
+
+A non-finite loss stops the job: that step's rows are logged, then FloatingPointError names the
+step and gives every layer's routing statistics; the runner records the job as failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from moe_bench import data, peers
+from moe_bench.config import ConvergenceConfig, Resolved, resolve
+from moe_bench.isocompute import count_params
+from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
+from moe_bench.metrics import drop_fraction, load_entropy, max_vio
+from moe_bench.results import Recorder
+from moe_bench.timing import synchronize
+
+BETAS = (0.9, 0.95)  # DeepSeek-V3 Sec. 4.2, as GPT-3
+MIN_LR_RATIO = 0.1  # cosine decays to 10% of the peak learning rate
+Log = Callable[..., None]
+
+
+def build_model(run: Resolved) -> TinyLM:
+    """The seeded LM of the run: its variant in the MoE blocks, float32 weights on the device."""
+    task: ConvergenceConfig = run.task
+    if run.variant in peers.PEERS:
+        raise ValueError(
+            f"variant={run.variant!r} is a peer system measured by throughput and memory; "
+            f"task=convergence trains the registered variants only"
+        )
+    try:
+        cfg = LMConfig(
+            d_model=run.model.d_model,
+            n_layers=task.n_layers,
+            n_heads=task.n_heads,
+            seq_len=task.seq_len,
+            moe_every=task.moe_every,
+        )
+    except ValueError as e:
+        raise ValueError(f"convergence model (model.d_model and task.*): {e}") from None
+    torch.manual_seed(run.seed)
+    return build_lm(run.variant, dataclasses.asdict(run.layer), cfg).to(run.device)
+
+
+def model_params(lm: TinyLM) -> tuple[int, int]:
+    """(total, active per token) parameters of the whole LM."""
+    total = sum(p.numel() for p in lm.parameters())
+    inactive = 0
+    for block in lm.blocks:
+        ffn_total, ffn_active = count_params(block.ffn)
+        inactive += ffn_total - ffn_active
+    return total, total - inactive
+
+
+def make_optimizer(lm: TinyLM, task: ConvergenceConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and expert banks (dim >= 2), not on norm gains."""
+    params = [p for p in lm.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": task.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=task.lr, betas=BETAS)
+
+
+def lr_factor(step: int, warmup_steps: int, steps: int) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): warm-up, then cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(run: Resolved) -> Callable[[], AbstractContextManager]:
+    """A fresh autocast context per use: none for float32, bfloat16 autocast for bfloat16."""
+    if run.dtype == torch.float32:
+        return nullcontext
+    if run.dtype != torch.bfloat16:
+        raise ValueError(
+            f"dtype={str(run.dtype).removeprefix('torch.')!r} is not supported by "
+            "task=convergence: use float32, or bfloat16 (autocast; float16 needs loss scaling)"
+        )
+    return lambda: torch.autocast(run.device.type, dtype=torch.bfloat16)
+
+
+def layer_stats(layers: list[LayerOutput]) -> dict[int | str, dict[str, float]]:
+    """Per MoE layer (and "mean" over them): the per-batch routing statistics logged each step."""
+    per_layer = {}
+    for rec in layers:
+        load_E, demand_E = rec.routing.load.cpu(), rec.routing.demand.cpu()
+        per_layer[rec.layer] = {
+            "load_entropy": load_entropy(load_E),
+            "max_vio_batch": max_vio(load_E),
+            "drop_fraction": drop_fraction(demand_E, load_E),
+        }
+    names = per_layer[layers[0].layer]
+    per_layer["mean"] = {
+        name: sum(stats[name] for stats in per_layer.values()) / len(layers) for name in names
+    }
+    return per_layer
+
+
+def aux_by_name(out: LMOutput) -> dict[str, float]:
+    """Weighted aux losses summed over layers by name, and their `total`."""
+    by_name: dict[str, float] = defaultdict(float)
+    for rec in out.layers:
+        for name, value in rec.losses.items():
+            by_name[name] += float(value.detach())
+    return {**by_name, "total": float(out.aux_loss.detach())}
+
+
+@dataclass
+class TrainLog:
+    """Per-step values averaged over `log_every` steps before they become rows."""
+
+    log: Log
+    log_every: int
+    tokens_per_step: int
+
+    def __post_init__(self) -> None:
+        self.wall_s = 0.0  # training seconds so far: the x axis of loss vs wall time
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[tuple[str, str, tuple[tuple[str, Any], ...]], float] = defaultdict(float)
+        self.count, self.seconds = 0, 0.0
+
+    def add(self, out: LMOutput, seconds: float) -> dict[int | str, dict[str, float]]:
+        """Account one step; returns its per-layer statistics."""
+        self.count += 1
+        self.seconds += seconds
+        self.wall_s += seconds
+        self.sums[("train_loss", "nats", ())] += float(out.loss.detach())
+        for name, value in aux_by_name(out).items():
+            self.sums[("aux_loss", "", (("loss", name),))] += value
+        stats = layer_stats(out.layers)
+        for layer, values in stats.items():
+            for metric, value in values.items():
+                self.sums[(metric, "", (("layer", layer),))] += value
+        return stats
+
+    def emit(self, step: int, force: bool = False) -> None:
+        """Log the window's means at `step` when it is full (or `force`), then start anew."""
+        if self.count == 0 or (self.count < self.log_every and not force):
+            return
+        at = {"step": step, "wall_s": self.wall_s}
+        for (metric, unit, columns), total in self.sums.items():
+            self.log(metric, total / self.count, unit=unit, **at, **dict(columns))
+        tokens_per_s = self.count * self.tokens_per_step / self.seconds
+        self.log("tokens_per_s", tokens_per_s, unit="tok/s", **at, **{"pass": "fwd_bwd"})
+        self.reset()
+
+
+def domain_loads(layers: list[LayerOutput], domain_B: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per MoE layer, load_ME: kept assignments per (domain of the window, expert)."""
+    M = len(data.DOMAINS)
+    S = layers[0].routing.num_tokens // len(domain_B)
+    loads = {}
+    for rec in layers:
+        r, E = rec.routing, rec.routing.num_experts
+        domain_A = domain_B.to(r.token.device)[r.token // S]  # tokens are [B, S] flattened
+        loads[rec.layer] = torch.bincount(domain_A * E + r.expert, minlength=M * E).view(M, E)
+    return loads
+
+
+@torch.no_grad()
+def evaluate(
+    lm: TinyLM, val: tuple[torch.Tensor, ...], batch_size: int, ctx: Callable, device: torch.device
+) -> tuple[float, dict[int, torch.Tensor]]:
+    """(mean validation loss, per layer load_ME over the whole set), in eval mode."""
+    lm.eval()
+    loss_sum, loads = 0.0, {}
+    idx_NS, targets_NS, domain_N = val
+    for first in range(0, len(idx_NS), batch_size):
+        chunk = slice(first, first + batch_size)
+        with ctx():
+            out = lm(idx_NS[chunk].to(device), targets_NS[chunk].to(device))
+        loss_sum += float(out.loss) * len(idx_NS[chunk])  # windows of equal length
+        for layer, load_ME in domain_loads(out.layers, domain_N[chunk]).items():
+            loads[layer] = loads.get(layer, 0) + load_ME.cpu()
+    lm.train()
+    return loss_sum / len(idx_NS), loads
+
+
+def log_eval(
+    log: Log,
+    step: int,
+    wall_s: float,
+    val_loss: float,
+    loads: dict[int, torch.Tensor],
+    unigram: float,
+) -> None:
+    log("val_loss", val_loss, unit="nats", step=step, wall_s=wall_s, unigram_entropy=unigram)
+    log("val_ppl", math.exp(val_loss), step=step)
+    vio = {layer: max_vio(load_ME.sum(0)) for layer, load_ME in loads.items()}
+    for layer, value in vio.items():
+        log("max_vio_global", value, step=step, layer=layer)
+    log("max_vio_global", sum(vio.values()) / len(vio), step=step, layer="mean")
+    for layer, load_ME in loads.items():
+        for domain, load_E in zip(data.DOMAINS, load_ME.double()):
+            if load_E.sum() == 0:  # a domain the corpus does not have
+                continue
+            where = {"step": step, "layer": layer, "domain": domain}
+            for expert, share in enumerate((load_E / load_E.sum()).tolist()):
+                log("expert_load", share, unit="share", expert=expert, **where)
+
+
+def divergence(step: int, out: LMOutput, stats: dict[int | str, dict[str, float]]) -> str:
+    """The error text of a non-finite loss: the step, the losses and every layer's statistics."""
+    layers = "; ".join(
+        f"layer {layer}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        for layer, values in stats.items()
+    )
+    return (
+        f"non-finite loss at step {step}: train_loss={float(out.loss.detach()):.4g}, "
+        f"aux_loss={float(out.aux_loss.detach()):.4g}; {layers}"
+    )
+
+
+def run(cfg: DictConfig, recorder: Recorder) -> None:
+    run = resolve(cfg)
+    task: ConvergenceConfig = run.task
+    ctx = autocast(run)
+    corpus = data.load(run.data)
+    generator = torch.Generator().manual_seed(run.seed)
+    batches = corpus.batches("train", task.batch_size, task.seq_len, generator)
+    val = corpus.val_windows(task.seq_len, task.eval_batches * task.batch_size)
+    unigram = corpus.unigram_entropy("val").nats
+    lm = build_model(run).train()
+    total, active = model_params(lm)
+
+    def log(metric: str, value: float, **columns: Any) -> None:
+        recorder.log(metric, value, model_params_total=total, model_params_active=active, **columns)
+
+    optimizer = make_optimizer(lm, task)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, task.warmup_steps, task.steps)
+    )
+    train_log = TrainLog(log, task.log_every, task.batch_size * task.seq_len)
+    log_eval(log, 0, 0.0, *evaluate(lm, val, task.batch_size, ctx, run.device), unigram)
+    for step in tqdm(range(1, task.steps + 1), desc="train", leave=False, disable=None):
+        idx_BS, targets_BS, _ = (t.to(run.device) for t in next(batches))
+        synchronize(run.device)
+        start = time.perf_counter()
+        with ctx():
+            out = lm(idx_BS, targets_BS)
+        objective = out.loss + out.aux_loss
+        finite = math.isfinite(float(objective.detach()))
+        if finite:
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            torch.nn.utils.clip_grad_norm_(lm.parameters(), task.grad_clip)
+            optimizer.step()
+            schedule.step()
+            lm.update_bias()
+        synchronize(run.device)
+        stats = train_log.add(out, time.perf_counter() - start)
+        if not finite:
+            train_log.emit(step, force=True)
+            recorder.flush()
+            raise FloatingPointError(divergence(step, out, stats))
+        train_log.emit(step, force=step == task.steps)
+        if step % task.eval_every == 0 or step == task.steps:
+            val_loss, loads = evaluate(lm, val, task.batch_size, ctx, run.device)
+            log_eval(log, step, train_log.wall_s, val_loss, loads, unigram)
+            recorder.flush()

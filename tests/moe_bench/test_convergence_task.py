@@ -1,0 +1,104 @@
+"""task=convergence: the rows it writes, divergence as a failed job, reproducibility, data errors.
+
+Tiny LMs on the embedded corpus (a couple of seconds each on one thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_bench import __main__ as app
+from moe_bench import results
+from moe_bench.tasks import convergence
+
+from .conftest import FAST
+
+TINY = [
+    *FAST,
+    "task=convergence",
+    "task.n_layers=2",
+    "task.seq_len=32",
+    "task.batch_size=8",
+    "task.warmup_steps=5",
+    "task.lr=3e-3",
+]
+
+
+def run_job(compose_cfg, tmp_path: Path, *overrides: str) -> tuple[str, list[dict]]:
+    status = app.execute(compose_cfg(*TINY, *overrides), tmp_path, "test")
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    return status, rows
+
+
+@pytest.mark.parametrize("variant", ["dense", "switch", "deepseek_v3"])
+def test_writes_step_layer_eval_and_domain_rows(compose_cfg, tmp_path: Path, variant: str) -> None:
+    status, rows = run_job(
+        compose_cfg, tmp_path, f"variant={variant}", "task.steps=30", "task.eval_every=15"
+    )
+    assert status == "ok"
+    metrics = {r["metric"] for r in rows}
+    assert {"train_loss", "aux_loss", "tokens_per_s", "load_entropy", "max_vio_batch"} <= metrics
+    assert {"drop_fraction", "val_loss", "val_ppl", "max_vio_global", "expert_load"} <= metrics
+    train = [r for r in rows if r["metric"] == "train_loss"]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert all(r["wall_s"] > 0 for r in train)
+    val = [r["value"] for r in rows if r["metric"] == "val_loss"]
+    assert [r["step"] for r in rows if r["metric"] == "val_loss"] == [0, 15, 30]
+    assert val[-1] < val[0] - 0.5  # it learns
+    layers = {r["layer"] for r in rows if r["metric"] == "max_vio_global"}
+    assert layers == {0, 1, "mean"}
+    shares = [r for r in rows if r["metric"] == "expert_load" and r["step"] == 30]
+    assert {r["domain"] for r in shares} == {"prose", "code"}
+    for layer in (0, 1):
+        for domain in ("prose", "code"):
+            total = sum(r["value"] for r in shares if (r["layer"], r["domain"]) == (layer, domain))
+            assert total == pytest.approx(1.0)
+    assert all(r["value"] > 0 for r in rows if r["metric"] == "tokens_per_s")
+    assert results.completed(tmp_path)
+
+
+def test_same_seed_same_losses_over_20_steps(compose_cfg, tmp_path: Path) -> None:
+    losses = []
+    for run in ("a", "b"):
+        _, rows = run_job(
+            compose_cfg, tmp_path / run, "variant=gshard", "task.steps=20", "task.eval_every=20"
+        )
+        losses.append([r["value"] for r in rows if r["metric"] in ("train_loss", "aux_loss")])
+    assert len(losses[0]) >= 40
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_non_finite_loss_fails_the_job_naming_the_step(compose_cfg, tmp_path: Path) -> None:
+    status, rows = run_job(
+        compose_cfg,
+        tmp_path,
+        "variant=switch",
+        "task.steps=20",
+        "task.lr=1e30",
+        "task.warmup_steps=0",
+        "task.grad_clip=1e30",
+    )
+    assert status == "failed"
+    job = rows[-1]
+    assert job["status"] == "failed"
+    assert "non-finite loss at step" in job["error"] and "layer 0:" in job["error"]
+    assert not results.completed(tmp_path)
+
+
+def test_missing_user_data_is_a_clear_error(compose_cfg, tmp_path: Path) -> None:
+    status, rows = run_job(
+        compose_cfg, tmp_path, "variant=switch", "data.source=path", "data.path=/no/such/dir"
+    )
+    assert status == "failed"
+    assert "data.path='/no/such/dir'" in rows[-1]["error"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
+    f = [convergence.lr_factor(s, warmup_steps=10, steps=110) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
+    assert f[-1] == pytest.approx(convergence.MIN_LR_RATIO, abs=1e-3)
