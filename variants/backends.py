@@ -81,7 +81,10 @@ def grouped(
 
 
 def _aligned(dtype: torch.dtype, bank: ExpertBank) -> bool:
-    """grouped_mm needs 16-byte aligned rows of x, h and the weights."""
+    """grouped_mm takes bfloat16 (its documented input dtype on CUDA, SM >= 80) with 16-byte
+    aligned rows of x, h and the weights; other dtypes take the per-expert path."""
+    if dtype != torch.bfloat16:
+        return False
     per_16_bytes = 16 // dtype.itemsize
     return bank.d_model % per_16_bytes == 0 and bank.hidden % per_16_bytes == 0
 

@@ -48,14 +48,17 @@ def build_layer(run: Resolved) -> nn.Module:
     torch.manual_seed(run.seed)
     if run.variant in peers.PEERS:  # a reference system, built on its own terms
         return peers.lookup(run.variant).make(run.layer, run.device, run.dtype)
-    layer = variants.lookup(run.variant).make(run.layer)
+    with torch.device(run.device):  # initialised where it runs: GPU-sized layers init in ms
+        layer = variants.lookup(run.variant).make(run.layer)
     return layer.to(device=run.device, dtype=run.dtype)
 
 
 def build_dense(run: Resolved) -> nn.Module:
     """The dense FFN with the active expert FLOPs of the run's layer (the ratio_to_dense base)."""
     torch.manual_seed(run.seed)
-    return variants.build("dense", **dense_reference(run.layer)).to(run.device, run.dtype)
+    with torch.device(run.device):
+        dense = variants.build("dense", **dense_reference(run.layer))
+    return dense.to(run.device, run.dtype)
 
 
 def random_input(run: Resolved) -> torch.Tensor:
