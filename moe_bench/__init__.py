@@ -4,5 +4,42 @@
     python -m moe_bench -m variant=switch,gshard,deepseek_moe,deepseek_v3 task=throughput,memory
     python -m moe_bench +experiment=quick
 
-See SPEC sections 4-6 and docs/architecture.md.
+From Python (a script or a notebook), without the command line:
+
+    import moe_bench
+    cfg = moe_bench.compose("variant=switch", "task=throughput", "model=tiny")
+    job = moe_bench.config.resolve(cfg)          # the typed, immutable job record
+    moe_bench.run_job(job, "out/switch")         # rows in out/switch/results.jsonl
+
+See docs/contract.md (the contract) and docs/architecture.md (the house).
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from moe_bench.config import Job
+
+SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The config `python -m moe_bench OVERRIDES` would run (Hydra's compose API over sweeps/)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from moe_bench import config  # noqa: F401  (importing it registers the schemas)
+
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_job(job: Job, out_dir: str | Path) -> str:
+    """Run one resolved job into `out_dir` as the runner would; returns its status."""
+    from moe_bench.runner import run_resolved
+
+    return run_resolved(job, Path(out_dir))

@@ -1,4 +1,5 @@
-"""Structured configs for every group of `sweeps/`, and the checks run before any work.
+"""Structured configs for every group of `sweeps/`, the checks run before any work, and the
+job record a task receives.
 
 Hydra composes `sweeps/config.yaml` against these dataclasses in struct mode, so an override of
 a key that does not exist, or a value of the wrong type, fails before a job starts, naming the
@@ -13,6 +14,11 @@ Groups:
   activates the same expert FLOPs per token. `granularity` (or a fixed `top_k`) says how.
 - `task/<name>.yaml`: one schema per task.
 - `model/<size>.yaml`: widths and token counts; `device/<kind>.yaml`; `data` (convergence).
+
+`resolve(cfg)` turns a composed config into a `Job`, once, in the runner; tasks receive the Job
+(`run(job, recorder)`) and never see the DictConfig, so they can be called from Python without
+Hydra. Importing this module registers the schemas, so `moe_bench.compose(...)` (or Hydra's
+compose API over `sweeps/`) works from scripts and notebooks.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-import variants
-from moe_bench import peers
+from moe_bench import components
+from moe_bench.components import Component
 from moe_bench.data import DataConfig
-from moe_bench.isocompute import iso_fields
+from moe_bench.isocompute import ffn_flops_per_token, iso_fields
+from variants import MoEConfig
 from variants.config import check_choice, check_int, check_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +50,7 @@ RUN_FIELDS = ("d_model", "backend")
 
 @dataclass
 class ModelConfig:
-    """Sizes, as multiples of a dense FFN (the iso-compute reference; SPEC section 3)."""
+    """Sizes, as multiples of a dense FFN (the iso-compute reference; docs/contract.md §3)."""
 
     d_model: int = 128
     d_ff: int = 256  # width of the dense FFN one coarse expert replaces
@@ -170,11 +177,6 @@ class RunConfig:
     backend: str = "loop"
 
 
-def config_class(name: str) -> type[variants.MoEConfig]:
-    """The config dataclass of a registered variant, or of a peer system (moe_bench.peers)."""
-    return peers.lookup(name).config if name in peers.PEERS else variants.lookup(name).config
-
-
 def variant_schema(name: str) -> type:
     """The variant node's dataclass: `name`, `granularity`, and the variant's config fields.
 
@@ -182,7 +184,7 @@ def variant_schema(name: str) -> type:
     size fields become optional (null = derived by iso-compute) and run-level fields are left
     to the top-level config.
     """
-    config_cls = config_class(name)
+    config_cls = components.lookup(name).config
     hints = typing.get_type_hints(config_cls)
     fields: list[tuple[str, Any, Any]] = [
         ("name", str, field(default=name)),
@@ -205,25 +207,65 @@ def register() -> None:
     """
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for name in [*variants.names(), *peers.PEERS]:
+    for name in components.names():
         cs.store(group="schema/variant", name=name, node=variant_schema(name))
     for name, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=name, node=schema)
 
 
-@dataclass
-class Resolved:
-    """A job's config as validated objects."""
+GROUPS = ("variant", "task", "model", "device", "data")
 
-    variant: str
-    layer: variants.MoEConfig
+
+@dataclass(frozen=True)
+class Job:
+    """One job's config, resolved once by the runner and handed to its task.
+
+    `columns` are the base columns of every row the job writes (names, every config value as
+    a dotted key, the resolved layer sizes, parameter counts and FLOPs per token).
+    """
+
+    component: Component
+    layer: MoEConfig
     task: TaskConfig
     model: ModelConfig
     device: torch.device
     threads: int | None
     dtype: torch.dtype
     seed: int
+    backend: str
     data: DataConfig
+    columns: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def variant(self) -> str:
+        return self.component.name
+
+
+def flatten(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Nested config values as dotted columns; lists become comma-joined strings."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+def config_columns(cfg: DictConfig) -> dict[str, Any]:
+    """Base columns known without resolving: names and every given config value."""
+    columns = {
+        "variant": cfg.variant.name,
+        "task": cfg.task.name,
+        "backend": cfg.backend,
+        "device": cfg.device.name,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+    }
+    for group in GROUPS:
+        columns.update(flatten(OmegaConf.to_container(cfg[group], resolve=True), group))
+    return columns
 
 
 def to_object(cfg: DictConfig, key: str) -> Any:
@@ -253,7 +295,7 @@ def variant_fields(cfg: DictConfig, model: ModelConfig) -> dict[str, Any]:
     derived = {}
     if missing:
         derived = iso_fields(
-            name,
+            components.lookup(name).config,
             d_model=model.d_model,
             d_ff=model.d_ff,
             expansion=model.expansion,
@@ -265,8 +307,8 @@ def variant_fields(cfg: DictConfig, model: ModelConfig) -> dict[str, Any]:
     return {**derived, **given, "d_model": model.d_model, "backend": cfg.backend}
 
 
-def resolve(cfg: DictConfig) -> Resolved:
-    """Validate every group and build the objects a job needs; ValueError names the key."""
+def resolve(cfg: DictConfig) -> Job:
+    """Validate every group and build the job record; ValueError names the key."""
     model = to_object(cfg, "model")
     device = to_object(cfg, "device")
     task = to_object(cfg, "task")
@@ -274,18 +316,34 @@ def resolve(cfg: DictConfig) -> Resolved:
     check_choice(cfg, "dtype", tuple(DTYPES))
     check_int(cfg, "seed", 0)
     name = cfg.variant.name
+    component = components.lookup(name)
     try:
-        layer = config_class(name).from_fields(name, variant_fields(cfg, model))
+        layer = component.make_config(**variant_fields(cfg, model))
     except ValueError as e:
         raise ValueError(f"variant {name!r}: {e}") from None
-    return Resolved(
-        variant=name,
+    resolved_device = device.resolve()
+    total, active = component.param_counts(layer)
+    columns = {
+        **config_columns(cfg),
+        **flatten(dataclasses.asdict(layer), "variant"),
+        "device": resolved_device.type,
+        "params_total": total,
+        "params_active": active,
+        "flops_per_token": ffn_flops_per_token(layer),
+    }
+    return Job(
+        component=component,
         layer=layer,
         task=task,
         model=model,
-        device=device.resolve(),
+        device=resolved_device,
         threads=device.threads,
         dtype=DTYPES[cfg.dtype],
         seed=cfg.seed,
+        backend=cfg.backend,
         data=data,
+        columns=columns,
     )
+
+
+register()

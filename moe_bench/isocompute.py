@@ -28,7 +28,7 @@ BACKWARD_FACTOR = 2  # grad wrt inputs + grad wrt weights, each one forward's ma
 
 
 def iso_fields(
-    variant: str,
+    variant: type[MoEConfig],
     d_model: int,
     d_ff: int,
     expansion: int,
@@ -37,8 +37,9 @@ def iso_fields(
     shared: int = 0,
     top_k: int | None = None,
 ) -> dict[str, int]:
-    """Size fields of `variant` with the active expert FLOPs per token of `active` dense FFNs."""
-    if variant == "dense":  # one FFN: recorded as one expert of that width, always chosen
+    """Size fields of the `variant` config class with the active expert FLOPs per token of
+    `active` dense FFNs."""
+    if variant.kind == "dense":  # one FFN: recorded as one expert of that width, always chosen
         width = active * d_ff
         return {
             "d_model": d_model,
@@ -55,7 +56,8 @@ def iso_fields(
         origin = f"top_k={top_k} with num_shared_experts={shared} at active={active}"
     else:
         raise ValueError(
-            f"variant {variant!r} needs granularity or top_k to derive its sizes from the model"
+            "variant.granularity or variant.top_k must be set to derive the variant's sizes "
+            "from the model group"
         )
     if m <= 0:
         raise ValueError(f"{origin} gives granularity {m}, which must be > 0")
@@ -76,20 +78,12 @@ def iso_fields(
     return fields
 
 
-def experts_per_token(cfg: MoEConfig) -> float:
-    """Expert FFNs a token passes through on average: routed (top_k) plus shared.
-
-    For expert choice top_k records capacity_factor, the average experts per token.
-    """
-    return cfg.top_k + cfg.num_shared_experts
-
-
 def count_params(module: nn.Module) -> tuple[int, int]:
     """(total, active per token): routed experts count top_k/E of their parameters."""
     total = sum(p.numel() for p in module.parameters())
-    if module.router is None:  # dense: every parameter works on every token
+    cfg: MoEConfig = module.cfg
+    if cfg.kind == "dense":  # every parameter works on every token
         return total, total
-    cfg = module.cfg
     routed = sum(p.numel() for p in module.experts.parameters())
     active = total - routed + routed * cfg.top_k / cfg.num_experts
     return total, round(active)
@@ -98,15 +92,11 @@ def count_params(module: nn.Module) -> tuple[int, int]:
 def ffn_flops_per_token(cfg: MoEConfig) -> int:
     """Forward FLOPs per token of one layer: router plus every expert FFN the token uses."""
     mats = 3 if cfg.activation == "swiglu" else 2  # w1, w2 (and w3)
-    d_ff = getattr(cfg, "d_ff", None)
-    if d_ff is not None:  # dense: one FFN, no router
-        return 2 * mats * cfg.d_model * d_ff
-    router = 2 * cfg.d_model * cfg.num_experts
-    experts = 2 * mats * cfg.d_model * cfg.expert_hidden * experts_per_token(cfg)
+    router = 0 if cfg.kind == "dense" else 2 * cfg.d_model * cfg.num_experts
+    experts = 2 * mats * cfg.d_model * cfg.active_width()
     return round(router + experts)
 
 
 def dense_reference(cfg: MoEConfig) -> dict[str, int | str]:
     """Fields of the dense FFN with the same active expert FLOPs as `cfg` (ratio_to_dense)."""
-    d_ff = getattr(cfg, "d_ff", None) or round(cfg.expert_hidden * experts_per_token(cfg))
-    return {"d_model": cfg.d_model, "d_ff": d_ff, "activation": cfg.activation}
+    return {"d_model": cfg.d_model, "d_ff": round(cfg.active_width()), "activation": cfg.activation}

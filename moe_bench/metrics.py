@@ -1,4 +1,4 @@
-"""Routing statistics of SPEC section 4, over a load vector, scores or whole Routing records.
+"""Routing statistics of docs/contract.md §4, over a load vector, scores or whole Routing records.
 
 Shape legend: T tokens, E routed experts, A kept assignments.
 
@@ -92,7 +92,7 @@ def router_entropy(scores_TE: torch.Tensor) -> float:
 
 
 def window_stats(routings: Sequence[Routing]) -> dict[str, float]:
-    """Every SPEC section 4 statistic over a window of forwards (loads pooled)."""
+    """Every docs/contract.md §4 statistic over a window of forwards (loads pooled)."""
     if not routings:
         raise ValueError("routings=[] must hold at least one Routing")
     load_E = sum(r.load.detach().cpu() for r in routings)
@@ -111,5 +111,5 @@ def window_stats(routings: Sequence[Routing]) -> dict[str, float]:
 
 
 def routing_stats(routing: Routing) -> dict[str, float]:
-    """Every SPEC section 4 statistic of one forward's Routing."""
+    """Every docs/contract.md §4 statistic of one forward's Routing."""
     return window_stats([routing])

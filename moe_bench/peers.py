@@ -17,7 +17,8 @@ Where the peer departs from our layers (on purpose: it is the reference system a
 - its initialisation (normal, std 0.02) is megablocks' own.
 
 Balance loss: megablocks computes `moe_loss_weight * E / (T K) * sum_i c_i P_i`
-(layers/moe.py, batched_load_balancing_loss) = SPEC's Mixtral form `coef * E * sum_i f_i P_i`
+(layers/moe.py, batched_load_balancing_loss) = the contract's Mixtral form
+`coef * E * sum_i f_i P_i`
 with `f_i = c_i / (T K)`; `balance_coef` defaults to 0.01 like Mixtral's, so the two compare.
 """
 
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ from variants.layer import assemble, flatten_tokens
 from variants.megablocks import check_dtype, require_megablocks
 from variants.routing import flatten_topk, make_routing
 
-# megablocks' default activation_fn is tanh-approximate gelu; SPEC's gelu is the exact erf form.
+# megablocks' default activation_fn is tanh-approximate gelu; the contract's gelu is the exact
+# erf form.
 # GLU computes activation_fn(x @ w1) * (x @ v1), so silu there is SwiGLU.
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": partial(F.gelu, approximate="none"),
@@ -170,36 +172,3 @@ def param_counts(cfg: MoEConfig) -> tuple[int, int]:
         router + shared + cfg.num_experts * expert,
         router + shared + cfg.top_k * expert,
     )
-
-
-class Peer(NamedTuple):
-    config: type[MoEConfig]
-    make: Callable[..., nn.Module]  # (cfg, device, dtype) -> nn.Module returning MoEOutput
-
-
-PEERS: dict[str, Peer] = {
-    "megablocks_dmoe": Peer(MegablocksDMoEConfig, build_megablocks_dmoe),
-}
-
-
-def lookup(name: str) -> Peer:
-    if name not in PEERS:
-        raise ValueError(f"peer={name!r} is not one of {', '.join(map(repr, sorted(PEERS)))}")
-    return PEERS[name]
-
-
-def make_config(name: str, **fields: Any) -> MoEConfig:
-    """The validated config `build_peer` would use."""
-    return lookup(name).config.from_fields(name, fields)
-
-
-def build_peer(
-    name: str,
-    device: torch.device | str = "cuda",
-    dtype: torch.dtype = torch.bfloat16,
-    **fields: Any,
-) -> nn.Module:
-    """Peer `name` built from the variant fields (d_model, num_experts, expert_hidden, top_k,
-    activation, ...); calling it returns a `variants.MoEOutput`."""
-    peer = lookup(name)
-    return peer.make(peer.config.from_fields(name, fields), device, dtype)

@@ -1,4 +1,5 @@
-"""Tidy result rows (SPEC section 5): one job's Recorder, env.json, and a sweep's loader.
+"""Tidy result rows (docs/contract.md, section 5): one job's Recorder, env.json, and a sweep's
+loader. Metric names, units and columns come from `moe_bench.schema`.
 
 Every job writes into its own directory:
 - `results.jsonl`: one JSON object per (metric, step, extra columns): the job's base columns
@@ -28,14 +29,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from moe_bench import schema
+from moe_bench.schema import CORE_COLUMNS, STATUSES, Metric
+
 RESULTS = "results.jsonl"
 ENV = "env.json"
-STATUSES = ("ok", "failed")
-CORE_COLUMNS = (
-    "variant", "task", "backend", "device", "dtype", "seed",
-    "metric", "value", "unit", "step", "status", "error",
-    "params_total", "params_active", "flops_per_token",
-)  # fmt: skip
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -64,11 +62,9 @@ class Recorder:
         self.rows: list[dict[str, Any]] = []
         self.started = time.perf_counter()
 
-    def log(
-        self, metric: str, value: float, *, unit: str = "", step: int | None = None, **columns: Any
-    ) -> None:
-        row = {**self.base, "metric": metric, "value": value, "unit": unit, "step": step}
-        row.update(columns)
+    def log(self, metric: str | Metric, value: float, **columns: Any) -> None:
+        """Add one row of a schema metric (its unit from the schema); columns: step, layer, ..."""
+        row = {**self.base, **schema.row(metric, value, **columns)}
         row.update(status="ok", error=None)
         self.rows.append({k: _json_value(v) for k, v in row.items()})
 
@@ -81,7 +77,7 @@ class Recorder:
         """Stamp every row with the job's status and error, add the `job` row, write."""
         if status not in STATUSES:
             raise ValueError(f"status={status!r} is not one of {', '.join(map(repr, STATUSES))}")
-        self.log("job", time.perf_counter() - self.started, unit="s")
+        self.log(schema.JOB, time.perf_counter() - self.started)
         for row in self.rows:
             row.update(status=status, error=error)
         self.flush()
@@ -166,7 +162,7 @@ def load(sweep_dir: str | Path) -> pd.DataFrame:
         job_dir = str(path.parent.relative_to(root))
         rows.extend({**json.loads(line), "job_dir": job_dir} for line in path.open())
     frame = pd.DataFrame(rows)
-    if "layer" in frame.columns:  # SPEC: an integer, or "mean"; pandas would make it float
+    if "layer" in frame.columns:  # §5: an integer, or "mean"; pandas would make it float
         frame["layer"] = (
             frame["layer"]
             .map(lambda v: v if isinstance(v, str) or pd.isna(v) else int(v))

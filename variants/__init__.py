@@ -1,4 +1,4 @@
-"""variants: Mixture-of-Experts routing variants behind one contract (see SPEC section 2).
+"""variants: Mixture-of-Experts routing variants behind one contract (docs/contract.md §2).
 
     import variants
     layer = variants.build("switch", d_model=64, num_experts=8, expert_hidden=128)

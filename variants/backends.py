@@ -10,6 +10,8 @@ shared experts are added by the layer. `loop` is the reference the others are te
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ import torch.nn.functional as F
 from .dispatch import ExpertRows, GatherMM, WeightedMMScatter
 from .experts import ExpertBank, ExpertWeights
 from .routing import Routing, rank_in_expert
+
+if TYPE_CHECKING:
+    from .config import MoEConfig
 
 Backend = Callable[[torch.Tensor, Routing, ExpertBank], torch.Tensor]
 
@@ -138,15 +143,65 @@ def megablocks(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.
     return megablocks_forward(x_TD, routing, bank)
 
 
-BACKENDS: dict[str, Backend] = {
-    "loop": loop,
-    "grouped": grouped,
-    "padded": padded,
-    "megablocks": megablocks,
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend and what it can compute, declared beside its code.
+
+    `MoEConfig.validate` asks `check(cfg)`, so a layer config a backend cannot compute fails
+    at build time with one line; adding a backend means adding its function and one spec here.
+    """
+
+    name: str
+    compute: Backend
+    capacity: str = "optional"  # "required" (capacity buffers), "optional", "refused"
+    uneven_top_k: bool = True  # routings where tokens keep different numbers of experts
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating dtype
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
+        return self.compute(x_TD, routing, bank)
+
+    def check(self, cfg: MoEConfig) -> None:
+        """ValueError naming the field when `cfg` asks for what this backend cannot compute."""
+        if self.capacity == "required" and cfg.capacity_factor is None:
+            raise ValueError(
+                f"backend={self.name!r} needs capacity buffers, but capacity_factor=None "
+                "(dropless); set capacity_factor or use backend 'loop' or 'grouped'"
+            )
+        if not self.uneven_top_k and cfg.uneven_top_k is not None:
+            raise ValueError(
+                f"backend={self.name!r} cannot compute this variant: {cfg.uneven_top_k}, and "
+                f"{self.name} needs exactly top_k experts per token; "
+                "use 'grouped', 'padded' or 'loop'"
+            )
+        if self.capacity == "refused" and cfg.capacity_factor is not None:
+            raise ValueError(
+                f"capacity_factor={cfg.capacity_factor} must be None for backend={self.name!r} "
+                "(dropless kernels only); set capacity_factor=None or use 'padded', 'grouped' or "
+                "'loop'"
+            )
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("loop", loop),
+        BackendSpec("grouped", grouped),
+        BackendSpec("padded", padded, capacity="required"),
+        # grouped_gemm's kernels take bfloat16 only (variants/megablocks.py)
+        BackendSpec(
+            "megablocks",
+            megablocks,
+            capacity="refused",
+            uneven_top_k=False,
+            devices=("cuda",),
+            dtypes=(torch.bfloat16,),
+        ),
+    )
 }
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str) -> BackendSpec:
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not one of {', '.join(map(repr, BACKENDS))}")
     return BACKENDS[name]

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import torch
 
 ACTIVATIONS = ("gelu", "swiglu")
-BACKENDS = ("loop", "grouped", "padded", "megablocks")
 ROUTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -62,13 +61,16 @@ def check_divides(obj: Any, divisor: str, dividend: str) -> None:
 
 @dataclass
 class MoEConfig:
-    """Fields every variant accepts (SPEC section 2). Variants subclass it with paper defaults.
+    """Fields every variant accepts (docs/contract.md §2). Variants subclass it with paper defaults.
 
     Sizes default small (a CPU-friendly layer); routing hyperparameters default to each paper.
     `leaks_future_tokens` marks routings where a token's experts depend on later tokens of the
     batch (expert choice): unfit for causal language models, flagged in reports.
     """
 
+    # what the layer is: "routed" (a router picks experts) or "dense" (one FFN, the baseline);
+    # the runner and reports ask this, never a name
+    kind: ClassVar[str] = "routed"
     leaks_future_tokens: ClassVar[bool] = False
     # megablocks' dropless kernels need every token to keep exactly top_k experts; a variant
     # whose routing cannot promise that says why here.
@@ -104,33 +106,26 @@ class MoEConfig:
                 raise ValueError(
                     f"capacity_factor={self.capacity_factor} must be None ({self.dropless})"
                 )
-        check_choice(self, "backend", BACKENDS)
+        # backends declare what they compute beside their code; imported here, not at the top,
+        # because backends -> routing -> config
+        from .backends import get_backend
+
+        get_backend(self.backend).check(self)
         if not isinstance(self.force_uniform_routing, bool):
             raise ValueError(
                 f"force_uniform_routing={self.force_uniform_routing!r} must be true or false"
             )
         check_choice(self, "router_dtype", tuple(ROUTER_DTYPES))
-        if self.backend == "padded" and self.capacity_factor is None:
-            raise ValueError(
-                "backend='padded' needs capacity buffers, but capacity_factor=None (dropless); "
-                "set capacity_factor or use backend 'loop' or 'grouped'"
-            )
-        if self.backend == "megablocks":
-            self.check_megablocks()
 
-    def check_megablocks(self) -> None:
-        if self.uneven_top_k is not None:
-            raise ValueError(
-                f"backend='megablocks' cannot compute this variant: {self.uneven_top_k}, and "
-                "megablocks needs exactly top_k experts per token; "
-                "use 'grouped', 'padded' or 'loop'"
-            )
-        if self.capacity_factor is not None:
-            raise ValueError(
-                f"capacity_factor={self.capacity_factor} must be None for backend='megablocks' "
-                "(dropless kernels only); set capacity_factor=None or use 'padded', 'grouped' or "
-                "'loop'"
-            )
+    def experts_per_token(self) -> float:
+        """Expert FFNs of width expert_hidden a token passes through on average: routed top_k
+        plus shared. Expert choice records its average (capacity_factor) as top_k; a variable-k
+        variant overrides this with its measured or target mean."""
+        return self.top_k + self.num_shared_experts
+
+    def active_width(self) -> float:
+        """Hidden units a token activates: the width of the dense FFN of equal active FLOPs."""
+        return self.expert_hidden * self.experts_per_token()
 
     @classmethod
     def from_fields(cls, variant: str, fields: dict[str, Any]) -> MoEConfig:

@@ -9,6 +9,7 @@ nothing to dispatch, the FFN is one GEMM per projection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from .routing import make_routing
 
 @dataclass
 class DenseConfig(MoEConfig):
+    kind: ClassVar[str] = "dense"
     d_ff: int | None = None
 
     def validate(self) -> None:
@@ -29,11 +31,11 @@ class DenseConfig(MoEConfig):
             self.d_ff = self.expert_hidden * (self.top_k + self.num_shared_experts)
         check_int(self, "d_ff", 1)
 
+    def active_width(self) -> float:
+        return self.d_ff
+
 
 class DenseFFN(nn.Module):
-    router = None
-    shared = None
-
     def __init__(self, cfg: DenseConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -1,4 +1,4 @@
-"""MoELayer: router + backend + shared experts -> MoEOutput. The one contract of SPEC section 2.
+"""MoELayer: router + backend + shared experts -> MoEOutput (the contract: docs/contract.md §2).
 
 Shape legend: T tokens (all leading dims flattened), D model width, E routed experts.
 """

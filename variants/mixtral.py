@@ -7,7 +7,8 @@ Shape legend: T tokens, E experts, K = top_k experts per token, A assignments.
 - Dropless: every choice is computed (`capacity_factor` must stay None).
 - Balance loss: the paper states none; we use the Switch form every Mixtral trainer uses,
   `balance_coef * E * sum_i f_i P_i` with f_i = assignments to i / (T K) (demand) and
-  P_i = mean_t softmax_i. SPEC normalisation: 1 under perfect balance (times the coefficient).
+  P_i = mean_t softmax_i. The contract's normalisation: 1 under perfect balance (times the
+  coefficient).
   HF transformers' Mixtral `load_balancing_loss_func` sums the one-hot choices over the K slots
   without dividing by K, so its value is K times this one (2x for top-2) at the same
   coefficient, so an HF `router_aux_loss_coef` c corresponds to balance_coef = K * c here.

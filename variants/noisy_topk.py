@@ -16,7 +16,7 @@ Shape legend: T tokens, D model width, E experts, K experts per token, A assignm
   top K of H that is the (K+1)-th largest of H, otherwise the K-th (as in the authors'
   tensor2tensor code), so one top-(K+1) gives every threshold; hence top_k < num_experts.
   CV = std / mean with the population std (divide by E), as the authors' tensor2tensor
-  `cv_squared` and SPEC's `load_cv` do; torch's default sample std would differ by E/(E-1).
+  `cv_squared` and the contract's `load_cv` do; torch's default sample std would differ by E/(E-1).
 - Init: W_noise starts at zero as in the paper (App. A, "Initial Load Imbalance"), so the noise
   std starts at softplus(0) = log 2 for every expert. Departure: W_g keeps the suite's router
   init (the paper zeroes it too) so every variant starts from the same router.

@@ -21,7 +21,7 @@ from .config import ROUTER_DTYPES, MoEConfig
 
 @dataclass
 class Routing:
-    """Kept assignments and router statistics of one forward (SPEC section 2).
+    """Kept assignments and router statistics of one forward (docs/contract.md §2).
 
     `capacity` is the per-expert buffer size the routing respected (None when dropless);
     the `padded` backend sizes its buffers from it.
@@ -182,7 +182,7 @@ class Router(nn.Module):
 
     Subclasses implement `route(x_TD, num_seqs) -> (Routing, losses)` and, where their
     affinities are not a softmax, `score(logits_TE)`. The base handles force_uniform_routing
-    and drops losses in eval mode (SPEC: eval forwards return no losses).
+    and drops losses in eval mode (docs/contract.md §2: eval forwards return no losses).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:

@@ -19,7 +19,8 @@ import jinja2
 import pandas as pd
 from omegaconf import OmegaConf
 
-from moe_bench import results
+from moe_bench import results, schema
+from moe_bench.schema import Metric
 
 from . import figures
 from .figures import Missing, column, plain, summary_rows
@@ -30,7 +31,7 @@ WIDE = 32  # run metadata values longer than this get a line of their own
 
 
 class VariantNote(NamedTuple):
-    loss: str  # the balance-loss normalisation as this suite implements it (SPEC section 3)
+    loss: str  # the balance-loss normalisation as this suite implements it (docs/contract.md §3)
     causal: bool = True  # False: routing looks at later tokens of the sequence
 
 
@@ -79,12 +80,19 @@ class Column(NamedTuple):
     """One leaderboard metric: final value per job, then mean ± std over seeds."""
 
     label: str
-    metric: str
-    unit: str
-    better: str | None  # "max", "min", or None (no best marked)
+    schema: Metric  # name and which way is better ("max", "min", None: no best marked)
+    unit: str  # as displayed (after `scale`)
     fmt: Callable[[float], str]
     scale: float = 1.0
     routing: bool = False  # a balance metric: meaningless for a layer with one expert (dense)
+
+    @property
+    def metric(self) -> str:
+        return self.schema.name
+
+    @property
+    def better(self) -> str | None:
+        return self.schema.better
 
 
 def _fixed(digits: int) -> Callable[[float], str]:
@@ -92,14 +100,14 @@ def _fixed(digits: int) -> Callable[[float], str]:
 
 
 LEADERBOARD = (
-    Column("tokens/s", "tokens_per_s", "tok/s", "max", _fixed(0)),
+    Column("tokens/s", schema.TOKENS_PER_S, "tok/s", _fixed(0)),
     # time (throughput) or peak memory (memory) over the dense FFN of equal active FLOPs
-    Column("ratio to dense", "ratio_to_dense", "×", "min", _fixed(2)),
-    Column("peak memory", "peak_memory_bytes", "MiB", "min", _fixed(1), scale=2**-20),
-    Column("final val loss", "val_loss", "nats", "min", _fixed(3)),
-    Column("MaxVio_global", "max_vio_global", "", "min", _fixed(3), routing=True),
-    Column("load entropy", "load_entropy", "", "max", _fixed(3), routing=True),
-    Column("drop fraction", "drop_fraction", "", "min", _fixed(3), routing=True),
+    Column("ratio to dense", schema.RATIO_TO_DENSE, "×", _fixed(2)),
+    Column("peak memory", schema.PEAK_MEMORY_BYTES, "MiB", _fixed(1), scale=2**-20),
+    Column("final val loss", schema.VAL_LOSS, "nats", _fixed(3)),
+    Column("MaxVio_global", schema.MAX_VIO_GLOBAL, "", _fixed(3), routing=True),
+    Column("load entropy", schema.LOAD_ENTROPY, "", _fixed(3), routing=True),
+    Column("drop fraction", schema.DROP_FRACTION, "", _fixed(3), routing=True),
 )
 PASS_LABEL = {"fwd": "fwd", "fwd_bwd": "fwd+bwd"}
 ARROW = {"max": " ↑", "min": " ↓", None: ""}  # which way is better, shown in the header

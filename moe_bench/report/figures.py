@@ -1,6 +1,6 @@
 """The report's figures: tidy results rows in, inline SVG out.
 
-Every figure function takes the results frame (SPEC section 5 rows, `ok` rows only) and the
+Every figure function takes the results frame (docs/contract.md §5 rows, `ok` rows only) and the
 colour of each variant, and returns a matplotlib Figure, or raises `Missing` saying which rows
 it lacked, so the report can state what it does not show instead of drawing empty axes.
 `FIGURES` lists them in report order; `render` draws one into a self-contained SVG string.
@@ -23,6 +23,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.ticker import MaxNLocator
+
+from moe_bench import schema
 
 # Text stays text (small, crisp, selectable); fixed hash salt keeps the SVG reproducible.
 STYLE = {
@@ -251,7 +253,7 @@ def _throughput_vs(
     other: tuple[str, ...],
     label: str,
 ) -> plt.Figure:
-    rows = _require(summary_rows(frame, "tokens_per_s"), "tokens_per_s")
+    rows = _require(summary_rows(frame, schema.TOKENS_PER_S.name), schema.TOKENS_PER_S.name)
     x = find_column(rows, names)
     if x is None or rows.groupby("variant")[x].nunique().max() < 2:
         raise Missing(f"no variant ran at two or more values of {label}")
@@ -281,7 +283,7 @@ def throughput_vs_tokens(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Fig
 
 
 def throughput_bars(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
-    rows = _require(summary_rows(frame, "tokens_per_s"), "tokens_per_s")
+    rows = _require(summary_rows(frame, schema.TOKENS_PER_S.name), schema.TOKENS_PER_S.name)
     for names in (EXPERTS, TOKENS):
         col = find_column(rows, names)
         if col is not None:
@@ -295,7 +297,8 @@ def throughput_bars(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
 
 
 def memory(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
-    rows = _require(summary_rows(frame, "peak_memory_bytes"), "peak_memory_bytes")
+    name = schema.PEAK_MEMORY_BYTES.name
+    rows = _require(summary_rows(frame, name), name)
     rows = rows.assign(mib=rows["value"] / 2**20)
     tokens = find_column(rows, TOKENS)
     passes = sorted(column(rows, "pass").dropna().unique()) or [None]
@@ -317,7 +320,7 @@ def _loss_panels(frame: pd.DataFrame, colors: dict[str, str], x: str, xlabel: st
     frame = frame.assign(**{x: column(frame, x)})
     panels = [
         panel
-        for name in ("train_loss", "val_loss")
+        for name in (schema.TRAIN_LOSS.name, schema.VAL_LOSS.name)
         for panel in facets(summary_rows(frame, name).dropna(subset=["step", x]), name)
     ]
     if not panels:
@@ -342,8 +345,8 @@ def loss_vs_wall(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
 
 
 def max_vio_vs_step(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
-    rows = summary_rows(routed(frame), "max_vio_batch").dropna(subset=["step"])
-    _require(rows, "max_vio_batch")
+    rows = summary_rows(routed(frame), schema.MAX_VIO_BATCH.name).dropna(subset=["step"])
+    _require(rows, schema.MAX_VIO_BATCH.name)
     panels = facets(rows, "MaxVio_batch")
     fig, axes = _panels(len(panels))
     for ax, (title, part) in zip(axes, panels):
@@ -359,7 +362,8 @@ def _load_maps(frame: pd.DataFrame, colors: dict[str, str], rows_by: str) -> plt
     """Small multiples, one heatmap per variant: each expert's share of a row's assignments
     relative to uniform (E * c_i / sum c), so 1 is perfect balance whatever E is."""
     frame = frame.assign(expert=column(frame, "expert"), **{rows_by: column(frame, rows_by)})
-    rows = routed(frame[frame["metric"] == "expert_load"]).dropna(subset=["expert", rows_by])
+    loads = frame[frame["metric"] == schema.EXPERT_LOAD.name]
+    rows = routed(loads).dropna(subset=["expert", rows_by])
     rows = rows[rows[rows_by].astype(str) != "mean"]
     if rows.empty:
         raise Missing(f"no expert_load rows with a {rows_by} and an expert in this sweep")

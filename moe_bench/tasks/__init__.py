@@ -2,8 +2,10 @@
 
 Shape legend: B sequences, S sequence length, D model width.
 
-Each task module exposes `run(cfg: DictConfig, recorder: Recorder) -> None`. `TASKS` maps a
-task name to its module, imported on first use so a task's dependencies load only when it runs.
+Each task module exposes `run(job: Job, recorder: Recorder) -> None`: the runner resolves the
+config once (`moe_bench.config.resolve`) and the task reads the typed, immutable Job. `TASKS`
+maps a task name to its module, imported on first use so a task's dependencies load only when
+it runs.
 """
 
 from __future__ import annotations
@@ -12,12 +14,10 @@ import importlib
 from collections.abc import Callable
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-import variants
-from moe_bench import peers
-from moe_bench.config import Resolved
+from moe_bench import components
+from moe_bench.config import Job
 from moe_bench.isocompute import dense_reference
 from moe_bench.results import Recorder
 
@@ -28,7 +28,7 @@ TASKS: dict[str, str] = {
     "convergence": "moe_bench.tasks.convergence",
 }
 
-TaskFn = Callable[[DictConfig, Recorder], None]
+TaskFn = Callable[[Job, Recorder], None]
 
 
 def get_task(name: str) -> TaskFn:
@@ -43,30 +43,25 @@ def get_task(name: str) -> TaskFn:
     return module.run
 
 
-def build_layer(run: Resolved) -> nn.Module:
-    """The run's variant layer, seeded, on its device and dtype."""
-    torch.manual_seed(run.seed)
-    if run.variant in peers.PEERS:  # a reference system, built on its own terms
-        return peers.lookup(run.variant).make(run.layer, run.device, run.dtype)
-    with torch.device(run.device):  # initialised where it runs: GPU-sized layers init in ms
-        layer = variants.lookup(run.variant).make(run.layer)
-    return layer.to(device=run.device, dtype=run.dtype)
+def build_layer(job: Job) -> nn.Module:
+    """The job's layer (variant or peer), seeded, on its device and dtype."""
+    torch.manual_seed(job.seed)
+    return job.component.build(job.layer, job.device, job.dtype)
 
 
-def build_dense(run: Resolved) -> nn.Module:
-    """The dense FFN with the active expert FLOPs of the run's layer (the ratio_to_dense base)."""
-    torch.manual_seed(run.seed)
-    with torch.device(run.device):
-        dense = variants.build("dense", **dense_reference(run.layer))
-    return dense.to(run.device, run.dtype)
+def build_dense(job: Job) -> nn.Module:
+    """The dense FFN with the active expert FLOPs of the job's layer (the ratio_to_dense base)."""
+    torch.manual_seed(job.seed)
+    dense = components.lookup(components.BASELINE)
+    return dense.build(dense.make_config(**dense_reference(job.layer)), job.device, job.dtype)
 
 
-def random_input(run: Resolved) -> torch.Tensor:
+def random_input(job: Job) -> torch.Tensor:
     """x_BSD ~ N(0, 1): model.tokens tokens as [tokens / seq_len, seq_len, d_model]."""
-    m = run.model
-    generator = torch.Generator().manual_seed(run.seed)
+    m = job.model
+    generator = torch.Generator().manual_seed(job.seed)
     x_BSD = torch.randn(m.tokens // m.seq_len, m.seq_len, m.d_model, generator=generator)
-    return x_BSD.to(run.device, run.dtype)
+    return x_BSD.to(job.device, job.dtype)
 
 
 class ForwardStep:

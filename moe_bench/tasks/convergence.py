@@ -18,7 +18,7 @@ of bfloat16 trains under `torch.autocast` with that dtype (the GPU preset uses i
 would need loss scaling and is refused. Seeds: `seed` sets the initialisation and the global
 RNG (random second choices, router noise), and a generator of its own draws the batches.
 
-Rows (SPEC section 5), `step` = optimizer steps taken:
+Rows (docs/contract.md, section 5), `step` = optimizer steps taken:
 - training, every step (the mean over the last `log_every` steps when that is larger):
   `train_loss` (LM cross-entropy, nats/byte), `aux_loss` (weighted, summed over layers; column
   `loss` = the loss's name, e.g. balance or z, or `total` for their sum), `tokens_per_s`
@@ -49,11 +49,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from moe_bench import data, peers
-from moe_bench.config import ConvergenceConfig, Resolved, resolve
+from moe_bench import data, schema
+from moe_bench.config import ConvergenceConfig, Job
 from moe_bench.isocompute import count_params
 from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
 from moe_bench.metrics import drop_fraction, load_entropy, max_vio
@@ -65,17 +64,17 @@ MIN_LR_RATIO = 0.1  # cosine decays to 10% of the peak learning rate
 Log = Callable[..., None]
 
 
-def build_model(run: Resolved) -> TinyLM:
-    """The seeded LM of the run: its variant in the MoE blocks, float32 weights on the device."""
-    task: ConvergenceConfig = run.task
-    if run.variant in peers.PEERS:
+def build_model(job: Job) -> TinyLM:
+    """The seeded LM of the job: its variant in the MoE blocks, float32 weights on the device."""
+    task: ConvergenceConfig = job.task
+    if not job.component.trains:
         raise ValueError(
-            f"variant={run.variant!r} is a peer system measured by throughput and memory; "
-            f"task=convergence trains the registered variants only"
+            f"variant={job.variant!r} is a {job.component.origin} component measured by "
+            "throughput and memory; task=convergence trains the suite's own variants only"
         )
     try:
         cfg = LMConfig(
-            d_model=run.model.d_model,
+            d_model=job.model.d_model,
             n_layers=task.n_layers,
             n_heads=task.n_heads,
             seq_len=task.seq_len,
@@ -83,8 +82,8 @@ def build_model(run: Resolved) -> TinyLM:
         )
     except ValueError as e:
         raise ValueError(f"convergence model (model.d_model and task.*): {e}") from None
-    torch.manual_seed(run.seed)
-    return build_lm(run.variant, dataclasses.asdict(run.layer), cfg).to(run.device)
+    torch.manual_seed(job.seed)
+    return build_lm(job.variant, dataclasses.asdict(job.layer), cfg).to(job.device)
 
 
 def model_params(lm: TinyLM) -> tuple[int, int]:
@@ -115,16 +114,16 @@ def lr_factor(step: int, warmup_steps: int, steps: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def autocast(run: Resolved) -> Callable[[], AbstractContextManager]:
+def autocast(job: Job) -> Callable[[], AbstractContextManager]:
     """A fresh autocast context per use: none for float32, bfloat16 autocast for bfloat16."""
-    if run.dtype == torch.float32:
+    if job.dtype == torch.float32:
         return nullcontext
-    if run.dtype != torch.bfloat16:
+    if job.dtype != torch.bfloat16:
         raise ValueError(
-            f"dtype={str(run.dtype).removeprefix('torch.')!r} is not supported by "
+            f"dtype={str(job.dtype).removeprefix('torch.')!r} is not supported by "
             "task=convergence: use float32, or bfloat16 (autocast; float16 needs loss scaling)"
         )
-    return lambda: torch.autocast(run.device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(job.device.type, dtype=torch.bfloat16)
 
 
 def layer_stats(layers: list[LayerOutput]) -> dict[int | str, dict[str, float]]:
@@ -166,7 +165,7 @@ class TrainLog:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[tuple[str, str, tuple[tuple[str, Any], ...]], float] = defaultdict(float)
+        self.sums: dict[tuple[str, tuple[tuple[str, Any], ...]], float] = defaultdict(float)
         self.count, self.seconds = 0, 0.0
 
     def add(self, out: LMOutput, seconds: float) -> dict[int | str, dict[str, float]]:
@@ -174,13 +173,13 @@ class TrainLog:
         self.count += 1
         self.seconds += seconds
         self.wall_s += seconds
-        self.sums[("train_loss", "nats", ())] += float(out.loss.detach())
+        self.sums[(schema.TRAIN_LOSS.name, ())] += float(out.loss.detach())
         for name, value in aux_by_name(out).items():
-            self.sums[("aux_loss", "", (("loss", name),))] += value
+            self.sums[(schema.AUX_LOSS.name, (("loss", name),))] += value
         stats = layer_stats(out.layers)
         for layer, values in stats.items():
             for metric, value in values.items():
-                self.sums[(metric, "", (("layer", layer),))] += value
+                self.sums[(metric, (("layer", layer),))] += value
         return stats
 
     def emit(self, step: int, force: bool = False) -> None:
@@ -188,10 +187,10 @@ class TrainLog:
         if self.count == 0 or (self.count < self.log_every and not force):
             return
         at = {"step": step, "wall_s": self.wall_s}
-        for (metric, unit, columns), total in self.sums.items():
-            self.log(metric, total / self.count, unit=unit, **at, **dict(columns))
+        for (metric, columns), total in self.sums.items():
+            self.log(metric, total / self.count, **at, **dict(columns))
         tokens_per_s = self.count * self.tokens_per_step / self.seconds
-        self.log("tokens_per_s", tokens_per_s, unit="tok/s", **at, **{"pass": "fwd_bwd"})
+        self.log(schema.TOKENS_PER_S, tokens_per_s, **at, **{"pass": "fwd_bwd"})
         self.reset()
 
 
@@ -234,19 +233,19 @@ def log_eval(
     loads: dict[int, torch.Tensor],
     unigram: float,
 ) -> None:
-    log("val_loss", val_loss, unit="nats", step=step, wall_s=wall_s, unigram_entropy=unigram)
-    log("val_ppl", math.exp(val_loss), step=step)
+    log(schema.VAL_LOSS, val_loss, step=step, wall_s=wall_s, unigram_entropy=unigram)
+    log(schema.VAL_PPL, math.exp(val_loss), step=step)
     vio = {layer: max_vio(load_ME.sum(0)) for layer, load_ME in loads.items()}
     for layer, value in vio.items():
-        log("max_vio_global", value, step=step, layer=layer)
-    log("max_vio_global", sum(vio.values()) / len(vio), step=step, layer="mean")
+        log(schema.MAX_VIO_GLOBAL, value, step=step, layer=layer)
+    log(schema.MAX_VIO_GLOBAL, sum(vio.values()) / len(vio), step=step, layer="mean")
     for layer, load_ME in loads.items():
         for domain, load_E in zip(data.DOMAINS, load_ME.double()):
             if load_E.sum() == 0:  # a domain the corpus does not have
                 continue
             where = {"step": step, "layer": layer, "domain": domain}
             for expert, share in enumerate((load_E / load_E.sum()).tolist()):
-                log("expert_load", share, unit="share", expert=expert, **where)
+                log(schema.EXPERT_LOAD, share, expert=expert, **where)
 
 
 def divergence(step: int, out: LMOutput, stats: dict[int | str, dict[str, float]]) -> str:
@@ -261,19 +260,18 @@ def divergence(step: int, out: LMOutput, stats: dict[int | str, dict[str, float]
     )
 
 
-def run(cfg: DictConfig, recorder: Recorder) -> None:
-    run = resolve(cfg)
-    task: ConvergenceConfig = run.task
-    ctx = autocast(run)
-    corpus = data.load(run.data)
-    generator = torch.Generator().manual_seed(run.seed)
+def run(job: Job, recorder: Recorder) -> None:
+    task: ConvergenceConfig = job.task
+    ctx = autocast(job)
+    corpus = data.load(job.data)
+    generator = torch.Generator().manual_seed(job.seed)
     batches = corpus.batches("train", task.batch_size, task.seq_len, generator)
     val = corpus.val_windows(task.seq_len, task.eval_batches * task.batch_size)
     unigram = corpus.unigram_entropy("val").nats
-    lm = build_model(run).train()
+    lm = build_model(job).train()
     total, active = model_params(lm)
 
-    def log(metric: str, value: float, **columns: Any) -> None:
+    def log(metric: str | schema.Metric, value: float, **columns: Any) -> None:
         recorder.log(metric, value, model_params_total=total, model_params_active=active, **columns)
 
     optimizer = make_optimizer(lm, task)
@@ -281,10 +279,10 @@ def run(cfg: DictConfig, recorder: Recorder) -> None:
         optimizer, lambda s: lr_factor(s, task.warmup_steps, task.steps)
     )
     train_log = TrainLog(log, task.log_every, task.batch_size * task.seq_len)
-    log_eval(log, 0, 0.0, *evaluate(lm, val, task.batch_size, ctx, run.device), unigram)
+    log_eval(log, 0, 0.0, *evaluate(lm, val, task.batch_size, ctx, job.device), unigram)
     for step in tqdm(range(1, task.steps + 1), desc="train", leave=False, disable=None):
-        idx_BS, targets_BS, _ = (t.to(run.device) for t in next(batches))
-        synchronize(run.device)
+        idx_BS, targets_BS, _ = (t.to(job.device) for t in next(batches))
+        synchronize(job.device)
         start = time.perf_counter()
         with ctx():
             out = lm(idx_BS, targets_BS)
@@ -297,7 +295,7 @@ def run(cfg: DictConfig, recorder: Recorder) -> None:
             optimizer.step()
             schedule.step()
             lm.update_bias()
-        synchronize(run.device)
+        synchronize(job.device)
         stats = train_log.add(out, time.perf_counter() - start)
         if not finite:
             train_log.emit(step, force=True)
@@ -305,6 +303,6 @@ def run(cfg: DictConfig, recorder: Recorder) -> None:
             raise FloatingPointError(divergence(step, out, stats))
         train_log.emit(step, force=step == task.steps)
         if step % task.eval_every == 0 or step == task.steps:
-            val_loss, loads = evaluate(lm, val, task.batch_size, ctx, run.device)
+            val_loss, loads = evaluate(lm, val, task.batch_size, ctx, job.device)
             log_eval(log, step, train_log.wall_s, val_loss, loads, unigram)
             recorder.flush()

@@ -11,39 +11,38 @@ from __future__ import annotations
 
 import statistics
 
-from omegaconf import DictConfig
 from torch import nn
 
-from moe_bench.config import MemoryConfig, Resolved, resolve
+from moe_bench import schema
+from moe_bench.config import Job, MemoryConfig
 from moe_bench.results import Recorder
 from moe_bench.tasks import TrainStep, build_dense, build_layer, random_input
 from moe_bench.timing import peak_memory
 
 
-def measure(layer: nn.Module, run: Resolved) -> tuple[list[int], int]:
+def measure(layer: nn.Module, job: Job) -> tuple[list[int], int]:
     """(peak bytes of each repeat, resident bytes) of a training step of `layer`."""
-    task: MemoryConfig = run.task
-    step = TrainStep(layer, random_input(run))
+    task: MemoryConfig = job.task
+    step = TrainStep(layer, random_input(job))
     for _ in range(task.warmup):
         step()
     peaks = []
     for _ in range(task.repeats):
         layer.zero_grad(set_to_none=True)
         step.x.grad = None
-        peaks.append(peak_memory(step, run.device, step.resident()))
+        peaks.append(peak_memory(step, job.device, step.resident()))
     resident = sum(t.untyped_storage().nbytes() for t in step.resident())
     return peaks, resident
 
 
-def run(cfg: DictConfig, recorder: Recorder) -> None:
-    run = resolve(cfg)
-    peaks, resident = measure(build_layer(run), run)
-    dense_peaks, _ = measure(build_dense(run), run)
+def run(job: Job, recorder: Recorder) -> None:
+    peaks, resident = measure(build_layer(job), job)
+    dense_peaks, _ = measure(build_dense(job), job)
     peak, dense_peak = statistics.median(peaks), statistics.median(dense_peaks)
-    common = {"pass": "fwd_bwd"}
+    keys = {"pass": "fwd_bwd"}
     recorder.log(
-        "peak_memory_bytes", peak, unit="bytes", resident_bytes=resident,
-        spread=(max(peaks) - min(peaks)) / peak, repeats=len(peaks), **common,
+        schema.PEAK_MEMORY_BYTES, peak, resident_bytes=resident,
+        spread=(max(peaks) - min(peaks)) / peak, repeats=len(peaks), **keys,
     )  # fmt: skip
-    recorder.log("ratio_to_dense", peak / dense_peak, unit="x", dense_bytes=dense_peak, **common)
+    recorder.log(schema.RATIO_TO_DENSE, peak / dense_peak, dense_bytes=dense_peak, **keys)
     recorder.flush()

@@ -9,34 +9,33 @@ same input (column `dense_ms`). A ratio above 1 is what routing, dispatch and im
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
-from moe_bench.config import ThroughputConfig, resolve
+from moe_bench import schema
+from moe_bench.config import Job, ThroughputConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, ffn_flops_per_token
 from moe_bench.results import Recorder
 from moe_bench.tasks import STEPS, build_dense, build_layer, random_input
 from moe_bench.timing import time_steps
 
+TIME_METRICS = {"fwd": schema.FWD_MS, "fwd_bwd": schema.FWD_BWD_MS}
 
-def run(cfg: DictConfig, recorder: Recorder) -> None:
-    run = resolve(cfg)
-    task: ThroughputConfig = run.task
-    layer, dense, x = build_layer(run), build_dense(run), random_input(run)
-    tokens = run.model.tokens
+
+def run(job: Job, recorder: Recorder) -> None:
+    task: ThroughputConfig = job.task
+    layer, dense, x = build_layer(job), build_dense(job), random_input(job)
+    tokens = job.model.tokens
     for pass_ in task.passes:
         factor = 1 if pass_ == "fwd" else 1 + BACKWARD_FACTOR
-        moe = time_steps(STEPS[pass_](layer, x), run.device, task.warmup, task.repeats, pass_)
-        ref = time_steps(STEPS[pass_](dense, x), run.device, task.warmup, task.repeats, "dense")
+        moe = time_steps(STEPS[pass_](layer, x), job.device, task.warmup, task.repeats, pass_)
+        ref = time_steps(STEPS[pass_](dense, x), job.device, task.warmup, task.repeats, "dense")
         seconds = moe.median_ms / 1e3
+        keys = {"pass": pass_}
         recorder.log(
-            f"{pass_}_ms", moe.median_ms, unit="ms", iqr_ms=moe.iqr_ms, repeats=task.repeats,
-            **{"pass": pass_},
-        )  # fmt: skip
-        recorder.log("tokens_per_s", tokens / seconds, unit="tok/s", **{"pass": pass_})
-        flops = factor * ffn_flops_per_token(run.layer) * tokens
-        recorder.log("tflops", flops / seconds / 1e12, unit="TFLOP/s", **{"pass": pass_})
+            TIME_METRICS[pass_], moe.median_ms, iqr_ms=moe.iqr_ms, repeats=task.repeats, **keys
+        )
+        recorder.log(schema.TOKENS_PER_S, tokens / seconds, **keys)
+        flops = factor * ffn_flops_per_token(job.layer) * tokens
+        recorder.log(schema.TFLOPS, flops / seconds / 1e12, **keys)
         recorder.log(
-            "ratio_to_dense", moe.median_ms / ref.median_ms, unit="x", dense_ms=ref.median_ms,
-            **{"pass": pass_},
-        )  # fmt: skip
+            schema.RATIO_TO_DENSE, moe.median_ms / ref.median_ms, dense_ms=ref.median_ms, **keys
+        )
     recorder.flush()

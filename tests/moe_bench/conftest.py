@@ -13,17 +13,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from moe_bench import config
+import moe_bench.config  # noqa: F401  (importing it registers the schemas, as for any user)
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 # tiny sizes on one thread (tiny ops gain nothing from two, and spin-waiting threads on a
 # busy CI machine cost seconds): every test job runs in well under a second of compute
 FAST = ["model=tiny", "device=cpu", "device.threads=1"]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _schemas() -> None:
-    config.register()
 
 
 @pytest.fixture(autouse=True)

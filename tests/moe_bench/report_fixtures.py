@@ -1,4 +1,4 @@
-"""Synthetic Hydra multirun directories for the report tests (SPEC section 5 row format).
+"""Synthetic Hydra multirun directories for the report tests (docs/contract.md §5 row format).
 
 A sweep is `<sweep>/multirun.yaml` plus one numbered job directory per job holding
 `results.jsonl`, `env.json` and `.hydra/overrides.yaml`. The rows are made up but shaped like

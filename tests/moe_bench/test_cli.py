@@ -19,10 +19,10 @@ OOM_PRELUDE = """
 import torch
 import moe_bench.tasks.memory as memory
 real_run = memory.run
-def run(cfg, recorder):
-    if cfg.variant.name == "deepseek_v3":
+def run(job, recorder):
+    if job.variant == "deepseek_v3":
         raise torch.OutOfMemoryError("out of memory (raised on purpose)")
-    real_run(cfg, recorder)
+    real_run(job, recorder)
 memory.run = run
 """
 

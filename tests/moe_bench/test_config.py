@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError
 
 import variants
-from moe_bench import peers
+from moe_bench import components
 from moe_bench.config import TASK_SCHEMAS, resolve
 from tests.moe_bench.conftest import SWEEPS
 
@@ -19,12 +22,12 @@ YAML_TASKS = sorted(p.stem for p in (SWEEPS / "task").glob("*.yaml"))
 
 def test_every_registered_variant_has_a_config_file_and_back() -> None:
     files = sorted(p.stem for p in (SWEEPS / "variant").glob("*.yaml"))
-    assert files == sorted([*variants.names(), *peers.PEERS])
+    assert files == sorted(components.names())
     assert set(YAML_TASKS) <= set(TASK_SCHEMAS)
 
 
 @pytest.mark.parametrize("model", ["tiny", "small", "medium", "large"])
-@pytest.mark.parametrize("variant", [*variants.names(), *peers.PEERS])
+@pytest.mark.parametrize("variant", components.names())
 def test_variant_resolves_at_equal_active_flops(compose_cfg, variant: str, model: str) -> None:
     run = resolve(compose_cfg(f"variant={variant}", f"model={model}", "device=cpu"))
     cfg, m = run.layer, run.model
@@ -126,3 +129,31 @@ def test_convergence_schema_is_ready(tmp_path: Path) -> None:
         ConvergenceConfig(lr=0)
     with pytest.raises((ValueError, ConfigKeyError)):
         ConvergenceConfig(steps=0)
+
+
+def test_configs_compose_and_run_from_python_without_the_cli(tmp_path: Path) -> None:
+    """A script or notebook: `import moe_bench` is enough, no __main__, no register() call."""
+    code = (
+        "import moe_bench, json, pathlib\n"
+        "cfg = moe_bench.compose('variant=switch', 'task=throughput', 'model=tiny',\n"
+        "                        'device=cpu', 'task.warmup=0', 'task.repeats=1')\n"
+        "job = moe_bench.config.resolve(cfg)\n"
+        f"print(job.variant, job.component.kind, moe_bench.run_job(job, {str(tmp_path)!r}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split() == ["switch", "routed", "ok"]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert any(json.loads(line)["metric"] == "tokens_per_s" for line in lines)
+
+
+def test_component_registry_says_what_each_is() -> None:
+    assert components.lookup("dense").is_dense and components.lookup("dense").trains
+    assert components.lookup("switch").kind == "routed"
+    peer = components.lookup("megablocks_dmoe")
+    assert peer.origin == "peer" and not peer.trains and peer.kind == "routed"
+    assert set(variants.names()) < set(components.names())
+    with pytest.raises(ValueError, match=r"variant='nope' is not one of 'deepseek_moe'"):
+        components.lookup("nope")

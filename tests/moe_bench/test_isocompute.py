@@ -9,7 +9,6 @@ import variants
 from moe_bench.isocompute import (
     count_params,
     dense_reference,
-    experts_per_token,
     ffn_flops_per_token,
     iso_fields,
 )
@@ -38,7 +37,7 @@ MODEL = {"d_model": 32, "d_ff": 64, "expansion": 8, "active": 2}
     ],
 )
 def test_iso_fields_table(variant: str, knobs: dict, sizes: dict) -> None:
-    fields = iso_fields(variant, **MODEL, **knobs)
+    fields = iso_fields(variants.lookup(variant).config, **MODEL, **knobs)
     assert {k: fields[k] for k in sizes} == sizes
     shared = fields["num_shared_experts"]
     # equal active expert width and equal total expert width, in units of d_ff
@@ -48,7 +47,7 @@ def test_iso_fields_table(variant: str, knobs: dict, sizes: dict) -> None:
 
 
 def test_dense_gets_active_width() -> None:
-    fields = iso_fields("dense", **MODEL)
+    fields = iso_fields(variants.lookup("dense").config, **MODEL)
     assert fields["d_ff"] == 128 and fields["num_experts"] == fields["top_k"] == 1
 
 
@@ -58,12 +57,12 @@ def test_dense_gets_active_width() -> None:
         ({"granularity": 3}, r"expert_hidden = d_ff / m = 64 / \(3\)"),
         ({"top_k": 99}, r"granularity m=99/2"),
         ({"granularity": 0.25}, r"top_k = m \* K - Ks = \(1/4\) \* 2 - 0 = 0.5"),
-        ({}, "needs granularity or top_k"),
+        ({}, "granularity or variant.top_k must be set"),
     ],
 )
 def test_iso_fields_rejects_fractional_sizes(knobs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        iso_fields("switch", **MODEL, **knobs)
+        iso_fields(variants.lookup("switch").config, **MODEL, **knobs)
 
 
 def test_count_params_by_hand() -> None:
@@ -93,7 +92,7 @@ def test_flops_match_dense_reference(activation: str) -> None:
     )  # fmt: skip
     dense = variants.make_config("dense", **dense_reference(cfg))
     router = 2 * 16 * 15
-    assert dense.d_ff == 8 * experts_per_token(cfg) == 32
+    assert dense.d_ff == 8 * cfg.experts_per_token() == 32
     assert ffn_flops_per_token(cfg) - router == ffn_flops_per_token(dense)
     mats = 3 if activation == "swiglu" else 2
     assert ffn_flops_per_token(dense) == 2 * mats * 16 * 32

@@ -1,4 +1,4 @@
-"""SPEC section 4 statistics on hand-built loads and routings (moe_bench.metrics)."""
+"""docs/contract.md §4 statistics on hand-built loads and routings (moe_bench.metrics)."""
 
 from __future__ import annotations
 

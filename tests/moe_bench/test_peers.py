@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import variants
-from moe_bench import peers
+from moe_bench import components, peers
 from variants.backends import loop
 from variants.experts import ExpertBank
 
@@ -169,9 +169,18 @@ def fake_megablocks(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     return lbl
 
 
+MB = components.lookup("megablocks_dmoe")
+
+
+def build_peer(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, **fields
+) -> peers.MegablocksDMoE:
+    return MB.build(MB.make_config(**fields), torch.device(device), dtype)
+
+
 def build_fake(**fields) -> peers.MegablocksDMoE:
     sizes = dict(d_model=D, num_experts=E, expert_hidden=H, top_k=2)
-    return peers.build_peer("megablocks_dmoe", device="cpu", **{**sizes, **fields})
+    return build_peer(device="cpu", **{**sizes, **fields})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -201,8 +210,8 @@ def bank_from_dmoe(moe: nn.Module) -> ExpertBank:
 
 @pytest.mark.parametrize("activation, mlp_type", [("gelu", "mlp"), ("swiglu", "glu")])
 def test_fields_map_to_megablocks_arguments(activation: str, mlp_type: str) -> None:
-    cfg = peers.make_config(
-        "megablocks_dmoe", d_model=64, num_experts=16, expert_hidden=32, top_k=3,
+    cfg = MB.make_config(
+        d_model=64, num_experts=16, expert_hidden=32, top_k=3,
         num_shared_experts=2, activation=activation, force_uniform_routing=True,
         balance_coef=0.02, normalize_expert_weights=1.0,
     )  # fmt: skip
@@ -220,7 +229,7 @@ def test_fields_map_to_megablocks_arguments(activation: str, mlp_type: str) -> N
 
 def test_gelu_is_exact_not_megablocks_tanh_default() -> None:
     x = torch.linspace(-4, 4, 101)
-    cfg = peers.make_config("megablocks_dmoe", d_model=D, num_experts=E, expert_hidden=H)
+    cfg = MB.make_config(d_model=D, num_experts=E, expert_hidden=H)
     act = peers.megablocks_arguments(cfg, "cuda", torch.bfloat16)["activation_fn"]
     torch.testing.assert_close(act(x), F.gelu(x))
     assert not torch.allclose(act(x), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=0)
@@ -228,7 +237,7 @@ def test_gelu_is_exact_not_megablocks_tanh_default() -> None:
 
 def test_swiglu_gate_is_silu() -> None:
     x = torch.linspace(-4, 4, 101)
-    cfg = peers.make_config("megablocks_dmoe", d_model=D, num_experts=E, expert_hidden=H,
+    cfg = MB.make_config(d_model=D, num_experts=E, expert_hidden=H,
                             activation="swiglu")  # fmt: skip
     torch.testing.assert_close(
         peers.megablocks_arguments(cfg, "cuda", torch.bfloat16)["activation_fn"](x), F.silu(x)
@@ -236,7 +245,7 @@ def test_swiglu_gate_is_silu() -> None:
 
 
 def test_no_shared_expert_by_default() -> None:
-    cfg = peers.make_config("megablocks_dmoe", d_model=D, num_experts=E, expert_hidden=H)
+    cfg = MB.make_config(d_model=D, num_experts=E, expert_hidden=H)
     args = peers.megablocks_arguments(cfg, "cuda", torch.bfloat16)
     assert args["shared_expert"] is False and args["shared_expert_hidden_size"] is None
 
@@ -304,14 +313,14 @@ def test_update_bias_is_a_no_op(fake_megablocks) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_no_cuda_names_the_peer() -> None:
     with pytest.raises(RuntimeError, match=r"variant 'megablocks_dmoe' needs a CUDA device"):
-        peers.build_peer("megablocks_dmoe", d_model=D, num_experts=E, expert_hidden=H)
+        build_peer(d_model=D, num_experts=E, expert_hidden=H)
 
 
 def test_missing_package_gives_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "megablocks", None)
     with pytest.raises(RuntimeError, match=r"megablocks_dmoe' needs the megablocks package.*pip"):
-        peers.build_peer("megablocks_dmoe", d_model=D, num_experts=E, expert_hidden=H)
+        build_peer(d_model=D, num_experts=E, expert_hidden=H)
 
 
 def test_float32_is_refused(fake_megablocks) -> None:
@@ -322,7 +331,7 @@ def test_float32_is_refused(fake_megablocks) -> None:
 @pytest.mark.parametrize(
     "name, fields, match",
     [
-        ("switch", {}, r"peer='switch' is not one of 'megablocks_dmoe'"),
+        ("nope", {}, r"variant='nope' is not one of .*'megablocks_dmoe'"),
         ("megablocks_dmoe", dict(capacity_factor=1.0), r"capacity_factor=1.0 must be None"),
         ("megablocks_dmoe", dict(balance_coef=-1), r"balance_coef=-1 must be >= 0"),
         ("megablocks_dmoe", dict(top_k=9), r"top_k=9 must be <= num_experts=4"),
@@ -331,7 +340,7 @@ def test_float32_is_refused(fake_megablocks) -> None:
 )
 def test_bad_config_is_a_clear_value_error(name: str, fields: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        peers.make_config(name, d_model=D, num_experts=E, expert_hidden=H, **fields)
+        components.lookup(name).make_config(d_model=D, num_experts=E, expert_hidden=H, **fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +353,7 @@ def _real_peer(**fields) -> peers.MegablocksDMoE:
         pytest.skip("needs a CUDA device")
     pytest.importorskip("megablocks")
     sizes = dict(d_model=256, num_experts=8, expert_hidden=256, top_k=2)
-    return peers.build_peer("megablocks_dmoe", **{**sizes, **fields})
+    return build_peer(**{**sizes, **fields})
 
 
 @pytest.mark.gpu
@@ -387,7 +396,7 @@ def test_param_counts_match_an_equal_shaped_variant(activation: str, shared: int
         activation=activation,
         num_shared_experts=shared,
     )
-    assert peers.param_counts(peers.make_config("megablocks_dmoe", **fields)) == count_params(
+    assert peers.param_counts(MB.make_config(**fields)) == count_params(
         variants.build("mixtral", **fields)
     )
 

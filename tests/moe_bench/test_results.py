@@ -48,11 +48,11 @@ def test_failed_job_marks_every_row(tmp_path: Path) -> None:
 
 def test_flush_is_atomic_and_leaves_no_temp_file(tmp_path: Path) -> None:
     rec = results.Recorder(tmp_path, BASE)
-    rec.log("a", 1.0)
+    rec.log("fwd_ms", 1.0)
     rec.flush()
-    rec.log("b", 2.0)
+    rec.log("tflops", 2.0)
     rec.flush()
-    assert [r["metric"] for r in rows(tmp_path)] == ["a", "b"]
+    assert [r["metric"] for r in rows(tmp_path)] == ["fwd_ms", "tflops"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [results.RESULTS]
 
 
@@ -98,3 +98,8 @@ def test_load_keeps_layer_as_int_or_mean(tmp_path: Path) -> None:
     recorder.finish("ok")
     layers = results.load(tmp_path)["layer"].tolist()
     assert layers[:2] == [0, "mean"] and isinstance(layers[0], int)
+
+
+def test_unknown_metric_names_fail_loudly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"metric='tokens_per_sec' is not one of 'fwd_ms'"):
+        results.Recorder(tmp_path, BASE).log("tokens_per_sec", 1.0)

@@ -1,4 +1,4 @@
-"""The `variants` contract of SPEC section 2: registry, shapes, records, modes, errors."""
+"""The `variants` contract of docs/contract.md §2: registry, shapes, records, modes, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mixtral against Jiang et al. 2024 (arXiv:2401.04088, Eq. 1-2) and SPEC's balance form."""
+"""mixtral against Jiang et al. 2024 (arXiv:2401.04088, Eq. 1-2) and the contract's balance form."""
 
 from __future__ import annotations
 

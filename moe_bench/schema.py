@@ -1,0 +1,96 @@
+"""The result schema: every metric a job writes, its unit, how its rows are keyed, which way is
+better, and the columns every row carries (docs/contract.md, section 5).
+
+Tasks log through these names (`Recorder.log(schema.TOKENS_PER_S, ...)` fills the unit), the
+report and the benchmark gate read through them, and the report tests build their rows with
+`row(...)`, so a renamed metric is renamed everywhere at once or fails loudly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One `metric` value of the result rows.
+
+    `keys`: the extra columns that tell its rows apart besides `step` (`pass`, `layer`,
+    `domain`, `expert`, `loss`); `better`: "min", "max" or None (no direction, no best mark).
+    """
+
+    name: str
+    unit: str = ""
+    better: str | None = None
+    keys: tuple[str, ...] = ()
+    description: str = ""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# timing (task=throughput), memory (task=memory)
+FWD_MS = Metric("fwd_ms", "ms", "min", ("pass",), "median forward time of the layer")
+FWD_BWD_MS = Metric("fwd_bwd_ms", "ms", "min", ("pass",), "median forward+backward time")
+TOKENS_PER_S = Metric("tokens_per_s", "tok/s", "max", ("pass",), "tokens over median time")
+TFLOPS = Metric("tflops", "TFLOP/s", "max", ("pass",), "analytic FLOPs over median time")
+RATIO_TO_DENSE = Metric(
+    "ratio_to_dense", "x", "min", ("pass",),
+    "layer time (or peak bytes) / that of a dense FFN with the same active FLOPs, same job",
+)  # fmt: skip
+PEAK_MEMORY_BYTES = Metric("peak_memory_bytes", "bytes", "min", ("pass",), "training-step peak")
+# routing statistics (moe_bench.metrics), per layer (and "mean") and per domain
+LOAD_ENTROPY = Metric("load_entropy", "", "max", ("layer", "domain"), "1 = perfect balance")
+MAX_VIO_BATCH = Metric("max_vio_batch", "", "min", ("layer", "domain"), "MaxVio per batch")
+MAX_VIO_GLOBAL = Metric("max_vio_global", "", "min", ("layer", "domain"), "MaxVio, whole set")
+LOAD_CV = Metric("load_cv", "", "min", ("layer", "domain"), "std / mean of the loads")
+DROP_FRACTION = Metric("drop_fraction", "", "min", ("layer", "domain"), "dropped / demanded")
+UNROUTED_FRACTION = Metric("unrouted_fraction", "", "min", ("layer", "domain"), "tokens kept 0")
+DEAD_EXPERTS = Metric("dead_experts", "experts", "min", ("layer", "domain"), "< 1% mean load")
+ROUTER_ENTROPY = Metric("router_entropy", "nats", None, ("layer", "domain"), "confidence")
+EXPERT_LOAD = Metric(
+    "expert_load", "share", None, ("layer", "domain", "expert"), "share of kept assignments"
+)
+# training (task=convergence)
+TRAIN_LOSS = Metric("train_loss", "nats", "min", (), "LM cross-entropy per byte")
+AUX_LOSS = Metric("aux_loss", "", None, ("loss",), "weighted aux loss by name, and total")
+VAL_LOSS = Metric("val_loss", "nats", "min", (), "validation cross-entropy per byte")
+VAL_PPL = Metric("val_ppl", "", "min", (), "validation perplexity per byte")
+# the job itself: its wall time; its status is the job's state
+JOB = Metric("job", "s", None, (), "one per job: wall seconds, the job's final status")
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        FWD_MS, FWD_BWD_MS, TOKENS_PER_S, TFLOPS, RATIO_TO_DENSE, PEAK_MEMORY_BYTES,
+        LOAD_ENTROPY, MAX_VIO_BATCH, MAX_VIO_GLOBAL, LOAD_CV, DROP_FRACTION, UNROUTED_FRACTION,
+        DEAD_EXPERTS, ROUTER_ENTROPY, EXPERT_LOAD, TRAIN_LOSS, AUX_LOSS, VAL_LOSS, VAL_PPL, JOB,
+    )
+}  # fmt: skip
+
+STATUSES = ("ok", "failed")
+# first in every frame: who, what, the value, and how the job ended
+CORE_COLUMNS = (
+    "variant", "task", "backend", "device", "dtype", "seed",
+    "metric", "value", "unit", "step", "status", "error",
+    "params_total", "params_active", "flops_per_token",
+)  # fmt: skip
+# a row is unusable without these
+REQUIRED_COLUMNS = ("variant", "task", "metric", "value", "status")
+
+
+def metric(name: str | Metric) -> Metric:
+    """The schema entry of a metric name; an unknown name is a ValueError naming the known ones."""
+    if isinstance(name, Metric):
+        return name
+    if name not in METRICS:
+        raise ValueError(f"metric={name!r} is not one of {', '.join(map(repr, METRICS))}")
+    return METRICS[name]
+
+
+def row(metric_: str | Metric, value: float, **columns: Any) -> dict[str, Any]:
+    """One result row as a task writes it: metric, value, its unit, step, status ok."""
+    m = metric(metric_)
+    base = {"metric": m.name, "value": value, "unit": m.unit, "step": None, "status": "ok"}
+    return {**base, "error": None, **columns}
