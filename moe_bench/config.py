@@ -292,10 +292,13 @@ def variant_fields(cfg: DictConfig, model: ModelConfig) -> dict[str, Any]:
     # null means "derive" for a size field; for any other field it is a value (capacity_factor)
     given = {k: v for k, v in node.items() if k not in SIZE_FIELDS or v is not None}
     missing = [k for k in SIZE_FIELDS if k in node and k not in given]
+    config_cls = components.lookup(name).config
+    if "top_k" in given:  # its own rule first: a clearer message than the sizes it implies
+        config_cls.check_top_k(given["top_k"])
     derived = {}
     if missing:
         derived = iso_fields(
-            components.lookup(name).config,
+            config_cls,
             d_model=model.d_model,
             d_ff=model.d_ff,
             expansion=model.expansion,
@@ -307,8 +310,23 @@ def variant_fields(cfg: DictConfig, model: ModelConfig) -> dict[str, Any]:
     return {**derived, **given, "d_model": model.d_model, "backend": cfg.backend}
 
 
+def check_top_level(cfg: DictConfig) -> None:
+    """`+key=value` adds a key that struct mode lets through: refuse it before any work."""
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(cfg) - known - {"hydra"})
+    if unknown:
+        key, value = unknown[0], OmegaConf.to_container(cfg, resolve=False)[unknown[0]]
+        if isinstance(value, dict):  # +foo.bar=1: name the leaf
+            key, value = next(iter(flatten(value, key).items()), (key, value))
+        raise ValueError(
+            f"{key}={value!r} is not a key of the config; "
+            f"allowed: {', '.join(sorted(known))} (and the keys inside them)"
+        )
+
+
 def resolve(cfg: DictConfig) -> Job:
     """Validate every group and build the job record; ValueError names the key."""
+    check_top_level(cfg)
     model = to_object(cfg, "model")
     device = to_object(cfg, "device")
     task = to_object(cfg, "task")

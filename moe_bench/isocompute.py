@@ -18,6 +18,7 @@ O(width), not O(width^2)); the backward pass is counted as twice the forward.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 from torch import nn
@@ -49,6 +50,11 @@ def iso_fields(
             "top_k": 1,
         }
     if granularity is not None:
+        if not math.isfinite(granularity) or granularity <= 0:
+            raise ValueError(
+                f"granularity={granularity} must be a finite number > 0 "
+                "(expert_hidden = d_ff / granularity)"
+            )
         m = Fraction(granularity).limit_denominator(1024)
         origin = f"granularity={granularity}"
     elif top_k is not None:
@@ -59,8 +65,6 @@ def iso_fields(
             "variant.granularity or variant.top_k must be set to derive the variant's sizes "
             "from the model group"
         )
-    if m <= 0:
-        raise ValueError(f"{origin} gives granularity {m}, which must be > 0")
     sizes = {
         "expert_hidden": (Fraction(d_ff) / m, f"d_ff / m = {d_ff} / ({m})"),
         "num_experts": (m * expansion - shared, f"m * N - Ks = ({m}) * {expansion} - {shared}"),
@@ -71,8 +75,9 @@ def iso_fields(
         if value.denominator != 1 or value < 1:
             raise ValueError(
                 f"{origin} gives granularity m={m} and {name} = {formula} = {float(value):g}, "
-                f"which must be a whole number >= 1; choose a granularity that splits "
-                f"d_ff={d_ff} into whole experts, or give num_experts, expert_hidden and top_k"
+                f"which must be a whole number >= 1; choose a granularity (or top_k) that splits "
+                f"d_ff={d_ff} into whole experts, or set num_experts, expert_hidden and top_k "
+                "to size the layer yourself"
             )
         fields[name] = int(value)
     return fields

@@ -18,10 +18,12 @@ from omegaconf import DictConfig
 from moe_bench import config, results
 from moe_bench.config import Job
 from moe_bench.tasks import get_task
+from variants.megablocks import Unavailable
 
 log = logging.getLogger(__name__)
 # failures a sweep expects (bad values, impossible combinations, too big for the device): one line
-EXPECTED = (ValueError, FloatingPointError, torch.OutOfMemoryError)  # not bugs: no traceback
+# (and what the machine lacks: no CUDA device, an optional package not installed)
+EXPECTED = (ValueError, FloatingPointError, torch.OutOfMemoryError, Unavailable)
 
 
 def _failed(recorder: results.Recorder, error: Exception, label: str) -> str:

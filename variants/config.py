@@ -77,6 +77,8 @@ class MoEConfig:
     uneven_top_k: ClassVar[str | None] = None
     # why a variant must stay dropless (capacity_factor None), where it must
     dropless: ClassVar[str | None] = None
+    # (K, why) where the paper fixes top_k (Switch: top-1, GShard: top-2)
+    fixed_top_k: ClassVar[tuple[int, str] | None] = None
 
     d_model: int = 512
     num_experts: int = 8
@@ -96,7 +98,7 @@ class MoEConfig:
         check_int(self, "d_model", 1)
         check_int(self, "num_experts", 1)
         check_int(self, "expert_hidden", 1)
-        check_int(self, "top_k", 1)
+        self.check_top_k(self.top_k)
         check_le(self, "top_k", "num_experts")
         check_int(self, "num_shared_experts", 0)
         check_choice(self, "activation", ACTIVATIONS)
@@ -116,6 +118,16 @@ class MoEConfig:
                 f"force_uniform_routing={self.force_uniform_routing!r} must be true or false"
             )
         check_choice(self, "router_dtype", tuple(ROUTER_DTYPES))
+
+    @classmethod
+    def check_top_k(cls, top_k: Any) -> None:
+        """top_k alone: a whole number >= 1, and the paper's value where the paper fixes it.
+        (`top_k <= num_experts` needs the sizes, checked in `validate`.)"""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be a whole number >= 1 and <= num_experts")
+        if cls.fixed_top_k is not None and top_k != cls.fixed_top_k[0]:
+            k, why = cls.fixed_top_k
+            raise ValueError(f"top_k={top_k} must be {k} {why}")
 
     def experts_per_token(self) -> float:
         """Expert FFNs of width expert_hidden a token passes through on average: routed top_k

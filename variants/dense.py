@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import MoEConfig, check_int
 from .experts import ExpertBank
-from .layer import MoEOutput, assemble, flatten_tokens
+from .layer import MoEOutput, assemble, check_input_dtype, flatten_tokens
 from .routing import make_routing
 
 
@@ -43,6 +43,7 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         x_TD, _ = flatten_tokens(x, self.cfg.d_model)
+        check_input_dtype(x_TD, self.experts.w1)
         T, dev = x_TD.shape[0], x_TD.device
         # every token "routed" to the one FFN with weight 1, so reports need no special case
         routing = make_routing(

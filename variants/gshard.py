@@ -34,14 +34,13 @@ class GShardConfig(MoEConfig):
     capacity_factor: float | None = 1.0
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
+    fixed_top_k: ClassVar[tuple[int, str] | None] = (2, "for gshard (top-2 gating)")
     uneven_top_k: ClassVar[str | None] = (
         "gshard keeps a token's second choice at random in training (1 or 2 experts per token)"
     )
 
     def validate(self) -> None:
         super().validate()
-        if self.top_k != 2:
-            raise ValueError(f"top_k={self.top_k} must be 2 for gshard (top-2 gating)")
         check_number(self, "balance_coef", minimum=0)
         check_number(self, "z_loss_coef", minimum=0)
 

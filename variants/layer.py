@@ -26,6 +26,15 @@ class MoEOutput:
     routing: Routing | None = None
 
 
+def check_input_dtype(x: torch.Tensor, param: torch.Tensor) -> None:
+    """The input's dtype must be the parameters', or autocast must be on to reconcile them."""
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"input dtype={x.dtype} must match the layer's parameters ({param.dtype}), or run "
+            f"under torch.autocast; cast one of them (layer.to(dtype) or x.to({param.dtype}))"
+        )
+
+
 def flatten_tokens(x: torch.Tensor, d_model: int) -> tuple[torch.Tensor, int]:
     """x [..., D] -> (x_TD, number of sequences). [B, S, D] holds B sequences; [S, D] holds one."""
     if x.dim() == 0 or x.shape[-1] != d_model:
@@ -63,6 +72,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
+        check_input_dtype(x_TD, self.experts.w1)
         routing, losses = self.router(x_TD, num_seqs)
         y_TD = self.backend(x_TD, routing, self.experts)
         if self.shared is not None:

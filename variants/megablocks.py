@@ -57,22 +57,26 @@ class Kernels(NamedTuple):
     gmm: Callable[..., torch.Tensor]  # grouped_gemm.ops.gmm(a, b, batch_sizes, trans_b=False)
 
 
+class Unavailable(RuntimeError):
+    """What this machine lacks (a CUDA device, the megablocks install): not a bug, one line."""
+
+
 def require_megablocks(what: str = "backend='megablocks'") -> None:
-    """Raise a clear RuntimeError unless CUDA, megablocks and grouped_gemm are all available.
+    """Raise a clear `Unavailable` unless CUDA, megablocks and grouped_gemm are all available.
 
     CUDA is checked first: megablocks' compiled ops cannot even be imported without a driver.
     """
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise Unavailable(
             f"{what} needs a CUDA device, and torch.cuda.is_available() is False: megablocks "
             "runs on GPU only (on CPU, backend 'grouped' is the dropless grouped compute)"
         )
     try:
         from megablocks import grouped_gemm_util
     except ImportError as err:
-        raise RuntimeError(f"{what} needs the megablocks package ({err}): {INSTALL_HINT}") from err
+        raise Unavailable(f"{what} needs the megablocks package ({err}): {INSTALL_HINT}") from err
     if grouped_gemm_util.ops is None:  # megablocks imports without it, only warning
-        raise RuntimeError(
+        raise Unavailable(
             f"{what} needs grouped_gemm (megablocks' mlp_impl='grouped'): {INSTALL_HINT}"
         )
 

@@ -70,7 +70,9 @@ def prob_in_topk(
     kth_T1, k1th_T1 = top_TK1[:, k - 1 : k], top_TK1[:, k : k + 1]
     is_in_TE = noisy_TE > k1th_T1  # in the top k: excluding it promotes the (k+1)-th
     threshold_TE = torch.where(is_in_TE, k1th_T1, kth_T1)
-    normal = torch.distributions.Normal(0.0, 1.0)
+    # validate_args=False: a non-finite input gives that token NaN probabilities (and NaN
+    # losses) instead of torch's support check raising (docs/contract.md §2, non-finite inputs)
+    normal = torch.distributions.Normal(0.0, 1.0, validate_args=False)
     return normal.cdf((clean_TE - threshold_TE) / noise_std_TE)
 
 

@@ -19,6 +19,7 @@ Shape legend: T tokens, D model width, E experts, A kept assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,10 @@ class SwitchConfig(MoEConfig):
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
     jitter_eps: float = 0.0
+    fixed_top_k: ClassVar[tuple[int, str] | None] = (1, "for switch (top-1 routing)")
 
     def validate(self) -> None:
         super().validate()
-        if self.top_k != 1:
-            raise ValueError(f"top_k={self.top_k} must be 1 for switch (top-1 routing)")
         check_number(self, "balance_coef", minimum=0)
         check_number(self, "z_loss_coef", minimum=0)
         check_number(self, "jitter_eps", minimum=0)

@@ -159,3 +159,29 @@ def test_empty_input_is_a_value_error(shape: tuple[int, ...]) -> None:
 def test_dense_bad_sizes_are_value_errors(fields: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(fields))):
         variants.build("dense", **fields)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", ALL)
+def test_input_dtype_must_match_the_parameters(name: str, dtype: torch.dtype) -> None:
+    layer = small(name)
+    with pytest.raises(ValueError, match=rf"input dtype={dtype} must match the layer's param"):
+        layer(torch.randn(4, 16, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast reconciles them
+        assert layer(torch.randn(4, 16, dtype=torch.bfloat16)).y.shape == (4, 16)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ALL)
+def test_a_non_finite_token_stays_in_its_row(name: str, mode: str) -> None:
+    """NaN in one input element: no exception; that token's output is NaN, the other tokens'
+    outputs are finite where no other token's choice depends on it (token choice without
+    capacity), and training losses that average over tokens become NaN."""
+    layer = getattr(small(name), mode)()
+    x = torch.randn(2, 6, 16)
+    x[0, 1, 3] = float("nan")
+    out = layer(x)
+    bad_BS = ~out.y.isfinite().all(-1)
+    assert bad_BS[0, 1]
+    if layer.cfg.capacity_factor is None and not layer.cfg.leaks_future_tokens:
+        assert int(bad_BS.sum()) == 1
