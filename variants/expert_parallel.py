@@ -82,6 +82,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 from torch import nn
+from torch.multiprocessing.spawn import ProcessException
 
 from .backends import get_backend
 from .config import check_int
@@ -477,6 +478,19 @@ def _rank_main(
         dist.destroy_process_group()
 
 
+def _failures(job: mp.ProcessContext, first: ProcessException) -> str:
+    """Every failed rank's traceback (from torch's per-rank error files), first seen first."""
+    texts = []
+    for rank in sorted(range(len(job.processes)), key=lambda r: r != first.error_index):
+        try:
+            with open(job.error_files[rank], "rb") as fh:
+                texts.append(f"rank {rank} failed:\n{pickle.load(fh)}")
+        except (OSError, EOFError, pickle.UnpicklingError):
+            if rank == first.error_index:
+                texts.append(f"rank {rank} died: {first}")
+    return "\n".join(texts)
+
+
 def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -484,28 +498,33 @@ def spawn_ranks(
     backend: str = "gloo",
     timeout_s: float = 120.0,
     threads: int = 1,
+    collective_timeout_s: float | None = None,
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes joined in one group.
 
     The group meets through a file store in a temporary directory (no port to pick on a
-    shared machine). Every collective times out after `timeout_s`, and the whole job is ended
-    after `timeout_s`: a rank that raises ends the job at once (the others are terminated) with
-    `RankFailed` carrying that rank's traceback; a rank that hangs ends it at the deadline.
+    shared machine). Every collective times out after `collective_timeout_s` (default
+    `timeout_s`), raising in its rank, and the whole job is ended after `timeout_s`. A rank that
+    raises ends the job at once (the others are terminated) with `RankFailed` carrying every
+    failed rank's traceback; a rank that hangs ends it at the deadline.
     `fn` must be importable (a module-level function); its return values (picklable) come back
     in rank order.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} must be an integer >= 1")
-    if not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"timeout_s={timeout_s} must be a positive number of seconds")
+    for name, value in (("timeout_s", timeout_s), ("collective_timeout_s", collective_timeout_s)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value} must be a positive number of seconds")
+    collective_timeout_s = collective_timeout_s or timeout_s
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     out: dict[int, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ep_store_") as tmp:
         init_method = f"file://{tmp}/store"
+        rank_args = (fn, world_size, backend, init_method, collective_timeout_s, threads, results)
         job = mp.start_processes(
             _rank_main,
-            args=(fn, world_size, backend, init_method, timeout_s, threads, results, args),
+            args=(*rank_args, args),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -520,10 +539,10 @@ def spawn_ranks(
                     break
                 if time.monotonic() > deadline:
                     raise RankFailed(f"the {world_size}-rank job ran past timeout_s={timeout_s}")
-        except mp.ProcessRaisedException as e:
-            raise RankFailed(f"rank {e.error_index} failed:\n{e.msg}") from None
-        except mp.ProcessExitedException as e:
-            raise RankFailed(f"rank {e.error_index} died: {e}") from None
+        except ProcessException as e:
+            # the first rank seen failing may only be a peer of the rank that raised (its
+            # collective broke when that rank exited): report every failed rank's traceback
+            raise RankFailed(_failures(job, e)) from None
         finally:
             for p in job.processes:
                 if p.is_alive():
