@@ -75,7 +75,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -275,88 +275,95 @@ class ExpertParallel(nn.Module):
         self.stats: EPStats | None = None
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
-        plan, group, D = self.plan, self.group, self.cfg.d_model
-        P, L, me, dev = plan.world_size, plan.per_rank, plan.rank, x.device
+        dev = x.device
         t0 = _now(dev)
-        x_TD, num_seqs = flatten_tokens(x, D)
-        routing, losses = self.router(x_TD, num_seqs)
-        T = x_TD.shape[0]
+        x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
+        routing, losses = self.router(x_TD, num_seqs)  # the layer's own routing, local tokens
 
         t1 = _now(dev)
-        # assignments sorted by expert, hence by destination rank (contiguous expert blocks)
-        order_A = torch.argsort(routing.expert, stable=True)
-        expert_A, token_A = routing.expert[order_A], routing.token[order_A]
-        weight_A = routing.weight[order_A].to(x_TD.dtype)  # backends weigh in the input dtype
-        dst_A = torch.div(expert_A, L, rounding_mode="floor")
-        # one row per (destination rank, token): sorted by rank, then token
-        pair_U, row_A = torch.unique(dst_A * T + token_A, sorted=True, return_inverse=True)
-        dst_U, token_U = torch.div(pair_U, T, rounding_mode="floor"), pair_U % T
-        rows_to_P = torch.bincount(dst_U, minlength=P)
-        assign_to_P = torch.bincount(dst_A, minlength=P)
-        row_start_P = torch.cumsum(rows_to_P, 0) - rows_to_P
-        rel_row_A = row_A - row_start_P[dst_A]  # row inside the block sent to that rank
-
-        # counts first: every rank learns the whole traffic (one small all_gather)
-        ranks_per_token = torch.bincount(token_U, minlength=T)
-        max_ranks = ranks_per_token.max() if T else ranks_per_token.new_zeros(())
-        mine = torch.cat([rows_to_P, routing.load, torch.tensor([T], device=dev), max_ranks[None]])
-        gathered = [torch.empty_like(mine) for _ in range(P)]
-        dist.all_gather(gathered, mine, group=group)
-        counts = torch.stack(gathered).cpu()  # [P, P + E + 2]
-        rank_tokens_PP, load_PE = counts[:, :P], counts[:, P : P + self.cfg.num_experts]
-        rank_assign_PP = load_PE.view(P, P, L).sum(-1)
-
-        # the dispatch: per destination, its rows then its weights, in one flat buffer
-        send_rows, send_assign = rows_to_P.tolist(), assign_to_P.tolist()
-        recv_rows, recv_assign = rank_tokens_PP[:, me].tolist(), rank_assign_PP[:, me].tolist()
-        x_UD = x_TD[token_U]
-        pieces, r0, a0 = [], 0, 0
-        for d in range(P):
-            pieces += [x_UD[r0 : r0 + send_rows[d]].reshape(-1), weight_A[a0 : a0 + send_assign[d]]]
-            r0, a0 = r0 + send_rows[d], a0 + send_assign[d]
-        send_flat = torch.cat(pieces)
-        in_splits = [send_rows[d] * D + send_assign[d] for d in range(P)]
-        out_splits = [recv_rows[s] * D + recv_assign[s] for s in range(P)]
-        recv_flat = _all_to_all(send_flat.new_empty(sum(out_splits)), send_flat, out_splits,
-                                in_splits, group)  # fmt: skip
-        rel_row_B = torch.empty(sum(recv_assign), dtype=torch.long, device=dev)
-        dist.all_to_all_single(rel_row_B, rel_row_A, recv_assign, send_assign, group=group)
-
-        # unpack: received rows [R, D], weights [B], and each assignment's row and local expert
-        x_pieces, w_pieces = [], []
-        for s, part in enumerate(torch.split(recv_flat, out_splits)):
-            x_pieces.append(part[: recv_rows[s] * D])
-            w_pieces.append(part[recv_rows[s] * D :])
-        x_RD = torch.cat(x_pieces).view(-1, D)
-        weight_B = torch.cat(w_pieces)
-        recv_rows_S = torch.tensor(recv_rows, device=dev)
-        recv_assign_S = torch.tensor(recv_assign, device=dev)
-        row_B = rel_row_B + torch.repeat_interleave(
-            torch.cumsum(recv_rows_S, 0) - recv_rows_S, recv_assign_S
-        )
-        local_SL = load_PE[:, plan.first : plan.first + L].to(dev)  # sorted by expert per src
-        expert_B = torch.repeat_interleave(
-            torch.arange(L, device=dev).repeat(P), local_SL.reshape(-1)
-        )
+        out = _outgoing(routing, x_TD.shape[0], self.plan)
+        counts = self._exchange_counts(out, routing.load, x_TD.shape[0])
+        x_RD, local, recv_flat = self._dispatch(x_TD, out, counts)
 
         t2 = _now(dev)
-        y_RD = self.backend(x_RD, _local_routing(row_B, expert_B, weight_B, x_RD.shape[0], L),
-                            self.experts)  # fmt: skip
+        y_RD = self.backend(x_RD, local, self.experts)
         # tie the dispatch into the graph even when nothing arrived, so every rank runs the
         # dispatch's backward all-to-all (an untied rank would leave the others waiting)
         y_RD = y_RD + recv_flat[:0].sum()
 
         t3 = _now(dev)
-        y_UD = _all_to_all(y_RD.new_empty(len(token_U), D), y_RD, send_rows, recv_rows, group)
-        y_TD = x_TD.new_zeros(T, D).index_add(0, token_U, y_UD.to(x_TD.dtype))
+        recv_rows = counts[:, self.plan.rank].tolist()
+        y_UD = _all_to_all(
+            y_RD.new_empty(out.token_U.numel(), y_RD.shape[1]),
+            y_RD,
+            out.rows_to_P.tolist(),
+            recv_rows,
+            self.group,
+        )
+        y_TD = x_TD.new_zeros(x_TD.shape).index_add(0, out.token_U, y_UD.to(x_TD.dtype))
         if self.shared is not None:
             y_TD = y_TD + self.shared.sum_all(x_TD)
         t4 = _now(dev)
 
-        self.stats = _stats(counts, P, L, D, x_TD.element_size(), weight_A.element_size())
+        P, L, D = self.plan.world_size, self.plan.per_rank, self.cfg.d_model
+        self.stats = _stats(counts, P, L, D, x_TD.element_size(), x_TD.element_size())
         self.stats.route_ms, self.stats.dispatch_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
         self.stats.expert_ms, self.stats.combine_ms = 1e3 * (t3 - t2), 1e3 * (t4 - t3)
         return assemble(x, y_TD, losses, routing)
+
+    def _exchange_counts(self, out: Outgoing, load_E: torch.Tensor, T: int) -> torch.Tensor:
+        """All ranks' counts, [P, P + E + 2] on the CPU: per source rank, its rows per
+        destination, its kept assignments per expert, its tokens, its max ranks per token."""
+        T_1 = torch.tensor([T], device=load_E.device)
+        mine_C = torch.cat([out.rows_to_P, load_E, T_1, out.max_ranks.view(1)])
+        gathered = [torch.empty_like(mine_C) for _ in range(self.plan.world_size)]
+        dist.all_gather(gathered, mine_C, group=self.group)
+        return torch.stack(gathered).cpu()
+
+    def _dispatch(
+        self, x_TD: torch.Tensor, out: Outgoing, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        """Send rows and weights; return the received rows [R, D], the local Routing over them
+        (rows, local experts, weights) and the flat receive buffer (for the backward tie)."""
+        plan, D, dev = self.plan, self.cfg.d_model, x_TD.device
+        P, L, me = plan.world_size, plan.per_rank, plan.rank
+        load_PE = counts[:, P : P + plan.num_experts]
+        send_rows, send_assign = out.rows_to_P.tolist(), out.assign_to_P.tolist()
+        recv_rows = counts[:, me].tolist()
+        recv_assign = load_PE[:, plan.first : plan.first + L].sum(1).tolist()
+
+        # per destination, its rows then its weights, in one flat buffer: one differentiable
+        # all-to-all per direction (and so one backward collective order on every rank)
+        x_UD, pieces, r0, a0 = x_TD[out.token_U], [], 0, 0
+        weight_A = out.weight_A.to(x_TD.dtype)  # the backends weigh in the input dtype anyway
+        for d in range(P):
+            pieces.append(x_UD[r0 : r0 + send_rows[d]].reshape(-1))
+            pieces.append(weight_A[a0 : a0 + send_assign[d]])
+            r0, a0 = r0 + send_rows[d], a0 + send_assign[d]
+        send_flat = torch.cat(pieces)
+        in_splits = [send_rows[d] * D + send_assign[d] for d in range(P)]
+        out_splits = [recv_rows[s] * D + recv_assign[s] for s in range(P)]
+        recv_flat = send_flat.new_empty(sum(out_splits))
+        recv_flat = _all_to_all(recv_flat, send_flat, out_splits, in_splits, self.group)
+        rel_row_B = torch.empty(sum(recv_assign), dtype=torch.long, device=dev)
+        dist.all_to_all_single(rel_row_B, out.rel_row_A, recv_assign, send_assign, self.group)
+
+        x_pieces, w_pieces = [], []
+        for s, part in enumerate(torch.split(recv_flat, out_splits)):
+            x_pieces.append(part[: recv_rows[s] * D])
+            w_pieces.append(part[recv_rows[s] * D :])
+        x_RD = torch.cat(x_pieces).view(-1, D)
+        recv_rows_S = torch.tensor(recv_rows, device=dev)
+        row_start_B = torch.repeat_interleave(
+            torch.cumsum(recv_rows_S, 0) - recv_rows_S, torch.tensor(recv_assign, device=dev)
+        )
+        # each source sent its assignments sorted by expert: local expert ids from the counts
+        local_SL = load_PE[:, plan.first : plan.first + L].to(dev)
+        expert_B = torch.repeat_interleave(
+            torch.arange(L, device=dev).repeat(P), local_SL.reshape(-1)
+        )
+        local = _local_routing(rel_row_B + row_start_B, expert_B, torch.cat(w_pieces), x_RD, L)
+        return x_RD, local, recv_flat
 
     def update_bias(self) -> None:
         """Loss-free bias update from the load of ALL ranks (the global batch, as in
@@ -388,10 +395,41 @@ class ExpertParallel(nn.Module):
         )
 
 
+class Outgoing(NamedTuple):
+    """This rank's side of the dispatch: rows sorted by destination rank, then token."""
+
+    token_U: torch.Tensor  # [U] token of each row sent
+    rows_to_P: torch.Tensor  # [P] rows sent to each rank
+    assign_to_P: torch.Tensor  # [P] assignments sent to each rank
+    weight_A: torch.Tensor  # [A] combine weights, sorted by expert (hence by rank)
+    rel_row_A: torch.Tensor  # [A] each assignment's row inside the block sent to its rank
+    max_ranks: torch.Tensor  # 0-d, the most ranks one token goes to
+
+
+def _outgoing(routing: Routing, T: int, plan: EPPlan) -> Outgoing:
+    """Group this rank's kept assignments by destination rank, one row per (rank, token)."""
+    order_A = torch.argsort(routing.expert, stable=True)  # by expert, hence by rank
+    expert_A, token_A = routing.expert[order_A], routing.token[order_A]
+    dst_A = torch.div(expert_A, plan.per_rank, rounding_mode="floor")
+    pair_U, row_A = torch.unique(dst_A * T + token_A, sorted=True, return_inverse=True)
+    dst_U, token_U = torch.div(pair_U, T, rounding_mode="floor"), pair_U % T
+    rows_to_P = torch.bincount(dst_U, minlength=plan.world_size)
+    row_start_P = torch.cumsum(rows_to_P, 0) - rows_to_P
+    return Outgoing(
+        token_U=token_U,
+        rows_to_P=rows_to_P,
+        assign_to_P=torch.bincount(dst_A, minlength=plan.world_size),
+        weight_A=routing.weight[order_A],
+        rel_row_A=row_A - row_start_P[dst_A],
+        max_ranks=torch.bincount(token_U, minlength=T).max(),
+    )
+
+
 def _local_routing(
-    row_B: torch.Tensor, expert_B: torch.Tensor, weight_B: torch.Tensor, R: int, L: int
+    row_B: torch.Tensor, expert_B: torch.Tensor, weight_B: torch.Tensor, x_RD: torch.Tensor, L: int
 ) -> Routing:
     """The Routing record the local backend computes from (scores and logits unused: views)."""
+    R = x_RD.shape[0]
     placeholder_RL = weight_B.new_zeros(()).expand(R, L)
     load_L = torch.bincount(expert_B, minlength=L)
     return Routing(row_B, expert_B, weight_B, placeholder_RL, placeholder_RL, load_L, load_L, R)
