@@ -472,10 +472,15 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
     """Join ranks started by a cluster launcher (torchrun, Slurm/submitit): reads RANK,
     WORLD_SIZE (else SLURM_PROCID, SLURM_NTASKS), MASTER_ADDR and MASTER_PORT (default 29500).
     Every collective then fails after `timeout_s` instead of hanging. Returns (rank, world)."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
-    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS"))
-    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("MASTER_ADDR", None)):
-        if (value if name != "MASTER_ADDR" else os.environ.get(name)) is None:
+    env = os.environ
+    rank = env.get("RANK", env.get("SLURM_PROCID"))
+    world = env.get("WORLD_SIZE", env.get("SLURM_NTASKS"))
+    for name, value in (
+        ("RANK (or SLURM_PROCID)", rank),
+        ("WORLD_SIZE (or SLURM_NTASKS)", world),
+        ("MASTER_ADDR", env.get("MASTER_ADDR")),
+    ):
+        if value is None:
             raise ValueError(f"environment variable {name} is not set: start ranks with a launcher")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

@@ -12,13 +12,25 @@ Shape legend: P ranks, B sequences per rank, S sequence length, D model width, E
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import variants
-from variants.expert_parallel import EPPlan, ExpertParallel, RankFailed, _check_groups, spawn_ranks
+from variants.expert_parallel import (
+    EPPlan,
+    ExpertParallel,
+    RankFailed,
+    _check_groups,
+    init_from_env,
+    spawn_ranks,
+)
 
 B, S, D, H = 2, 4, 8, 6
 TOL = 1e-5
@@ -267,3 +279,37 @@ def test_collective_times_out_instead_of_hanging() -> None:
     with pytest.raises(RankFailed, match=r"(?is)rank 0 failed.*timed out"):
         spawn_ranks(_silent_worker, 2, timeout_s=50, collective_timeout_s=2)
     assert time.monotonic() - start < 50
+
+
+def test_init_from_env_needs_the_launcher_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"RANK \(or SLURM_PROCID\) is not set"):
+        init_from_env("gloo")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    with pytest.raises(ValueError, match="MASTER_ADDR is not set"):
+        init_from_env("gloo")
+
+
+def test_init_from_env_joins_slurm_style_ranks() -> None:
+    """A one-rank job started the way Slurm starts one (SLURM_* and MASTER_* only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = (
+        "import torch.distributed as dist; from variants.expert_parallel import init_from_env; "
+        "print(init_from_env('gloo', timeout_s=20), dist.get_world_size())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],  # the repository root: its `variants`
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["(0,", "1)", "1"]
