@@ -55,6 +55,22 @@ class ExpertBank(nn.Module):
             return F.gelu(h1)
         return F.silu(h1) * h3
 
+    def slice_experts(self, start: int, stop: int) -> ExpertBank:
+        """A new bank holding copies of experts `start .. stop-1` (an expert-parallel rank's
+        shard); same device and dtype, detached from this bank."""
+        if not 0 <= start < stop <= self.num_experts:
+            raise ValueError(
+                f"expert slice start={start}, stop={stop} must satisfy "
+                f"0 <= start < stop <= num_experts={self.num_experts}"
+            )
+        bank = ExpertBank(stop - start, self.d_model, self.hidden, self.activation)
+        bank = bank.to(device=self.w1.device, dtype=self.w1.dtype)
+        with torch.no_grad():
+            for name in ("w1", "w2", "w3"):
+                if getattr(self, name) is not None:
+                    getattr(bank, name).copy_(getattr(self, name)[start:stop])
+        return bank
+
     def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """FFN of expert e on its rows: the plain reference every backend is checked against."""
         h3 = x_ND @ self.w3[e] if self.w3 is not None else None
