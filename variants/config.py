@@ -75,6 +75,10 @@ class MoEConfig:
     uneven_top_k: ClassVar[str | None] = None
     # why a variant must stay dropless (capacity_factor None), where it must
     dropless: ClassVar[str | None] = None
+    # experts per token vary by token (topp, remoe, moe_plus_plus, expert_choice): the runner
+    # reports `experts_per_token` (variants.routing.experts_per_token_stats) and counts active
+    # FLOPs and parameters from its measured mean, not from top_k
+    variable_k: ClassVar[bool] = False
 
     d_model: int = 512
     num_experts: int = 8

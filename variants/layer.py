@@ -24,6 +24,9 @@ class MoEOutput:
     aux_loss: torch.Tensor  # 0-d, the sum of `losses`
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     routing: Routing | None = None
+    # variant-specific tensors a caller may use, e.g. moe_plus_plus's "gate_logits" [T, P] for
+    # the next layer's gating residual; empty for most variants
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def flatten_tokens(x: torch.Tensor, d_model: int) -> tuple[torch.Tensor, int]:

@@ -234,3 +234,32 @@ class Router(nn.Module):
 
     def update_bias(self) -> None:
         """Loss-free balancing hook (DeepSeek-V3); a no-op for routers without a bias."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-k routings (topp, remoe, moe_plus_plus, expert_choice)
+# ---------------------------------------------------------------------------------------------
+
+
+def mask_to_assignments(
+    keep_TE: torch.Tensor, weight_TE: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bool [T, E] selection -> token-major (token_A, expert_A, weight_A), weight from weight_TE."""
+    token_A, expert_A = keep_TE.nonzero(as_tuple=True)
+    return token_A, expert_A, weight_TE[token_A, expert_A]
+
+
+def experts_per_token(routing: Routing) -> torch.Tensor:
+    """[T] long: kept routed (FFN) experts of each token, 0 for an unrouted token."""
+    return torch.bincount(routing.token, minlength=routing.num_tokens)
+
+
+def experts_per_token_stats(routing: Routing) -> dict[str, float]:
+    """Mean, min and max kept routed experts per token (the `experts_per_token` metric).
+
+    The mean times one expert's FLOPs is the measured active routed compute of a variable-k
+    variant; for `moe_plus_plus` the record holds FFN experts only, so zero-computation experts
+    count as free.
+    """
+    k_T = experts_per_token(routing).float()
+    return {"mean": float(k_T.mean()), "min": float(k_T.min()), "max": float(k_T.max())}

@@ -1,0 +1,194 @@
+"""moe_plus_plus: FFN and zero-computation experts in one routing pool (Jin et al. 2024, "MoE++:
+Accelerating Mixture-of-Experts Methods with Zero-Computation Experts", ICLR 2025,
+arXiv:2410.07348, Sec. 3).
+
+Shape legend: T tokens, D model width, E FFN experts, Z zero-computation experts, P = E + Z
+experts in the pool, K experts per token (from the pool), A kept FFN assignments, B kept
+zero-computation assignments.
+
+- Pool (Sec. 3.1, Eq. 3-5): E FFN experts plus `num_zero_experts` zero experts E(x) = 0
+  (discard), `num_copy_experts` copy experts E(x) = x (skip) and `num_constant_experts`
+  constant experts E(x) = a1 x + a2 v with [a1, a2] = softmax(W_c x) (replace; W_c [2, D] and
+  v [D] trained, `const_gate` and `const_vec`).
+- Router (Eq. 2, 6): G(x^j) = x^j W^j + G(x^{j-1}) W_g^j, the gating residual: the pool logits
+  of the previous MoE++ layer (`gate_residual`, [T, P]) enter through a trainable [P, P] matrix
+  (`router.residual`). p = softmax(G) over the pool, top-K; the combine weight is p itself.
+  Pool logits are returned as `out.extras["gate_logits"]` for the next layer to pass on.
+- Heterogeneous load balance (Eq. 7-8): `balance_coef * P * sum_i eta_i f_i P_i` over the pool,
+  f_i = assignments to i / (T K), P_i = mean_t p_i, eta_i = 1 for FFN experts and `tau` for
+  zero-computation experts (tau < 1 lets tokens favour the cheap experts).
+- `Routing` holds the FFN assignments only (experts 0..E-1; `scores` and `logits` are the FFN
+  columns of the pool), so `load`, the backends and `experts_per_token` see exactly the FFN
+  work: zero-computation experts are free in FLOPs and active-parameter counts. The pool-wide
+  load is `out.extras["pool_load"]` [P].
+- Dropless (capacity_factor rejected).
+
+Defaults: MoE++ 0.6B/(8+4)E: 8 FFN experts, 1 zero, 1 copy, 2 constant, top-2, tau 0.75,
+balance coefficient 0.01 (paper values as read for this issue).
+Departures: `router.residual` starts at zero, so an untrained layer routes like plain top-K;
+without `gate_residual` (the first layer, or a runner that does not chain layers) the residual
+term is absent. v starts at N(0, 1/D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig, check_int, check_number
+from .layer import MoELayer, MoEOutput, assemble, flatten_tokens
+from .routing import Router, f_dot_p, flatten_topk, make_routing
+
+
+@dataclass
+class MoEPlusPlusConfig(MoEConfig):
+    dropless: ClassVar[str | None] = "moe_plus_plus computes every selected FFN expert"
+    uneven_top_k: ClassVar[str | None] = (
+        "zero-computation experts take some of a token's K slots, leaving it 0..K FFN experts"
+    )
+    variable_k: ClassVar[bool] = True
+    num_experts: int = 8
+    top_k: int = 2
+    num_zero_experts: int = 1
+    num_copy_experts: int = 1
+    num_constant_experts: int = 2
+    gating_residual: bool = True
+    balance_coef: float = 0.01
+    tau: float = 0.75
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "num_zero_experts", 0)
+        check_int(self, "num_copy_experts", 0)
+        check_int(self, "num_constant_experts", 0)
+        if not isinstance(self.gating_residual, bool):
+            raise ValueError(f"gating_residual={self.gating_residual!r} must be true or false")
+        check_number(self, "balance_coef", minimum=0)
+        check_number(self, "tau", positive=True)
+
+    @property
+    def num_zero_computation(self) -> int:
+        """Z: zero, copy and constant experts together."""
+        return self.num_zero_experts + self.num_copy_experts + self.num_constant_experts
+
+    @property
+    def pool_size(self) -> int:
+        """P = E + Z, the experts the router chooses among."""
+        return self.num_experts + self.num_zero_computation
+
+
+class MoEPlusPlusRouter(Router):
+    def __init__(self, cfg: MoEPlusPlusConfig) -> None:
+        super().__init__(cfg)
+        Z, P, D = cfg.num_zero_computation, cfg.pool_size, cfg.d_model
+        self.zc_weight = nn.Parameter(torch.empty(Z, D))
+        nn.init.kaiming_uniform_(self.zc_weight, a=5**0.5)
+        self.residual = nn.Parameter(torch.zeros(P, P)) if cfg.gating_residual else None
+
+    def pool_logits(self, x_TD: torch.Tensor, gate_residual: torch.Tensor | None) -> torch.Tensor:
+        """G = x [W; W_zc]^T + G_prev W_g^T (Eq. 6), in the router dtype."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            w_PD = torch.cat([self.weight, self.zc_weight]).to(self.dtype)
+            logits_TP = x_TD.to(self.dtype) @ w_PD.T
+            if gate_residual is not None and self.residual is not None:
+                prev_TP = gate_residual.reshape(logits_TP.shape).to(self.dtype)
+                logits_TP = logits_TP + prev_TP @ self.residual.to(self.dtype).T
+        return logits_TP
+
+
+def heterogeneous_balance(
+    cfg: MoEPlusPlusConfig, expert_A: torch.Tensor, probs_TP: torch.Tensor
+) -> torch.Tensor:
+    """P * sum_i eta_i f_i P_i, eta = 1 on FFN experts and tau on the others (Eq. 7-8)."""
+    T, P = probs_TP.shape
+    f_P = torch.bincount(expert_A, minlength=P).float() / (T * cfg.top_k)
+    eta_P = probs_TP.new_full((P,), cfg.tau)
+    eta_P[: cfg.num_experts] = 1.0
+    return P * f_dot_p(eta_P * f_P, probs_TP.mean(0))
+
+
+class MoEPlusPlusLayer(MoELayer):
+    """MoELayer whose pool adds zero, copy and constant experts; `forward(x, gate_residual)`."""
+
+    def __init__(self, cfg: MoEPlusPlusConfig) -> None:
+        super().__init__(cfg, MoEPlusPlusRouter(cfg))
+        C, D = cfg.num_constant_experts, cfg.d_model
+        self.const_gate = nn.Parameter(torch.zeros(C, 2, D))
+        self.const_vec = nn.Parameter(torch.randn(C, D) * D**-0.5)
+
+    def forward(self, x: torch.Tensor, gate_residual: torch.Tensor | None = None) -> MoEOutput:
+        cfg = self.cfg
+        x_TD, _ = flatten_tokens(x, cfg.d_model)
+        logits_TP = self.router.pool_logits(x_TD, gate_residual)
+        if cfg.force_uniform_routing:
+            routing, losses = self.router.uniform(x_TD), {}
+            zc = (x_TD.new_zeros(0, dtype=torch.long),) * 2 + (x_TD.new_zeros(0),)
+            expert_A = routing.expert
+        else:
+            routing, zc, expert_A, losses = self.route(x_TD, logits_TP)
+        y_TD = self.backend(x_TD, routing, self.experts) + self.zero_compute(x_TD, *zc)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared.sum_all(x_TD)
+        out = assemble(x, y_TD, losses, routing)
+        out.extras = {
+            "gate_logits": logits_TP,
+            "pool_load": torch.bincount(expert_A, minlength=cfg.pool_size),
+        }
+        return out
+
+    def route(self, x_TD: torch.Tensor, logits_TP: torch.Tensor):
+        """Top-K over the pool; FFN assignments into the Routing, the rest kept apart."""
+        cfg, E = self.cfg, self.cfg.num_experts
+        probs_TP = F.softmax(logits_TP, dim=-1)
+        weight_TK, expert_TK = probs_TP.topk(cfg.top_k, dim=-1)
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        ffn_A = expert_A < E
+        routing = make_routing(
+            token_A[ffn_A],
+            expert_A[ffn_A],
+            weight_A[ffn_A],
+            probs_TP[:, :E],
+            logits_TP[:, :E],
+            torch.bincount(expert_A[ffn_A], minlength=E),
+        )
+        zc = (token_A[~ffn_A], expert_A[~ffn_A] - E, weight_A[~ffn_A])
+        losses = {}
+        if self.training:
+            losses["balance"] = cfg.balance_coef * heterogeneous_balance(cfg, expert_A, probs_TP)
+        return routing, zc, expert_A, losses
+
+    def zero_compute(
+        self,
+        x_TD: torch.Tensor,
+        token_B: torch.Tensor,
+        kind_B: torch.Tensor,
+        weight_B: torch.Tensor,
+    ) -> torch.Tensor:
+        """sum over kept zero-computation assignments of weight * E(x) (Eq. 3-5)."""
+        cfg = self.cfg
+        x_BD = x_TD[token_B]
+        copy_B = (kind_B >= cfg.num_zero_experts) & (
+            kind_B < cfg.num_zero_experts + cfg.num_copy_experts
+        )
+        const_B = kind_B >= cfg.num_zero_experts + cfg.num_copy_experts
+        c_B = (kind_B - cfg.num_zero_experts - cfg.num_copy_experts).clamp_min(0)
+        if cfg.num_constant_experts:
+            a_B2 = F.softmax(torch.einsum("bd,bkd->bk", x_BD, self.const_gate[c_B]), dim=-1)
+            const_BD = a_B2[:, :1] * x_BD + a_B2[:, 1:] * self.const_vec[c_B]
+        else:
+            const_BD = torch.zeros_like(x_BD)
+        out_BD = torch.where(copy_B[:, None], x_BD, torch.zeros_like(x_BD))
+        out_BD = torch.where(const_B[:, None], const_BD, out_BD)
+        out_BD = out_BD * weight_B[:, None].to(x_TD.dtype)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, token_B, out_BD)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return super().extra_repr() + (
+            f", zero={c.num_zero_experts}, copy={c.num_copy_experts}, "
+            f"constant={c.num_constant_experts}"
+        )
