@@ -99,6 +99,15 @@ LAYER_CASES = [
     ("mixtral", {"num_experts": 4, "num_shared_experts": 1}),
     ("expert_choice", {"num_experts": 4, "num_shared_experts": 1}),
     ("noisy_topk", {"num_experts": 4, "top_k": 2, "num_shared_experts": 1}),
+    ("topp", {"num_experts": 4}),
+    ("topp", {"num_experts": 4, "top_p": 0.9, "num_shared_experts": 1}),
+    ("remoe", {"num_experts": 4, "num_shared_experts": 1}),
+    ("moe_plus_plus", {"num_experts": 4}),
+    ("moe_plus_plus", {"num_experts": 4, "top_k": 3, "num_shared_experts": 1}),
+    ("sinkhorn", {"num_experts": 4}),
+    ("sinkhorn", {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}),  # forces drops
+    ("xmoe", {"num_experts": 4}),
+    ("xmoe", {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}),
 ]
 
 
