@@ -153,3 +153,36 @@ class MoEConfig:
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+
+@dataclass
+class SharedExpertConfig(MoEConfig):
+    """Qwen2-MoE options on the DeepSeekMoE family (HF transformers `Qwen2MoeSparseMoeBlock`).
+
+    - `shared_gate`: the shared experts' summed output is scaled per token by
+      sigmoid(x @ w_g), w_g [1, D] (`layer.shared_gate.weight`; Qwen2-MoE's `shared_expert_gate`).
+    - `shared_hidden`: the hidden width of each shared expert (Qwen2-MoE's
+      `shared_expert_intermediate_size`); None keeps `expert_hidden`.
+    - `norm_topk_prob`: renormalise the selected top-K routing weights to sum to 1.
+    """
+
+    shared_gate: bool = False
+    shared_hidden: int | None = None
+    norm_topk_prob: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("shared_gate", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.shared_hidden is not None:
+            check_int(self, "shared_hidden", 1)
+            if self.num_shared_experts == 0:
+                raise ValueError(
+                    f"shared_hidden={self.shared_hidden} needs num_shared_experts >= 1 "
+                    "(num_shared_experts=0)"
+                )
+        if self.shared_gate and self.num_shared_experts == 0:
+            raise ValueError(
+                "shared_gate=True needs num_shared_experts >= 1 (num_shared_experts=0)"
+            )

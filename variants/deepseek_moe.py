@@ -11,6 +11,9 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 - Device-level balance (Eq. 15-17): experts are split into `num_devices` contiguous groups;
   `alpha2 * sum_d f'_d P'_d`, f'_d = mean of f_i over group d, P'_d = sum of P_i over group d.
   Off unless alpha2 > 0.
+- Qwen2-MoE options (`variants.config.SharedExpertConfig`, off by default): `shared_gate`
+  (sigmoid gate on the shared output), `shared_hidden` (shared width), `norm_topk_prob`
+  (renormalise the K weights; the paper does not).
 - Defaults follow DeepSeekMoE 2B: 1 shared + 63 routed experts, 7 routed per token
   (granularity m=4 over N=16 with K=2: mN - Ks routed, mK - Ks active).
 """
@@ -22,12 +25,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_divides, check_int, check_number
-from .routing import Router, Routing, drop_over_capacity, f_dot_p, flatten_topk, make_routing
+from .config import SharedExpertConfig, check_divides, check_int, check_number
+from .routing import (
+    Router,
+    Routing,
+    drop_over_capacity,
+    f_dot_p,
+    flatten_topk,
+    make_routing,
+    norm_topk,
+)
 
 
 @dataclass
-class DeepSeekMoEConfig(MoEConfig):
+class DeepSeekMoEConfig(SharedExpertConfig):
     num_experts: int = 63
     top_k: int = 7
     expert_hidden: int = 256
@@ -63,6 +74,7 @@ class DeepSeekMoERouter(Router):
         logits_TE = self.logits(x_TD)
         scores_TE = F.softmax(logits_TE, dim=-1)
         weight_TK, expert_TK = scores_TE.topk(K, dim=-1)
+        weight_TK = norm_topk(weight_TK, cfg.norm_topk_prob)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)
         capacity = cfg.capacity(T)

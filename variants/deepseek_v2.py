@@ -26,6 +26,8 @@ A assignments.
 - `Routing.capacity` is None: the capacity is per device, not per expert, so the padded backend
   sizes its buffers from the largest kept load instead (and force_uniform_routing, already
   balanced, drops nothing).
+- Qwen2-MoE options (`variants.config.SharedExpertConfig`, off by default): `shared_gate`,
+  `shared_hidden`, `norm_topk_prob` (over the K selected, before any drop).
 - Defaults follow DeepSeek-V2: 2 shared + 160 routed experts, 6 per token, 8 devices, M = 3,
   alpha1 = 0.003, alpha2 = 0.05, alpha3 = 0.02 (sizes kept CPU-small: expert_hidden 128).
 """
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_divides, check_int, check_le, check_number
+from .config import SharedExpertConfig, check_divides, check_int, check_le, check_number
 from .deepseek_moe import device_balance, expert_fraction
 from .routing import (
     Router,
@@ -48,12 +50,13 @@ from .routing import (
     flatten_topk,
     group_limited_mask,
     make_routing,
+    norm_topk,
     within_capacity,
 )
 
 
 @dataclass
-class DeepSeekV2Config(MoEConfig):
+class DeepSeekV2Config(SharedExpertConfig):
     num_experts: int = 160
     top_k: int = 6
     expert_hidden: int = 128
@@ -102,7 +105,8 @@ class DeepSeekV2Router(Router):
         )
         masked_TE = scores_TE.detach().masked_fill(~allowed_TE, float("-inf"))
         expert_TK = masked_TE.topk(K, dim=-1).indices
-        token_A, expert_A, weight_A = flatten_topk(expert_TK, scores_TE.gather(1, expert_TK))
+        weight_TK = norm_topk(scores_TE.gather(1, expert_TK), cfg.norm_topk_prob)
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)
         losses = {}
         if self.training:

@@ -57,20 +57,31 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = router
         self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
+        # Qwen2-MoE options (variants.config.SharedExpertConfig): shared width and sigmoid gate
+        shared_hidden = getattr(cfg, "shared_hidden", None) or cfg.expert_hidden
         self.shared = (
-            ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
+            ExpertBank(cfg.num_shared_experts, cfg.d_model, shared_hidden, cfg.activation)
             if cfg.num_shared_experts
             else None
         )
+        gated = self.shared is not None and getattr(cfg, "shared_gate", False)
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if gated else None
         self.backend = get_backend(cfg.backend)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
         routing, losses = self.router(x_TD, num_seqs)
         y_TD = self.backend(x_TD, routing, self.experts)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared.sum_all(x_TD)
-        return assemble(x, y_TD, losses, routing)
+        return assemble(x, self.add_shared(x_TD, y_TD), losses, routing)
+
+    def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """y + sum_s FFN_s(x), scaled by sigmoid(x w_g) when `shared_gate` (Qwen2-MoE)."""
+        if self.shared is None:
+            return y_TD
+        shared_TD = self.shared.sum_all(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return y_TD + shared_TD
 
     def update_bias(self) -> None:
         """Apply the loss-free bias update from the training load counted since the last call."""

@@ -131,9 +131,7 @@ class MoEPlusPlusLayer(MoELayer):
         else:
             routing, zc, expert_A, losses = self.route(x_TD, logits_TP)
         y_TD = self.backend(x_TD, routing, self.experts) + self.zero_compute(x_TD, *zc)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared.sum_all(x_TD)
-        out = assemble(x, y_TD, losses, routing)
+        out = assemble(x, self.add_shared(x_TD, y_TD), losses, routing)
         out.extras = {
             "gate_logits": logits_TP,
             "pool_load": torch.bincount(expert_A, minlength=cfg.pool_size),

@@ -263,3 +263,8 @@ def experts_per_token_stats(routing: Routing) -> dict[str, float]:
     """
     k_T = experts_per_token(routing).float()
     return {"mean": float(k_T.mean()), "min": float(k_T.min()), "max": float(k_T.max())}
+
+
+def norm_topk(weight_TK: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """`norm_topk_prob` (Qwen2-MoE, DeepSeek-V3): the K selected weights rescaled to sum to 1."""
+    return weight_TK / weight_TK.sum(-1, keepdim=True) if enabled else weight_TK
