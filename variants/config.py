@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 ACTIVATIONS = ("gelu", "swiglu")
+BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 BACKENDS = ("loop", "grouped", "padded", "megablocks")
 ROUTER_DTYPES = {
     "float32": torch.float32,
@@ -186,3 +187,22 @@ class SharedExpertConfig(MoEConfig):
             raise ValueError(
                 "shared_gate=True needs num_shared_experts >= 1 (num_shared_experts=0)"
             )
+
+
+@dataclass
+class BalanceScopeConfig(MoEConfig):
+    """`balance_scope`: over which tokens the f_i of a `sum_i f_i P_i` balance loss is counted.
+
+    - `micro_batch`: the tokens of this forward (Switch, GShard, DeepSeekMoE, Mixtral as written).
+    - `sequence`: per sequence, then averaged over sequences (DeepSeek-V2/V3's form).
+    - `global_batch`: every training forward of the optimizer step, and every data-parallel rank
+      (Qiu et al. 2025, "Demons in the Detail", arXiv:2501.11873). P_i stays the micro-batch's,
+      so each micro-batch's gradient is its own; only the counts are global. See
+      `variants.routing.scoped_balance_inputs` for how the counts reach the layer.
+    """
+
+    balance_scope: str = "micro_batch"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "balance_scope", BALANCE_SCOPES)

@@ -15,7 +15,7 @@ from torch import nn
 from .backends import get_backend
 from .config import MoEConfig
 from .experts import ExpertBank
-from .routing import Router, Routing
+from .routing import Router, Routing, reset_balance_counts, set_balance_counts
 
 
 @dataclass
@@ -84,8 +84,17 @@ class MoELayer(nn.Module):
         return y_TD + shared_TD
 
     def update_bias(self) -> None:
-        """Apply the loss-free bias update from the training load counted since the last call."""
+        """Once per optimizer step: the router's state update (DeepSeek-V3's bias, ReMoE's L1
+        coefficient) from the training forwards since the last call; global-batch balance
+        counts (`balance_scope="global_batch"`) start afresh."""
         self.router.update_bias()
+        reset_balance_counts(self.router)
+
+    def set_balance_counts(self, counts: torch.Tensor | None) -> None:
+        """`balance_scope="global_batch"`: use these per-expert counts of the whole step (all
+        micro-batches and ranks, summed by the caller) for f_i until `update_bias()`; None goes
+        back to the running count. See `variants.routing.scoped_balance_inputs`."""
+        set_balance_counts(self.router, counts)
 
     def extra_repr(self) -> str:
         c = self.cfg

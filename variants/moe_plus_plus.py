@@ -16,7 +16,8 @@ zero-computation assignments.
   Pool logits are returned as `out.extras["gate_logits"]` for the next layer to pass on.
 - Heterogeneous load balance (Eq. 7-8): `balance_coef * P * sum_i eta_i f_i P_i` over the pool,
   f_i = assignments to i / (T K), P_i = mean_t p_i, eta_i = 1 for FFN experts and `tau` for
-  zero-computation experts (tau < 1 lets tokens favour the cheap experts).
+  zero-computation experts (tau < 1 lets tokens favour the cheap experts); `balance_scope`
+  sets which tokens f counts.
 - `Routing` holds the FFN assignments only (experts 0..E-1; `scores` and `logits` are the FFN
   columns of the pool), so `load`, the backends and `experts_per_token` see exactly the FFN
   work: zero-computation experts are free in FLOPs and active-parameter counts. The pool-wide
@@ -39,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig, check_int, check_number
+from .config import BalanceScopeConfig, check_int, check_number
 from .layer import MoELayer, MoEOutput, assemble, flatten_tokens
-from .routing import Router, f_dot_p, flatten_topk, make_routing
+from .routing import Router, f_dot_p, flatten_topk, make_routing, scoped_balance_inputs
 
 
 @dataclass
-class MoEPlusPlusConfig(MoEConfig):
+class MoEPlusPlusConfig(BalanceScopeConfig):
     dropless: ClassVar[str | None] = "moe_plus_plus computes every selected FFN expert"
     uneven_top_k: ClassVar[str | None] = (
         "zero-computation experts take some of a token's K slots, leaving it 0..K FFN experts"
@@ -101,14 +102,19 @@ class MoEPlusPlusRouter(Router):
 
 
 def heterogeneous_balance(
-    cfg: MoEPlusPlusConfig, expert_A: torch.Tensor, probs_TP: torch.Tensor
+    router: Router,
+    expert_A: torch.Tensor,
+    token_A: torch.Tensor,
+    probs_TP: torch.Tensor,
+    num_seqs: int,
 ) -> torch.Tensor:
-    """P * sum_i eta_i f_i P_i, eta = 1 on FFN experts and tau on the others (Eq. 7-8)."""
-    T, P = probs_TP.shape
-    f_P = torch.bincount(expert_A, minlength=P).float() / (T * cfg.top_k)
+    """P * sum_i eta_i f_i P_i, eta = 1 on FFN experts and tau on the others (Eq. 7-8);
+    f_i = assignments to i / (T K) = share of assignments, counted in `balance_scope`."""
+    cfg, P = router.cfg, probs_TP.shape[-1]
+    f, p = scoped_balance_inputs(router, expert_A, token_A, probs_TP, num_seqs)
     eta_P = probs_TP.new_full((P,), cfg.tau)
     eta_P[: cfg.num_experts] = 1.0
-    return P * f_dot_p(eta_P * f_P, probs_TP.mean(0))
+    return P * f_dot_p(eta_P * f, p).mean()
 
 
 class MoEPlusPlusLayer(MoELayer):
@@ -122,14 +128,14 @@ class MoEPlusPlusLayer(MoELayer):
 
     def forward(self, x: torch.Tensor, gate_residual: torch.Tensor | None = None) -> MoEOutput:
         cfg = self.cfg
-        x_TD, _ = flatten_tokens(x, cfg.d_model)
+        x_TD, num_seqs = flatten_tokens(x, cfg.d_model)
         logits_TP = self.router.pool_logits(x_TD, gate_residual)
         if cfg.force_uniform_routing:
             routing, losses = self.router.uniform(x_TD), {}
             zc = (x_TD.new_zeros(0, dtype=torch.long),) * 2 + (x_TD.new_zeros(0),)
             expert_A = routing.expert
         else:
-            routing, zc, expert_A, losses = self.route(x_TD, logits_TP)
+            routing, zc, expert_A, losses = self.route(x_TD, logits_TP, num_seqs)
         y_TD = self.backend(x_TD, routing, self.experts) + self.zero_compute(x_TD, *zc)
         out = assemble(x, self.add_shared(x_TD, y_TD), losses, routing)
         out.extras = {
@@ -138,7 +144,7 @@ class MoEPlusPlusLayer(MoELayer):
         }
         return out
 
-    def route(self, x_TD: torch.Tensor, logits_TP: torch.Tensor):
+    def route(self, x_TD: torch.Tensor, logits_TP: torch.Tensor, num_seqs: int = 1):
         """Top-K over the pool; FFN assignments into the Routing, the rest kept apart."""
         cfg, E = self.cfg, self.cfg.num_experts
         probs_TP = F.softmax(logits_TP, dim=-1)
@@ -156,7 +162,8 @@ class MoEPlusPlusLayer(MoELayer):
         zc = (token_A[~ffn_A], expert_A[~ffn_A] - E, weight_A[~ffn_A])
         losses = {}
         if self.training:
-            losses["balance"] = cfg.balance_coef * heterogeneous_balance(cfg, expert_A, probs_TP)
+            balance = heterogeneous_balance(self.router, expert_A, token_A, probs_TP, num_seqs)
+            losses["balance"] = cfg.balance_coef * balance
         return routing, zc, expert_A, losses
 
     def zero_compute(

@@ -14,7 +14,8 @@ Shape legend: T tokens, E experts, A kept assignments (between T and T*E).
   experts). Paper coefficient beta = 1e-4.
 - Balance loss (Eq. 6-7): `balance_coef * E * sum_i f_i Q_i`, Q_i = mean_t P_i, f_i = share of
   the demanded assignments that go to expert i (sum_i f_i = 1, so perfect balance gives 1 for
-  any number of experts per token). Paper coefficient alpha = 1e-2.
+  any number of experts per token). Paper coefficient alpha = 1e-2. `balance_scope` sets
+  which tokens f counts (micro_batch by default).
 - Dropless: every selected expert computes. `top_k` is not used by the routing; it is the
   nominal K the iso-compute helper sizes against (the paper compares with top-2).
 
@@ -36,12 +37,19 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, f_dot_p, make_routing, mask_to_assignments
+from .config import BalanceScopeConfig, check_number
+from .routing import (
+    Router,
+    Routing,
+    f_dot_p,
+    make_routing,
+    mask_to_assignments,
+    scoped_balance_inputs,
+)
 
 
 @dataclass
-class TopPConfig(MoEConfig):
+class TopPConfig(BalanceScopeConfig):
     dropless: ClassVar[str | None] = "topp computes every selected expert"
     uneven_top_k: ClassVar[str | None] = "top-p routing gives a token 1..E experts"
     variable_k: ClassVar[bool] = True
@@ -87,7 +95,7 @@ class TopPRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E)
         losses = {}
         if self.training:
-            f_E = demand_E.float() / expert_A.numel()
-            losses["balance"] = cfg.balance_coef * E * f_dot_p(f_E, probs_TE.mean(0))
+            f, p = scoped_balance_inputs(self, expert_A, token_A, probs_TE, num_seqs)
+            losses["balance"] = cfg.balance_coef * E * f_dot_p(f, p).mean()
             losses["z"] = cfg.dynamic_coef * entropy_loss(probs_TE)
         return routing, losses

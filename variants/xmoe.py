@@ -14,7 +14,8 @@ A kept assignments.
 - Gate (Eq. 7): softmax(s) over E, top-K; the combine weight is the softmax probability, not
   renormalised (Switch-style top-1 by default).
 - Balance loss (as in the paper's SMoE baseline): `balance_coef * E * sum_i f_i P_i`,
-  f_i = share of assignments to i (demand), P_i = mean_t softmax(s)_i; coefficient 0.01.
+  f_i = share of assignments to i (demand), P_i = mean_t softmax(s)_i; coefficient 0.01;
+  `balance_scope` sets which tokens f counts.
 
 Departures and SPEC note: SPEC section 2 describes `router.weight` as [E, D] centroids with
 u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.weight` is
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig, check_int, check_number
+from .config import BalanceScopeConfig, check_int, check_number
 from .routing import (
     Router,
     Routing,
@@ -41,11 +42,12 @@ from .routing import (
     f_dot_p,
     flatten_topk,
     make_routing,
+    scoped_balance_inputs,
 )
 
 
 @dataclass
-class XMoEConfig(MoEConfig):
+class XMoEConfig(BalanceScopeConfig):
     num_experts: int = 8
     top_k: int = 1
     routing_dim: int = 16
@@ -87,6 +89,7 @@ class XMoERouter(Router):
         probs_TE = F.softmax(logits_TE, dim=-1)
         weight_TK, expert_TK = probs_TE.topk(K, dim=-1)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        demand_A = (token_A, expert_A)
         demand_E = torch.bincount(expert_A, minlength=E)
         capacity = cfg.capacity(T)
         token_A, expert_A, weight_A = drop_over_capacity(
@@ -95,6 +98,6 @@ class XMoERouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
-            f_E = demand_E.float() / (T * K)
-            losses["balance"] = cfg.balance_coef * E * f_dot_p(f_E, probs_TE.mean(0))
+            f, p = scoped_balance_inputs(self, demand_A[1], demand_A[0], probs_TE, num_seqs)
+            losses["balance"] = cfg.balance_coef * E * f_dot_p(f, p).mean()
         return routing, losses
