@@ -149,6 +149,21 @@ class MoEConfig:
             )
         return cls(**fields)
 
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of one shared expert (`shared_hidden` where a variant has it)."""
+        return self.expert_hidden
+
+    def ffn_experts_per_token(self, routing: Any = None) -> float:
+        """Routed FFN experts a token passes through: top_k, or for a `variable_k` variant the
+        measured mean of `routing` (a `variants.Routing`; zero-computation experts of
+        moe_plus_plus are not in it, so they count as free). Shared experts not included."""
+        if self.variable_k and routing is not None:
+            from .routing import experts_per_token_stats  # routing imports this module
+
+            return experts_per_token_stats(routing)["mean"]
+        return float(self.top_k)
+
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity `ceil(capacity_factor * T * K / E)`, or None when dropless."""
         if self.capacity_factor is None:
@@ -170,6 +185,10 @@ class SharedExpertConfig(MoEConfig):
     shared_gate: bool = False
     shared_hidden: int | None = None
     norm_topk_prob: bool = False
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared_hidden or self.expert_hidden
 
     def validate(self) -> None:
         super().validate()

@@ -58,9 +58,8 @@ class MoELayer(nn.Module):
         self.router = router
         self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
         # Qwen2-MoE options (variants.config.SharedExpertConfig): shared width and sigmoid gate
-        shared_hidden = getattr(cfg, "shared_hidden", None) or cfg.expert_hidden
         self.shared = (
-            ExpertBank(cfg.num_shared_experts, cfg.d_model, shared_hidden, cfg.activation)
+            ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.shared_width, cfg.activation)
             if cfg.num_shared_experts
             else None
         )

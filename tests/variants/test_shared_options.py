@@ -74,3 +74,12 @@ def test_v3_norm_topk_prob_off_gives_the_raw_sigmoid_scores() -> None:
 def test_bad_fields(name: str, fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         variants.build(name, **{**SMALL, **FAMILY[name], **fields})
+
+
+def test_config_exposes_shared_width_and_ffn_experts_per_token() -> None:
+    cfg = variants.make_config("deepseek_moe", shared_hidden=24)
+    assert cfg.shared_width == 24 and cfg.ffn_experts_per_token() == cfg.top_k
+    assert variants.make_config("deepseek_moe").shared_width == 256
+    layer = variants.build("topp", d_model=8, expert_hidden=8, top_p=1.0)
+    r = layer.eval()(torch.randn(3, 8)).routing
+    assert layer.cfg.ffn_experts_per_token(r) == 16.0  # p = 1 keeps every expert
