@@ -42,7 +42,11 @@ from torch import nn
 
 from .config import BalanceScopeConfig, check_int, check_number
 from .layer import MoELayer, MoEOutput, assemble, flatten_tokens
-from .routing import Router, f_dot_p, flatten_topk, make_routing, scoped_balance_inputs
+from .routing import Router, Routing, f_dot_p, flatten_topk, make_routing, scoped_balance_inputs
+
+# (token_B, kind_B, weight_B): kept zero-computation assignments; kind 0..Z-1 counts zero,
+# then copy, then constant experts
+ZeroComputeAssignments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -144,7 +148,9 @@ class MoEPlusPlusLayer(MoELayer):
         }
         return out
 
-    def route(self, x_TD: torch.Tensor, logits_TP: torch.Tensor, num_seqs: int = 1):
+    def route(
+        self, x_TD: torch.Tensor, logits_TP: torch.Tensor, num_seqs: int = 1
+    ) -> tuple[Routing, ZeroComputeAssignments, torch.Tensor, dict[str, torch.Tensor]]:
         """Top-K over the pool; FFN assignments into the Routing, the rest kept apart."""
         cfg, E = self.cfg, self.cfg.num_experts
         probs_TP = F.softmax(logits_TP, dim=-1)
