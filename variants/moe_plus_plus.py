@@ -28,7 +28,7 @@ Defaults: MoE++ 0.6B/(8+4)E: 8 FFN experts, 1 zero, 1 copy, 2 constant, top-2, t
 balance coefficient 0.01 (paper values as read for this issue).
 Departures: `router.residual` starts at zero, so an untrained layer routes like plain top-K;
 without `gate_residual` (the first layer, or a runner that does not chain layers) the residual
-term is absent. v starts at N(0, 1/D).
+term is absent. W_c starts at zero (a = (1/2, 1/2)) and v at N(0, 1/D).
 """
 
 from __future__ import annotations

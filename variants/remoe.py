@@ -22,6 +22,10 @@ the training loop already calls) applies the update rule from the sparsity count
 call, then resets the count. Eval forwards change no state. In data-parallel training
 all-reduce `router.active_count` and `router.slot_count` before `update_bias()`.
 
+Scale note: lambda grows by at most 1.2x per step from 1e-8, so it needs ~100 optimizer steps
+to reach O(1): a run of a few hundred steps spends much of its time in the paper's first,
+near-dense training stage (every expert active), at up to E/K times the routed FLOPs.
+
 Departures: the paper measures S_i over all layers of the model and shares one lambda; here each
 layer holds its own lambda from its own sparsity (the suite's layers are independent modules).
 Dropless; `capacity_factor` is rejected. force_uniform_routing gives top_k round-robin.
