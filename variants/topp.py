@@ -23,10 +23,15 @@ Loss names: SPEC section 2 fixes the names of `losses`; the balance term is `bal
 dynamic (entropy) loss is reported as `z` (a router-confidence regulariser like the ST-MoE
 z-loss: both push the router towards sharper distributions).
 
+Reference code: the authors' released inference code (github.com/ZhenweiAn/Dynamic_MoE,
+`top_p_sampling_batched_all_sequence`, `top_p_threshold=0.4`) keeps the experts up to the first
+whose cumulative sum is strictly > p, with the unrenormalised probabilities as weights: the same
+as here except at an exact tie (sum == p), where it keeps one expert more than Eq. 3's ">=".
+
 Notes: no cap on experts per token (the paper has none): with a near-uniform router early in
-training a token may take many experts. Defaults: p = 0.4 and the coefficients are the paper's
-(its best setting); E = 16 keeps the layer CPU-small. Constants are taken from the paper as read
-for this issue; re-check Sec. 4.1 when citing them.
+training a token may take many experts. Defaults: p = 0.4 (checked against the authors'
+config); the loss coefficients are the paper's as read for this issue (re-check Sec. 4.1 before
+citing them); E = 16 keeps the layer CPU-small.
 """
 
 from __future__ import annotations
