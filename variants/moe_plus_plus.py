@@ -12,7 +12,10 @@ zero-computation assignments.
   v [D] trained, `const_gate` and `const_vec`).
 - Router (Eq. 2, 6): G(x^j) = x^j W^j + G(x^{j-1}) W_g^j, the gating residual: the pool logits
   of the previous MoE++ layer (`gate_residual`, [T, P]) enter through a trainable [P, P] matrix
-  (`router.residual`). p = softmax(G) over the pool, top-K; the combine weight is p itself.
+  (`router.residual`). p = softmax(G) over the pool, top-K. Combine weights as in the authors'
+  released code (github.com/SkyworkAI/MoE-plus-plus, `moe_plus_plus_layer.gating`): the zero
+  experts' gates are set to 0 and the K gates renormalised to sum to 1 (`norm_topk_prob`,
+  default true; false keeps the raw top-K probabilities).
   Pool logits are returned as `out.extras["gate_logits"]` for the next layer to pass on.
 - Heterogeneous load balance (Eq. 7-8): `balance_coef * P * sum_i eta_i f_i P_i` over the pool,
   f_i = assignments to i / (T K), P_i = mean_t p_i, eta_i = 1 for FFN experts and `tau` for
@@ -24,11 +27,14 @@ zero-computation assignments.
   load is `out.extras["pool_load"]` [P].
 - Dropless (capacity_factor rejected).
 
-Defaults: MoE++ 0.6B/(8+4)E: 8 FFN experts, 1 zero, 1 copy, 2 constant, top-2, tau 0.75,
-balance coefficient 0.01 (paper values as read for this issue).
-Departures: `router.residual` starts at zero, so an untrained layer routes like plain top-K;
-without `gate_residual` (the first layer, or a runner that does not chain layers) the residual
-term is absent. W_c starts at zero (a = (1/2, 1/2)) and v at N(0, 1/D).
+Defaults: MoE++ 0.6B/(8+4)E: 8 FFN experts, 1 zero, 1 copy, 2 constant, top-2 (pool layout
+and top-2 as in the authors' code), tau 0.75 and balance coefficient 0.01 (paper values as read
+for this issue; the released code has no training loss to check them against).
+Departures from the released code: its router is a 2-layer tanh MLP (`moe_2layer_gate`) and it
+multiplies the expert inputs by K; here the router is linear (the paper's G = x W) and inputs
+are not scaled. Without `gate_residual` (the first layer, or a runner that does not chain
+layers) the residual term is absent. Inits as the code: v ~ N(0, 1), W_c and W_g like
+nn.Linear.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class MoEPlusPlusConfig(BalanceScopeConfig):
     num_copy_experts: int = 1
     num_constant_experts: int = 2
     gating_residual: bool = True
+    norm_topk_prob: bool = True
     balance_coef: float = 0.01
     tau: float = 0.75
 
@@ -70,8 +77,9 @@ class MoEPlusPlusConfig(BalanceScopeConfig):
         check_int(self, "num_zero_experts", 0)
         check_int(self, "num_copy_experts", 0)
         check_int(self, "num_constant_experts", 0)
-        if not isinstance(self.gating_residual, bool):
-            raise ValueError(f"gating_residual={self.gating_residual!r} must be true or false")
+        for name in ("gating_residual", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         check_number(self, "balance_coef", minimum=0)
         check_number(self, "tau", positive=True)
 
@@ -92,7 +100,9 @@ class MoEPlusPlusRouter(Router):
         Z, P, D = cfg.num_zero_computation, cfg.pool_size, cfg.d_model
         self.zc_weight = nn.Parameter(torch.empty(Z, D))
         nn.init.kaiming_uniform_(self.zc_weight, a=5**0.5)
-        self.residual = nn.Parameter(torch.zeros(P, P)) if cfg.gating_residual else None
+        self.residual = nn.Parameter(torch.empty(P, P)) if cfg.gating_residual else None
+        if self.residual is not None:
+            nn.init.kaiming_uniform_(self.residual, a=5**0.5)  # nn.Linear(P, P), as gate_map
 
     def pool_logits(self, x_TD: torch.Tensor, gate_residual: torch.Tensor | None) -> torch.Tensor:
         """G = x [W; W_zc]^T + G_prev W_g^T (Eq. 6), in the router dtype."""
@@ -127,8 +137,10 @@ class MoEPlusPlusLayer(MoELayer):
     def __init__(self, cfg: MoEPlusPlusConfig) -> None:
         super().__init__(cfg, MoEPlusPlusRouter(cfg))
         C, D = cfg.num_constant_experts, cfg.d_model
-        self.const_gate = nn.Parameter(torch.zeros(C, 2, D))
-        self.const_vec = nn.Parameter(torch.randn(C, D) * D**-0.5)
+        self.const_gate = nn.Parameter(torch.empty(C, 2, D))
+        for c in range(C):
+            nn.init.kaiming_uniform_(self.const_gate[c], a=5**0.5)  # nn.Linear(D, 2)
+        self.const_vec = nn.Parameter(torch.randn(C, D))
 
     def forward(self, x: torch.Tensor, gate_residual: torch.Tensor | None = None) -> MoEOutput:
         cfg = self.cfg
@@ -155,6 +167,7 @@ class MoEPlusPlusLayer(MoELayer):
         cfg, E = self.cfg, self.cfg.num_experts
         probs_TP = F.softmax(logits_TP, dim=-1)
         weight_TK, expert_TK = probs_TP.topk(cfg.top_k, dim=-1)
+        weight_TK = self.combine_weights(weight_TK, expert_TK)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         ffn_A = expert_A < E
         routing = make_routing(
@@ -171,6 +184,17 @@ class MoEPlusPlusLayer(MoELayer):
             balance = heterogeneous_balance(self.router, expert_A, token_A, probs_TP, num_seqs)
             losses["balance"] = cfg.balance_coef * balance
         return routing, zc, expert_A, losses
+
+    def combine_weights(self, weight_TK: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
+        """Zero experts' gates set to 0, then (norm_topk_prob) the K gates renormalised."""
+        cfg = self.cfg
+        if not cfg.norm_topk_prob:
+            return weight_TK
+        is_zero_TK = (expert_TK >= cfg.num_experts) & (
+            expert_TK < cfg.num_experts + cfg.num_zero_experts
+        )
+        weight_TK = weight_TK.masked_fill(is_zero_TK, 0.0)
+        return weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
 
     def zero_compute(
         self,

@@ -37,8 +37,8 @@ def hand_layer(**fields) -> tuple[torch.nn.Module, torch.Tensor]:
     return layer, torch.eye(3)
 
 
-def test_outputs_by_hand() -> None:
-    layer, x = hand_layer()
+def test_outputs_by_hand_raw_probabilities() -> None:
+    layer, x = hand_layer(norm_topk_prob=False)
     out = layer.eval()(x)
     p = torch.softmax(LOGITS, -1)
     with torch.no_grad():
@@ -51,6 +51,18 @@ def test_outputs_by_hand() -> None:
             + p[2, 0] * layer.experts.expert_ffn(0, x[2:3])[0]
         )
     torch.testing.assert_close(out.y, torch.stack([y0, y1, y2]))
+
+
+def test_default_weights_drop_the_zero_gate_and_renormalise() -> None:
+    """The authors' gating: a token on (zero, copy) passes x through with weight 1."""
+    layer, x = hand_layer()
+    out = layer.eval()(x)
+    p = torch.softmax(LOGITS, -1)
+    r = out.routing
+    got = {(t, e): w for t, e, w in zip(r.token.tolist(), r.expert.tolist(), r.weight.tolist())}
+    assert got[(1, 0)] == pytest.approx(float(p[1, 0] / (p[1, 0] + p[1, 4])), rel=1e-6)
+    assert got[(2, 1)] == pytest.approx(float(p[2, 1] / (p[2, 1] + p[2, 0])), rel=1e-6)
+    torch.testing.assert_close(out.y[0], x[0])
 
 
 def test_routing_holds_ffn_work_only() -> None:
@@ -110,6 +122,7 @@ def test_pool_defaults_are_the_papers() -> None:
         ({"tau": 0}, "tau=0 must be > 0"),
         ({"balance_coef": -1}, "balance_coef=-1 must be >= 0"),
         ({"gating_residual": "yes"}, "gating_residual='yes' must be true or false"),
+        ({"norm_topk_prob": 0}, "norm_topk_prob=0 must be true or false"),
         ({"capacity_factor": 1.0}, "capacity_factor=1.0 must be None"),
         ({"backend": "megablocks"}, "zero-computation experts take some"),
     ],
