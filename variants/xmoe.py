@@ -22,8 +22,10 @@ u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.w
 [E, R] and `Routing.logits` is s. The expert embeddings start orthogonal (gain 0.32, as in the
 authors' torchscale code); torchscale also rescales e to norm 1.5 each step and leaves W h
 unnormalised, whereas this file follows the paper's formula (both sides normalised), where the
-scale of e does not matter. The temperature is clamped to >= 1e-3 so it cannot change sign.
-Constants (R = 16, tau init 0.07, top-1) are the paper's as read for this issue.
+scale of e does not matter. The temperature is clamped to >= 1e-4 (torchscale's
+`_get_gating_temperature`) so it cannot change sign. R = 16, top-1 (`Top1Gate(use_xmoe=True)`)
+and 0.07 (torchscale's `TEMPERATURE_FOR_L_UAX`) match the authors' code; torchscale computes
+the balance loss as E^2 * mean_i(me_i ce_i) = E * sum_i f_i P_i, the form used here.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def cosine_scores(
 ) -> torch.Tensor:
     """s = cos(h, e) / tau (Eq. 6), both sides L2-normalised."""
     cos_TE = F.normalize(h_TR, dim=-1, eps=1e-6) @ F.normalize(emb_ER, dim=-1, eps=1e-6).T
-    return cos_TE / temperature.clamp_min(1e-3)
+    return cos_TE / temperature.clamp_min(1e-4)
 
 
 class XMoERouter(Router):
