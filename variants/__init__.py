@@ -25,9 +25,14 @@ from .experts import ExpertBank
 from .gshard import GShardConfig, GShardRouter
 from .layer import MoELayer, MoEOutput, routed
 from .mixtral import MixtralConfig, MixtralRouter
+from .moe_plus_plus import MoEPlusPlusConfig, MoEPlusPlusLayer
 from .noisy_topk import NoisyTopKConfig, NoisyTopKRouter
-from .routing import Router, Routing
+from .remoe import ReMoEConfig, ReMoERouter
+from .routing import Router, Routing, experts_per_token, experts_per_token_stats
+from .sinkhorn import SinkhornConfig, SinkhornRouter
 from .switch import SwitchConfig, SwitchRouter
+from .topp import TopPConfig, TopPRouter
+from .xmoe import XMoEConfig, XMoERouter
 
 
 class Variant(NamedTuple):
@@ -45,6 +50,11 @@ REGISTRY: dict[str, Variant] = {
     "mixtral": Variant(MixtralConfig, routed(MixtralRouter)),
     "expert_choice": Variant(ExpertChoiceConfig, routed(ExpertChoiceRouter)),
     "noisy_topk": Variant(NoisyTopKConfig, routed(NoisyTopKRouter)),
+    "topp": Variant(TopPConfig, routed(TopPRouter)),
+    "remoe": Variant(ReMoEConfig, routed(ReMoERouter)),
+    "moe_plus_plus": Variant(MoEPlusPlusConfig, MoEPlusPlusLayer),
+    "sinkhorn": Variant(SinkhornConfig, routed(SinkhornRouter)),
+    "xmoe": Variant(XMoEConfig, routed(XMoERouter)),
 }
 
 
@@ -80,6 +90,8 @@ __all__ = [
     "Routing",
     "Variant",
     "build",
+    "experts_per_token",
+    "experts_per_token_stats",
     "lookup",
     "make_config",
     "names",

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 ACTIVATIONS = ("gelu", "swiglu")
+BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 ROUTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -79,6 +80,10 @@ class MoEConfig:
     dropless: ClassVar[str | None] = None
     # (K, why) where the paper fixes top_k (Switch: top-1, GShard: top-2)
     fixed_top_k: ClassVar[tuple[int, str] | None] = None
+    # experts per token vary by token (topp, remoe, moe_plus_plus, expert_choice): the runner
+    # reports `experts_per_token` (variants.routing.experts_per_token_stats) and counts active
+    # FLOPs and parameters from its measured mean, not from top_k
+    variable_k: ClassVar[bool] = False
 
     d_model: int = 512
     num_experts: int = 8
@@ -136,8 +141,9 @@ class MoEConfig:
         return self.top_k + self.num_shared_experts
 
     def active_width(self) -> float:
-        """Hidden units a token activates: the width of the dense FFN of equal active FLOPs."""
-        return self.expert_hidden * self.experts_per_token()
+        """Hidden units a token activates: the width of the dense FFN of equal active FLOPs
+        (routed top_k experts of expert_hidden, shared experts of shared_width)."""
+        return self.expert_hidden * self.top_k + self.shared_width * self.num_shared_experts
 
     @classmethod
     def from_fields(cls, variant: str, fields: dict[str, Any]) -> MoEConfig:
@@ -151,8 +157,79 @@ class MoEConfig:
             )
         return cls(**fields)
 
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of one shared expert (`shared_hidden` where a variant has it)."""
+        return self.expert_hidden
+
+    def ffn_experts_per_token(self, routing: Any = None) -> float:
+        """Routed FFN experts a token passes through: top_k, or for a `variable_k` variant the
+        measured mean of `routing` (a `variants.Routing`; zero-computation experts of
+        moe_plus_plus are not in it, so they count as free). Shared experts not included."""
+        if self.variable_k and routing is not None:
+            from .routing import experts_per_token_stats  # routing imports this module
+
+            return experts_per_token_stats(routing)["mean"]
+        return float(self.top_k)
+
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity `ceil(capacity_factor * T * K / E)`, or None when dropless."""
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+
+@dataclass
+class SharedExpertConfig(MoEConfig):
+    """Qwen2-MoE options on the DeepSeekMoE family (HF transformers `Qwen2MoeSparseMoeBlock`).
+
+    - `shared_gate`: the shared experts' summed output is scaled per token by
+      sigmoid(x @ w_g), w_g [1, D] (`layer.shared_gate.weight`; Qwen2-MoE's `shared_expert_gate`).
+    - `shared_hidden`: the hidden width of each shared expert (Qwen2-MoE's
+      `shared_expert_intermediate_size`); None keeps `expert_hidden`.
+    - `norm_topk_prob`: renormalise the selected top-K routing weights to sum to 1.
+    """
+
+    shared_gate: bool = False
+    shared_hidden: int | None = None
+    norm_topk_prob: bool = False
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared_hidden or self.expert_hidden
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("shared_gate", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.shared_hidden is not None:
+            check_int(self, "shared_hidden", 1)
+            if self.num_shared_experts == 0:
+                raise ValueError(
+                    f"shared_hidden={self.shared_hidden} needs num_shared_experts >= 1 "
+                    "(num_shared_experts=0)"
+                )
+        if self.shared_gate and self.num_shared_experts == 0:
+            raise ValueError(
+                "shared_gate=True needs num_shared_experts >= 1 (num_shared_experts=0)"
+            )
+
+
+@dataclass
+class BalanceScopeConfig(MoEConfig):
+    """`balance_scope`: over which tokens the f_i of a `sum_i f_i P_i` balance loss is counted.
+
+    - `micro_batch`: the tokens of this forward (Switch, GShard, DeepSeekMoE, Mixtral as written).
+    - `sequence`: per sequence, then averaged over sequences (DeepSeek-V2/V3's form).
+    - `global_batch`: every training forward of the optimizer step, and every data-parallel rank
+      (Qiu et al. 2025, "Demons in the Detail", arXiv:2501.11873). P_i stays the micro-batch's,
+      so each micro-batch's gradient is its own; only the counts are global. See
+      `variants.routing.scoped_balance_inputs` for how the counts reach the layer.
+    """
+
+    balance_scope: str = "micro_batch"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "balance_scope", BALANCE_SCOPES)

@@ -11,6 +11,12 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 - Device-level balance (Eq. 15-17): experts are split into `num_devices` contiguous groups;
   `alpha2 * sum_d f'_d P'_d`, f'_d = mean of f_i over group d, P'_d = sum of P_i over group d.
   Off unless alpha2 > 0.
+- `balance_scope` (`variants.config.BalanceScopeConfig`): micro_batch (default, the paper),
+  sequence, or global_batch (Qiu et al. 2025) for the expert-level f_i; the device-level term
+  stays per micro-batch.
+- Qwen2-MoE options (`variants.config.SharedExpertConfig`, off by default): `shared_gate`
+  (sigmoid gate on the shared output), `shared_hidden` (shared width), `norm_topk_prob`
+  (renormalise the K weights; the paper does not).
 - Defaults follow DeepSeekMoE 2B: 1 shared + 63 routed experts, 7 routed per token
   (granularity m=4 over N=16 with K=2: mN - Ks routed, mK - Ks active).
 """
@@ -22,12 +28,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_divides, check_int, check_number
-from .routing import Router, Routing, drop_over_capacity, f_dot_p, flatten_topk, make_routing
+from .config import BalanceScopeConfig, SharedExpertConfig, check_divides, check_int, check_number
+from .routing import (
+    Router,
+    Routing,
+    drop_over_capacity,
+    f_dot_p,
+    flatten_topk,
+    make_routing,
+    norm_topk,
+    scoped_balance_inputs,
+)
 
 
 @dataclass
-class DeepSeekMoEConfig(MoEConfig):
+class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig):
     num_experts: int = 63
     top_k: int = 7
     expert_hidden: int = 256
@@ -63,7 +78,9 @@ class DeepSeekMoERouter(Router):
         logits_TE = self.logits(x_TD)
         scores_TE = F.softmax(logits_TE, dim=-1)
         weight_TK, expert_TK = scores_TE.topk(K, dim=-1)
+        weight_TK = norm_topk(weight_TK, cfg.norm_topk_prob)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        demand_A = (token_A, expert_A)  # before drops: f counts demand
         demand_E = torch.bincount(expert_A, minlength=E)
         capacity = cfg.capacity(T)
         token_A, expert_A, weight_A = drop_over_capacity(
@@ -75,7 +92,9 @@ class DeepSeekMoERouter(Router):
         losses = {}
         if self.training:
             f_E, p_E = expert_fraction(demand_E, T, K), scores_TE.mean(0)
-            losses["balance"] = cfg.alpha1 * f_dot_p(f_E, p_E)
+            # E/(K T) * count = E * share: the scoped share, times E (Eq. 13)
+            share, p = scoped_balance_inputs(self, demand_A[1], demand_A[0], scores_TE, num_seqs)
+            losses["balance"] = cfg.alpha1 * E * f_dot_p(share, p).mean()
             if cfg.alpha2 > 0:
                 losses["device_balance"] = cfg.alpha2 * device_balance(f_E, p_E, cfg.num_devices)
         return routing, losses

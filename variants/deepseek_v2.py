@@ -22,10 +22,14 @@ A assignments.
   device   `alpha2 * sum_d f'_d P'_d`,  f'_d = mean of f_i over group d, P'_d = sum of P_i in d;
   comm     `alpha3 * sum_d f''_d P''_d`, f''_d = V/(M S) * #tokens sending to d,
            P''_d = sum of P_i in d.
-  Named `balance`, `device_balance`, `comm_balance`.
+  Named `balance`, `device_balance`, `comm_balance`. `balance_scope` (default `sequence`)
+  may count the expert-level f over the micro-batch or the global batch (Qiu et al. 2025);
+  the device and communication terms stay per sequence.
 - `Routing.capacity` is None: the capacity is per device, not per expert, so the padded backend
   sizes its buffers from the largest kept load instead (and force_uniform_routing, already
   balanced, drops nothing).
+- Qwen2-MoE options (`variants.config.SharedExpertConfig`, off by default): `shared_gate`,
+  `shared_hidden`, `norm_topk_prob` (over the K selected, before any drop).
 - Defaults follow DeepSeek-V2: 2 shared + 160 routed experts, 6 per token, 8 devices, M = 3,
   alpha1 = 0.003, alpha2 = 0.05, alpha3 = 0.02 (sizes kept CPU-small: expert_hidden 128).
 """
@@ -38,7 +42,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_divides, check_int, check_le, check_number
+from .config import (
+    BalanceScopeConfig,
+    SharedExpertConfig,
+    check_divides,
+    check_int,
+    check_le,
+    check_number,
+)
 from .deepseek_moe import device_balance, expert_fraction
 from .routing import (
     Router,
@@ -48,12 +59,14 @@ from .routing import (
     flatten_topk,
     group_limited_mask,
     make_routing,
+    norm_topk,
+    scoped_balance_inputs,
     within_capacity,
 )
 
 
 @dataclass
-class DeepSeekV2Config(MoEConfig):
+class DeepSeekV2Config(SharedExpertConfig, BalanceScopeConfig):
     num_experts: int = 160
     top_k: int = 6
     expert_hidden: int = 128
@@ -64,6 +77,7 @@ class DeepSeekV2Config(MoEConfig):
     alpha1: float = 0.003
     alpha2: float = 0.05
     alpha3: float = 0.02
+    balance_scope: str = "sequence"  # Eq. 12-20 are computed per sequence
 
     def validate(self) -> None:
         super().validate()
@@ -102,7 +116,8 @@ class DeepSeekV2Router(Router):
         )
         masked_TE = scores_TE.detach().masked_fill(~allowed_TE, float("-inf"))
         expert_TK = masked_TE.topk(K, dim=-1).indices
-        token_A, expert_A, weight_A = flatten_topk(expert_TK, scores_TE.gather(1, expert_TK))
+        weight_TK = norm_topk(scores_TE.gather(1, expert_TK), cfg.norm_topk_prob)
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)
         losses = {}
         if self.training:
@@ -135,8 +150,12 @@ class DeepSeekV2Router(Router):
         sends_TV.scatter_(1, torch.div(expert_TK, E // V, rounding_mode="floor"), 1.0)
         f2_BV = sends_TV.view(num_seqs, S, V).sum(1) * V / (M * S)
         p2_BV = p_BE.unflatten(-1, (V, -1)).sum(-1)
+        balance = f_dot_p(f_BE, p_BE).mean()
+        if cfg.balance_scope != "sequence":  # E/(K S) * count = E * share
+            share, p = scoped_balance_inputs(self, expert_A, token_A, scores_TE, num_seqs)
+            balance = E * f_dot_p(share, p).mean()
         return {
-            "balance": cfg.alpha1 * f_dot_p(f_BE, p_BE).mean(),
+            "balance": cfg.alpha1 * balance,
             "device_balance": cfg.alpha2 * device_balance(f_BE, p_BE, V).mean(),
             "comm_balance": cfg.alpha3 * f_dot_p(f2_BV, p2_BV).mean(),
         }

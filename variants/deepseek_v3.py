@@ -21,6 +21,10 @@ S sequence length, A assignments.
 - Complementary sequence-wise balance loss (Eq. 17-20), per sequence then averaged:
   `alpha * sum_i f_i P_i`, f_i = E/(K S) * #tokens of the sequence choosing i,
   P_i = mean over the sequence of s'_{i,t} = s_{i,t} / sum_j s_{j,t}. Default alpha = 1e-4.
+  `balance_scope` (default `sequence`, the paper) may count f over the micro-batch or the
+  global batch instead (Qiu et al. 2025).
+- Qwen2-MoE options (`variants.config.SharedExpertConfig`): `shared_gate`, `shared_hidden`
+  (off by default) and `norm_topk_prob` (on by default: Eq. 13; False gives s_i * scale).
 - Defaults follow V3: 256 routed experts, 8 per token, 1 shared, 8 groups, 4 groups per token.
   Departure: `routed_scaling_factor` defaults to 1.0 (the paper's model uses 2.5).
 """
@@ -32,21 +36,28 @@ from typing import ClassVar
 
 import torch
 
-from .config import MoEConfig, check_divides, check_int, check_le, check_number
-from .deepseek_moe import expert_fraction
+from .config import (
+    BalanceScopeConfig,
+    SharedExpertConfig,
+    check_divides,
+    check_int,
+    check_le,
+    check_number,
+)
 from .routing import (
     Router,
     Routing,
-    count_per_sequence,
     f_dot_p,
     flatten_topk,
     group_limited_mask,
     make_routing,
+    norm_topk,
+    scoped_balance_inputs,
 )
 
 
 @dataclass
-class DeepSeekV3Config(MoEConfig):
+class DeepSeekV3Config(SharedExpertConfig, BalanceScopeConfig):
     dropless: ClassVar[str | None] = "deepseek_v3 balances with its bias, not with drops"
     num_experts: int = 256
     top_k: int = 8
@@ -57,6 +68,8 @@ class DeepSeekV3Config(MoEConfig):
     routed_scaling_factor: float = 1.0
     alpha: float = 1e-4
     bias_update_rate: float = 1e-3
+    balance_scope: str = "sequence"  # Eq. 17-20: the complementary loss is sequence-wise
+    norm_topk_prob: bool = True  # Eq. 13: V3 normalises the selected sigmoid scores
 
     def validate(self) -> None:
         super().validate()
@@ -109,7 +122,7 @@ class DeepSeekV3Router(Router):
             biased_TE = biased_TE.masked_fill(~allowed_TE, float("-inf"))
         expert_TK = biased_TE.topk(K, dim=-1).indices
         s_TK = s_TE.gather(1, expert_TK)
-        weight_TK = s_TK / s_TK.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+        weight_TK = norm_topk(s_TK, cfg.norm_topk_prob) * cfg.routed_scaling_factor
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)
         routing = make_routing(token_A, expert_A, weight_A, s_TE, logits_TE, demand_E)
@@ -121,13 +134,11 @@ class DeepSeekV3Router(Router):
         return routing, losses
 
     def sequence_balance(self, routing: Routing, s_TE: torch.Tensor, num_seqs: int) -> torch.Tensor:
-        """mean over sequences of sum_i f_i P_i (V3 Eq. 17-20)."""
-        T, E = s_TE.shape
-        S = T // num_seqs
-        counts_BE = count_per_sequence(routing.expert, routing.token, num_seqs, S, E)
-        f_BE = expert_fraction(counts_BE, S, self.cfg.top_k)
-        s_norm_BSE = (s_TE / s_TE.sum(-1, keepdim=True)).view(num_seqs, S, E)
-        return f_dot_p(f_BE, s_norm_BSE.mean(1)).mean()
+        """mean over sequences of sum_i f_i P_i (V3 Eq. 17-20), f_i = E/(K S) * count = E * share;
+        another `balance_scope` counts f over the micro-batch or the global batch instead."""
+        s_norm_TE = s_TE / s_TE.sum(-1, keepdim=True)
+        share, p = scoped_balance_inputs(self, routing.expert, routing.token, s_norm_TE, num_seqs)
+        return s_TE.shape[-1] * f_dot_p(share, p).mean()
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -39,6 +39,7 @@ from .routing import Router, Routing, make_routing
 @dataclass
 class ExpertChoiceConfig(MoEConfig):
     leaks_future_tokens: ClassVar[bool] = True
+    variable_k: ClassVar[bool] = True
     uneven_top_k: ClassVar[str | None] = "expert choice gives a token 0..E experts"
 
     top_k: int = 2

@@ -23,13 +23,20 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, drop_over_capacity, flatten_topk, make_routing
+from .config import BalanceScopeConfig, check_number
+from .routing import (
+    Router,
+    Routing,
+    drop_over_capacity,
+    flatten_topk,
+    make_routing,
+    scoped_balance_inputs,
+)
 from .switch import softmax_losses
 
 
 @dataclass
-class GShardConfig(MoEConfig):
+class GShardConfig(BalanceScopeConfig):
     top_k: int = 2
     capacity_factor: float | None = 1.0
     balance_coef: float = 0.01
@@ -69,6 +76,7 @@ class GShardRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
-            f_E = torch.bincount(expert_T2[:, 0], minlength=E).float() / T
-            losses = softmax_losses(self, logits_TE, f_E, probs_TE.mean(0))
+            first_T, tokens_T = expert_T2[:, 0], torch.arange(T, device=x_TD.device)
+            f, p = scoped_balance_inputs(self, first_T, tokens_T, probs_TE, num_seqs)
+            losses = softmax_losses(self, logits_TE, f, p)
         return routing, losses

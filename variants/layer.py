@@ -15,7 +15,7 @@ from torch import nn
 from .backends import get_backend
 from .config import MoEConfig
 from .experts import ExpertBank
-from .routing import Router, Routing
+from .routing import Router, Routing, reset_balance_counts, set_balance_counts
 
 
 @dataclass
@@ -24,6 +24,9 @@ class MoEOutput:
     aux_loss: torch.Tensor  # 0-d, the sum of `losses`
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     routing: Routing | None = None
+    # variant-specific tensors a caller may use, e.g. moe_plus_plus's "gate_logits" [T, P] for
+    # the next layer's gating residual; empty for most variants
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def check_input_dtype(x: torch.Tensor, param: torch.Tensor) -> None:
@@ -63,11 +66,14 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = router
         self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
+        # Qwen2-MoE options (variants.config.SharedExpertConfig): shared width and sigmoid gate
         self.shared = (
-            ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
+            ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.shared_width, cfg.activation)
             if cfg.num_shared_experts
             else None
         )
+        gated = self.shared is not None and getattr(cfg, "shared_gate", False)
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if gated else None
         self.backend = get_backend(cfg.backend)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -75,13 +81,29 @@ class MoELayer(nn.Module):
         check_input_dtype(x_TD, self.experts.w1)
         routing, losses = self.router(x_TD, num_seqs)
         y_TD = self.backend(x_TD, routing, self.experts)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared.sum_all(x_TD)
-        return assemble(x, y_TD, losses, routing)
+        return assemble(x, self.add_shared(x_TD, y_TD), losses, routing)
+
+    def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """y + sum_s FFN_s(x), scaled by sigmoid(x w_g) when `shared_gate` (Qwen2-MoE)."""
+        if self.shared is None:
+            return y_TD
+        shared_TD = self.shared.sum_all(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return y_TD + shared_TD
 
     def update_bias(self) -> None:
-        """Apply the loss-free bias update from the training load counted since the last call."""
+        """Once per optimizer step: the router's state update (DeepSeek-V3's bias, ReMoE's L1
+        coefficient) from the training forwards since the last call; global-batch balance
+        counts (`balance_scope="global_batch"`) start afresh."""
         self.router.update_bias()
+        reset_balance_counts(self.router)
+
+    def set_balance_counts(self, counts: torch.Tensor | None) -> None:
+        """`balance_scope="global_batch"`: use these per-expert counts of the whole step (all
+        micro-batches and ranks, summed by the caller) for f_i until `update_bias()`; None goes
+        back to the running count. See `variants.routing.scoped_balance_inputs`."""
+        set_balance_counts(self.router, counts)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -8,7 +8,7 @@ Shape legend: T tokens, E experts, K = top_k experts per token, A assignments.
 - Balance loss: the paper states none; we use the Switch form every Mixtral trainer uses,
   `balance_coef * E * sum_i f_i P_i` with f_i = assignments to i / (T K) (demand) and
   P_i = mean_t softmax_i. The contract's normalisation: 1 under perfect balance (times the
-  coefficient).
+  coefficient). `balance_scope` (micro_batch, sequence, global_batch) sets which tokens f counts.
   HF transformers' Mixtral `load_balancing_loss_func` sums the one-hot choices over the K slots
   without dividing by K, so its value is K times this one (2x for top-2) at the same
   coefficient, so an HF `router_aux_loss_coef` c corresponds to balance_coef = K * c here.
@@ -24,12 +24,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, f_dot_p, flatten_topk, make_routing
+from .config import BalanceScopeConfig, check_number
+from .routing import Router, Routing, f_dot_p, flatten_topk, make_routing, scoped_balance_inputs
 
 
 @dataclass
-class MixtralConfig(MoEConfig):
+class MixtralConfig(BalanceScopeConfig):
     dropless: ClassVar[str | None] = "mixtral is dropless: every selected expert computes"
     num_experts: int = 8
     top_k: int = 2
@@ -42,7 +42,7 @@ class MixtralConfig(MoEConfig):
 
 class MixtralRouter(Router):
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
-        cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
+        cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.top_k
         logits_TE = self.logits(x_TD)
         probs_TE = F.softmax(logits_TE, dim=-1)
         top_logits_TK, expert_TK = logits_TE.topk(K, dim=-1)
@@ -52,6 +52,6 @@ class MixtralRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E)
         losses = {}
         if self.training:
-            f_E = demand_E.float() / (T * K)
-            losses["balance"] = cfg.balance_coef * E * f_dot_p(f_E, probs_TE.mean(0))
+            f, p = scoped_balance_inputs(self, expert_A, token_A, probs_TE, num_seqs)
+            losses["balance"] = cfg.balance_coef * E * f_dot_p(f, p).mean()
         return routing, losses

@@ -234,3 +234,108 @@ class Router(nn.Module):
 
     def update_bias(self) -> None:
         """Loss-free balancing hook (DeepSeek-V3); a no-op for routers without a bias."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-k routings (topp, remoe, moe_plus_plus, expert_choice)
+# ---------------------------------------------------------------------------------------------
+
+
+def mask_to_assignments(
+    keep_TE: torch.Tensor, weight_TE: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bool [T, E] selection -> token-major (token_A, expert_A, weight_A), weight from weight_TE."""
+    token_A, expert_A = keep_TE.nonzero(as_tuple=True)
+    return token_A, expert_A, weight_TE[token_A, expert_A]
+
+
+def experts_per_token(routing: Routing) -> torch.Tensor:
+    """[T] long: kept routed (FFN) experts of each token, 0 for an unrouted token."""
+    return torch.bincount(routing.token, minlength=routing.num_tokens)
+
+
+def experts_per_token_stats(routing: Routing) -> dict[str, float]:
+    """Mean, min and max kept routed experts per token (the `experts_per_token` metric).
+
+    The mean times one expert's FLOPs is the measured active routed compute of a variable-k
+    variant; for `moe_plus_plus` the record holds FFN experts only, so zero-computation experts
+    count as free.
+    """
+    k_T = experts_per_token(routing).float()
+    return {"mean": float(k_T.mean()), "min": float(k_T.min()), "max": float(k_T.max())}
+
+
+def norm_topk(weight_TK: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """`norm_topk_prob` (Qwen2-MoE, DeepSeek-V3): the K selected weights rescaled to sum to 1."""
+    return weight_TK / weight_TK.sum(-1, keepdim=True) if enabled else weight_TK
+
+
+# ---------------------------------------------------------------------------------------------
+# Balance scope (micro_batch, sequence, global_batch): f_i counted over which tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def assignment_share(counts: torch.Tensor) -> torch.Tensor:
+    """f_i = counts_i / sum_j counts_j on the last dim (0 where nothing was counted).
+
+    Every balance loss of the suite is `c * sum_i f_i P_i` with f_i a share of assignments times
+    a constant (Switch: 1; DeepSeekMoE/V2/V3: E, since E/(K T) * count = E * share).
+    """
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+def scoped_balance_inputs(
+    router: nn.Module,
+    expert_A: torch.Tensor,
+    token_A: torch.Tensor,
+    probs_TE: torch.Tensor,
+    num_seqs: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, P) for `sum_i f_i P_i` in the router's `cfg.balance_scope`: [E] pairs, or [B, E]
+    per sequence (callers take `f_dot_p(f, P).mean()`).
+
+    `expert_A`/`token_A` are the assignments the variant counts (demand, before drops).
+    global_batch (Qiu et al. 2025, Sec. 3): f counts every training forward since the last
+    `update_bias()` (this one included), all-reduced over data-parallel ranks when
+    torch.distributed is initialised: the running form of Megatron-Core's `global_aux_loss`.
+    A runner that knows the step's exact counts beforehand (e.g. from a no-grad pass over
+    all its micro-batches) fixes them with `set_balance_counts`; both reset at `update_bias()`.
+    """
+    scope = router.cfg.balance_scope
+    T, E = probs_TE.shape
+    if scope == "sequence":
+        S = T // num_seqs
+        counts_BE = count_per_sequence(expert_A, token_A, num_seqs, S, E).float()
+        return assignment_share(counts_BE), probs_TE.view(num_seqs, S, E).mean(1)
+    counts_E = torch.bincount(expert_A, minlength=E).float()
+    if scope == "global_batch":
+        counts_E = global_counts(router, counts_E)
+    return assignment_share(counts_E), probs_TE.mean(0)
+
+
+def global_counts(router: nn.Module, counts_E: torch.Tensor) -> torch.Tensor:
+    """The step's counts so far, this forward's included, summed over data-parallel ranks."""
+    fixed = getattr(router, "fixed_balance_counts", None)
+    if fixed is not None:
+        return fixed.to(counts_E)
+    with torch.no_grad():
+        local_E = counts_E.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local_E)
+        total = getattr(router, "balance_counts", None)
+        if total is None or total.shape != local_E.shape:
+            total = torch.zeros_like(local_E)
+        router.balance_counts = total + local_E
+    return router.balance_counts.clone()
+
+
+def set_balance_counts(router: nn.Module, counts_E: torch.Tensor | None) -> None:
+    """Fix the global-batch counts f is computed from until the next `update_bias()`; these
+    are the caller's final counts (already summed over micro-batches and ranks)."""
+    router.fixed_balance_counts = None if counts_E is None else counts_E.detach().float()
+
+
+def reset_balance_counts(router: nn.Module) -> None:
+    """Forget the step's global-batch counts (the layer's `update_bias()` calls it)."""
+    router.balance_counts = None
+    router.fixed_balance_counts = None

@@ -8,7 +8,8 @@ Shape legend: T tokens, D model width, E experts, A kept assignments.
   dropped in token order: earlier tokens keep their place. Applied in eval too (the paper
   evaluates with a capacity factor as well); set capacity_factor=None for dropless.
 - Balance loss (Eq. 4-6): `balance_coef * E * sum_i f_i P_i`, f_i = fraction of tokens whose
-  top-1 is i (before drops), P_i = mean router probability of i.
+  top-1 is i (before drops), P_i = mean router probability of i. `balance_scope` (micro_batch,
+  sequence, global_batch; `variants.config.BalanceScopeConfig`) sets which tokens f counts.
 - Router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, Eq. 5), training only, off by
   default: `z_loss_coef * mean_t logsumexp(u_t)^2`.
 - Input jitter (Switch Sec. 2.4, "multiplicative jitter noise"), training only, off by
@@ -24,13 +25,21 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, drop_over_capacity, f_dot_p, flatten_topk, make_routing
+from .config import BalanceScopeConfig, check_number
+from .routing import (
+    Router,
+    Routing,
+    drop_over_capacity,
+    f_dot_p,
+    flatten_topk,
+    make_routing,
+    scoped_balance_inputs,
+)
 from .routing import z_loss as router_z_loss
 
 
 @dataclass
-class SwitchConfig(MoEConfig):
+class SwitchConfig(BalanceScopeConfig):
     top_k: int = 1
     capacity_factor: float | None = 1.25
     balance_coef: float = 0.01
@@ -63,7 +72,7 @@ def softmax_losses(
     Shared by switch and gshard: only how f is counted differs between them.
     """
     cfg = router.cfg
-    losses = {"balance": cfg.balance_coef * cfg.num_experts * f_dot_p(f_E, p_E)}
+    losses = {"balance": cfg.balance_coef * cfg.num_experts * f_dot_p(f_E, p_E).mean()}
     if cfg.z_loss_coef > 0:
         losses["z"] = cfg.z_loss_coef * router_z_loss(logits_TE)
     return losses
@@ -90,5 +99,9 @@ class SwitchRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
-            losses = softmax_losses(self, routed_TE, demand_E.float() / T, probs_TE.mean(0))
+            first_T = expert_T1.flatten()
+            f, p = scoped_balance_inputs(
+                self, first_T, torch.arange(T, device=x_TD.device), probs_TE, num_seqs
+            )
+            losses = softmax_losses(self, routed_TE, f, p)
         return routing, losses

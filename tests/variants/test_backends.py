@@ -84,6 +84,8 @@ def test_untouched_tokens_get_zero_and_dropped_token_rows_are_exact() -> None:
     torch.testing.assert_close(y[:1], expected_0)
 
 
+# Qwen2-MoE options on the DeepSeekMoE family
+QWEN = {"shared_gate": True, "shared_hidden": 16, "norm_topk_prob": True}
 V2 = {"num_experts": 8, "top_k": 3, "num_devices": 4, "max_devices": 2}
 # (variant, extra fields): every variant, sized so grouped_mm's alignment holds.
 LAYER_CASES = [
@@ -99,6 +101,18 @@ LAYER_CASES = [
     ("mixtral", {"num_experts": 4, "num_shared_experts": 1}),
     ("expert_choice", {"num_experts": 4, "num_shared_experts": 1}),
     ("noisy_topk", {"num_experts": 4, "top_k": 2, "num_shared_experts": 1}),
+    ("deepseek_moe", {**QWEN, "num_experts": 6, "top_k": 3, "num_shared_experts": 2}),
+    ("deepseek_v2", {**QWEN, **V2, "num_shared_experts": 1}),
+    ("deepseek_v3", {**QWEN, "num_experts": 8, "top_k": 2, "num_groups": 1, "topk_groups": 1}),
+    ("topp", {"num_experts": 4}),
+    ("topp", {"num_experts": 4, "top_p": 0.9, "num_shared_experts": 1}),
+    ("remoe", {"num_experts": 4, "num_shared_experts": 1}),
+    ("moe_plus_plus", {"num_experts": 4}),
+    ("moe_plus_plus", {"num_experts": 4, "top_k": 3, "num_shared_experts": 1}),
+    ("sinkhorn", {"num_experts": 4}),
+    ("sinkhorn", {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}),  # forces drops
+    ("xmoe", {"num_experts": 4}),
+    ("xmoe", {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}),
 ]
 
 

@@ -26,7 +26,7 @@ def test_names_are_sorted_and_hold_the_headline_variants() -> None:
     names = variants.names()
     assert names == sorted(names)
     assert set(HEADLINE) <= set(names)
-    assert len(names) == 9
+    assert len(names) == 14
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -73,7 +73,9 @@ def test_eval_mode_has_no_losses_and_is_deterministic(name: str) -> None:
 def test_parameter_names_and_shapes(name: str) -> None:
     layer = small(name, activation="swiglu")
     E, D, H = layer.cfg.num_experts, 16, 8
-    assert layer.router.weight.shape == (E, D)
+    # X-MoE's expert embeddings live in its low-dim routing space (variants/xmoe.py)
+    R = layer.cfg.routing_dim if name == "xmoe" else D
+    assert layer.router.weight.shape == (E, R)
     assert layer.experts.w1.shape == (E, D, H)
     assert layer.experts.w2.shape == (E, H, D)
     assert layer.experts.w3.shape == (E, D, H)
@@ -174,14 +176,16 @@ def test_input_dtype_must_match_the_parameters(name: str, dtype: torch.dtype) ->
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", ALL)
 def test_a_non_finite_token_stays_in_its_row(name: str, mode: str) -> None:
-    """NaN in one input element: no exception; that token's output is NaN, the other tokens'
-    outputs are finite where no other token's choice depends on it (token choice without
-    capacity), and training losses that average over tokens become NaN."""
+    """NaN in one input element: no exception. That token's output is NaN (or zero where its
+    router's selection is a comparison NaN fails, as ReMoE's ReLU gate > 0); the other tokens'
+    outputs stay finite where no token's choice depends on another's (token choice without
+    capacity); training losses that average over tokens become NaN."""
     layer = getattr(small(name), mode)()
     x = torch.randn(2, 6, 16)
     x[0, 1, 3] = float("nan")
-    out = layer(x)
-    bad_BS = ~out.y.isfinite().all(-1)
-    assert bad_BS[0, 1]
+    y = layer(x).y
+    assert y[0, 1].isnan().any() or not y[0, 1].any()
+    others_BS = y.isfinite().all(-1)
+    others_BS[0, 1] = True
     if layer.cfg.capacity_factor is None and not layer.cfg.leaks_future_tokens:
-        assert int(bad_BS.sum()) == 1
+        assert others_BS.all()

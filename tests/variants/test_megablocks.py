@@ -162,6 +162,8 @@ DROPLESS = {  # every variant whose routing fits megablocks, with the fields tha
     "deepseek_v2": dict(capacity_factor=None, num_devices=2, max_devices=1, top_k=2),
     "deepseek_v3": dict(top_k=2, num_groups=2, topk_groups=1),
     "noisy_topk": dict(top_k=2),
+    "sinkhorn": dict(top_k=2),
+    "xmoe": dict(top_k=2),
 }
 
 

@@ -1,0 +1,105 @@
+"""xmoe: the X-MoE router (Chi et al. 2022, "On the Representation Collapse of Sparse Mixture of
+Experts", NeurIPS 2022, arXiv:2204.09179, Sec. 3).
+
+Shape legend: T tokens, D model width, R routing dim (d_e), E experts, K experts per token,
+A kept assignments.
+
+- Dimension reduction (Sec. 3.1): h' = W h with W [R, D] (`router.proj`), R = 16 << D, so
+  routing runs in a low-dimensional space and does not pull the hidden states towards the
+  expert centroids (the representation collapse of the linear router).
+- L2 normalisation and cosine scores (Sec. 3.2, Eq. 6):
+      s_e = cos(W h, e_e) / tau = <W h / |W h|, e_e / |e_e|> / tau,
+  e_e the expert embeddings [E, R] (`router.weight`), tau a learnable temperature
+  (`router.temperature`, init 0.07). `Routing.logits` holds s (the scores routed on).
+- Gate (Eq. 7): softmax(s) over E, top-K; the combine weight is the softmax probability, not
+  renormalised (Switch-style top-1 by default).
+- Balance loss (as in the paper's SMoE baseline): `balance_coef * E * sum_i f_i P_i`,
+  f_i = share of assignments to i (demand), P_i = mean_t softmax(s)_i; coefficient 0.01;
+  `balance_scope` sets which tokens f counts.
+
+Departures and SPEC note: SPEC section 2 describes `router.weight` as [E, D] centroids with
+u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.weight` is
+[E, R] and `Routing.logits` is s. The expert embeddings start orthogonal (gain 0.32, as in the
+authors' torchscale code); torchscale also rescales e to norm 1.5 each step and leaves W h
+unnormalised, whereas this file follows the paper's formula (both sides normalised), where the
+scale of e does not matter. The temperature is clamped to >= 1e-4 (torchscale's
+`_get_gating_temperature`) so it cannot change sign. R = 16, top-1 (`Top1Gate(use_xmoe=True)`)
+and 0.07 (torchscale's `TEMPERATURE_FOR_L_UAX`) match the authors' code; torchscale computes
+the balance loss as E^2 * mean_i(me_i ce_i) = E * sum_i f_i P_i, the form used here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BalanceScopeConfig, check_int, check_number
+from .routing import (
+    Router,
+    Routing,
+    drop_over_capacity,
+    f_dot_p,
+    flatten_topk,
+    make_routing,
+    scoped_balance_inputs,
+)
+
+
+@dataclass
+class XMoEConfig(BalanceScopeConfig):
+    num_experts: int = 8
+    top_k: int = 1
+    routing_dim: int = 16
+    init_temperature: float = 0.07
+    balance_coef: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "routing_dim", 1)
+        check_number(self, "init_temperature", positive=True)
+        check_number(self, "balance_coef", minimum=0)
+
+
+def cosine_scores(
+    h_TR: torch.Tensor, emb_ER: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
+    """s = cos(h, e) / tau (Eq. 6), both sides L2-normalised."""
+    cos_TE = F.normalize(h_TR, dim=-1, eps=1e-6) @ F.normalize(emb_ER, dim=-1, eps=1e-6).T
+    return cos_TE / temperature.clamp_min(1e-4)
+
+
+class XMoERouter(Router):
+    def __init__(self, cfg: XMoEConfig) -> None:
+        super().__init__(cfg)
+        self.proj = nn.Parameter(torch.empty(cfg.routing_dim, cfg.d_model))
+        nn.init.kaiming_uniform_(self.proj, a=5**0.5)
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.routing_dim))
+        nn.init.orthogonal_(self.weight, gain=0.32)
+        self.temperature = nn.Parameter(torch.tensor(float(cfg.init_temperature)))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x_TD.device.type, enabled=False):
+            h_TR = x_TD.to(self.dtype) @ self.proj.to(self.dtype).T
+            return cosine_scores(h_TR, self.weight.to(self.dtype), self.temperature.to(self.dtype))
+
+    def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
+        cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
+        logits_TE = self.logits(x_TD)
+        probs_TE = F.softmax(logits_TE, dim=-1)
+        weight_TK, expert_TK = probs_TE.topk(K, dim=-1)
+        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+        demand_A = (token_A, expert_A)
+        demand_E = torch.bincount(expert_A, minlength=E)
+        capacity = cfg.capacity(T)
+        token_A, expert_A, weight_A = drop_over_capacity(
+            token_A, expert_A, weight_A, torch.arange(T * K, device=x_TD.device), capacity, E
+        )
+        routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
+        losses = {}
+        if self.training:
+            f, p = scoped_balance_inputs(self, demand_A[1], demand_A[0], probs_TE, num_seqs)
+            losses["balance"] = cfg.balance_coef * E * f_dot_p(f, p).mean()
+        return routing, losses
