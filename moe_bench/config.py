@@ -37,7 +37,7 @@ from moe_bench.components import Component
 from moe_bench.data import DataConfig
 from moe_bench.isocompute import ffn_flops_per_token, iso_fields
 from variants import MoEConfig
-from variants.config import check_choice, check_int, check_number
+from variants.config import check_choice, check_divides, check_int, check_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -145,6 +145,9 @@ class ConvergenceConfig(TaskConfig):
     grad_clip: float = 1.0
     weight_decay: float = 0.1
     log_every: int = 1  # training rows: the mean over this many steps
+    # gradient accumulation: each optimizer step runs batch_size / micro_batch_size forwards
+    # (null: one); micro and global batches then differ (balance_scope=global_batch)
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -155,6 +158,9 @@ class ConvergenceConfig(TaskConfig):
         check_number(self, "lr", positive=True)
         check_number(self, "grad_clip", positive=True)
         check_number(self, "weight_decay", minimum=0)
+        if self.micro_batch_size is not None:
+            check_int(self, "micro_batch_size", 1)
+            check_divides(self, "micro_batch_size", "batch_size")
 
 
 TASK_SCHEMAS: dict[str, type[TaskConfig]] = {

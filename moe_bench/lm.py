@@ -109,10 +109,15 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
+    def forward(
+        self, x_BSD: torch.Tensor, gate_residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEOutput]:
         x_BSD = x_BSD + self.drop(self.attn(self.norm_attn(x_BSD)))
         # [B, S, D] in: the layer counts B sequences (DeepSeek-V3's loss is per sequence)
-        out = self.ffn(self.norm_ffn(x_BSD))
+        if self.ffn.cfg.takes_gate_residual:  # MoE++: the previous MoE layer's gate logits
+            out = self.ffn(self.norm_ffn(x_BSD), gate_residual=gate_residual)
+        else:
+            out = self.ffn(self.norm_ffn(x_BSD))
         return x_BSD + self.drop(out.y), out
 
 
@@ -149,11 +154,13 @@ class TinyLM(nn.Module):
         pos_S = torch.arange(length, device=idx_BS.device)
         x_BSD = self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos_S))
         layers, aux = [], torch.zeros((), device=idx_BS.device)
+        gate_logits = None  # chained from MoE layer to MoE layer where a layer takes them
         for i, block in enumerate(self.blocks):
-            x_BSD, out = block(x_BSD)
+            x_BSD, out = block(x_BSD, gate_logits)
             if self.cfg.is_moe(i):
                 layers.append(LayerOutput(i, out.losses, out.routing))
                 aux = aux + out.aux_loss
+                gate_logits = out.extras.get("gate_logits")
         logits_BSV = self.head(self.norm_out(x_BSD))
         loss = None
         if targets_BS is not None:

@@ -48,6 +48,10 @@ LOAD_CV = Metric("load_cv", "", "min", ("layer", "domain"), "std / mean of the l
 DROP_FRACTION = Metric("drop_fraction", "", "min", ("layer", "domain"), "dropped / demanded")
 UNROUTED_FRACTION = Metric("unrouted_fraction", "", "min", ("layer", "domain"), "tokens kept 0")
 DEAD_EXPERTS = Metric("dead_experts", "experts", "min", ("layer", "domain"), "< 1% mean load")
+EXPERTS_PER_TOKEN = Metric(
+    "experts_per_token", "experts", None, ("layer", "domain"),
+    "variable-k variants: mean kept routed FFN experts per token (columns min, max)",
+)  # fmt: skip
 ROUTER_ENTROPY = Metric("router_entropy", "nats", None, ("layer", "domain"), "confidence")
 EXPERT_LOAD = Metric(
     "expert_load", "share", None, ("layer", "domain", "expert"), "share of kept assignments"
@@ -65,7 +69,8 @@ METRICS: dict[str, Metric] = {
     for m in (
         FWD_MS, FWD_BWD_MS, TOKENS_PER_S, TFLOPS, RATIO_TO_DENSE, PEAK_MEMORY_BYTES,
         LOAD_ENTROPY, MAX_VIO_BATCH, MAX_VIO_GLOBAL, LOAD_CV, DROP_FRACTION, UNROUTED_FRACTION,
-        DEAD_EXPERTS, ROUTER_ENTROPY, EXPERT_LOAD, TRAIN_LOSS, AUX_LOSS, VAL_LOSS, VAL_PPL, JOB,
+        DEAD_EXPERTS, EXPERTS_PER_TOKEN, ROUTER_ENTROPY, EXPERT_LOAD, TRAIN_LOSS, AUX_LOSS,
+        VAL_LOSS, VAL_PPL, JOB,
     )
 }  # fmt: skip
 

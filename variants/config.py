@@ -84,6 +84,9 @@ class MoEConfig:
     # reports `experts_per_token` (variants.routing.experts_per_token_stats) and counts active
     # FLOPs and parameters from its measured mean, not from top_k
     variable_k: ClassVar[bool] = False
+    # the layer takes `gate_residual=` (the previous MoE layer's `out.extras["gate_logits"]`)
+    # and returns its own (MoE++'s gating residuals); models chain them from layer to layer
+    takes_gate_residual: ClassVar[bool] = False
 
     d_model: int = 512
     num_experts: int = 8

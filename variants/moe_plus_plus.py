@@ -62,6 +62,7 @@ class MoEPlusPlusConfig(BalanceScopeConfig):
         "zero-computation experts take some of a token's K slots, leaving it 0..K FFN experts"
     )
     variable_k: ClassVar[bool] = True
+    takes_gate_residual: ClassVar[bool] = True
     num_experts: int = 8
     top_k: int = 2
     num_zero_experts: int = 1

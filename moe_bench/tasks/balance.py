@@ -23,6 +23,7 @@ from moe_bench.config import BalanceConfig, Job
 from moe_bench.metrics import max_vio, window_stats
 from moe_bench.results import Recorder
 from moe_bench.tasks import build_layer
+from variants.routing import experts_per_token
 
 
 def text_batches(job: Job) -> dict[str, list[torch.Tensor]]:
@@ -77,6 +78,12 @@ def run(job: Job, recorder: Recorder) -> None:
             stats[schema.MAX_VIO_GLOBAL.name] = stats.pop("max_vio")
             for metric, value in stats.items():
                 recorder.log(metric, value, domain=domain, layer=0)
+            if job.layer.variable_k:  # mean (min, max) kept routed experts over the window
+                k_T = torch.cat([experts_per_token(r).cpu() for r in routings]).double()
+                recorder.log(
+                    schema.EXPERTS_PER_TOKEN, float(k_T.mean()), domain=domain, layer=0,
+                    min=float(k_T.min()), max=float(k_T.max()),
+                )  # fmt: skip
             load_E = sum(r.load.cpu() for r in routings).double()
             for expert, share in enumerate((load_E / load_E.sum()).tolist()):
                 recorder.log(schema.EXPERT_LOAD, share, domain=domain, layer=0, expert=expert)

@@ -58,6 +58,7 @@ from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
 from moe_bench.metrics import drop_fraction, load_entropy, max_vio
 from moe_bench.results import Recorder
 from moe_bench.timing import synchronize
+from variants.routing import Routing, experts_per_token_stats, make_routing
 
 BETAS = (0.9, 0.95)  # DeepSeek-V3 Sec. 4.2, as GPT-3
 MIN_LR_RATIO = 0.1  # cosine decays to 10% of the peak learning rate
@@ -126,8 +127,11 @@ def autocast(job: Job) -> Callable[[], AbstractContextManager]:
     return lambda: torch.autocast(job.device.type, dtype=torch.bfloat16)
 
 
-def layer_stats(layers: list[LayerOutput]) -> dict[int | str, dict[str, float]]:
-    """Per MoE layer (and "mean" over them): the per-batch routing statistics logged each step."""
+def layer_stats(
+    layers: list[LayerOutput], variable_k: bool = False
+) -> dict[int | str, dict[str, float]]:
+    """Per MoE layer (and "mean" over them): the per-batch routing statistics logged each step;
+    `experts_per_token` (the mean) too for a variable-k variant."""
     per_layer = {}
     for rec in layers:
         load_E, demand_E = rec.routing.load.cpu(), rec.routing.demand.cpu()
@@ -136,6 +140,8 @@ def layer_stats(layers: list[LayerOutput]) -> dict[int | str, dict[str, float]]:
             "max_vio_batch": max_vio(load_E),
             "drop_fraction": drop_fraction(demand_E, load_E),
         }
+        if variable_k:
+            per_layer[rec.layer]["experts_per_token"] = experts_per_token_stats(rec.routing)["mean"]
     names = per_layer[layers[0].layer]
     per_layer["mean"] = {
         name: sum(stats[name] for stats in per_layer.values()) / len(layers) for name in names
@@ -159,6 +165,7 @@ class TrainLog:
     log: Log
     log_every: int
     tokens_per_step: int
+    variable_k: bool = False
 
     def __post_init__(self) -> None:
         self.wall_s = 0.0  # training seconds so far: the x axis of loss vs wall time
@@ -176,7 +183,7 @@ class TrainLog:
         self.sums[(schema.TRAIN_LOSS.name, ())] += float(out.loss.detach())
         for name, value in aux_by_name(out).items():
             self.sums[(schema.AUX_LOSS.name, (("loss", name),))] += value
-        stats = layer_stats(out.layers)
+        stats = layer_stats(out.layers, self.variable_k)
         for layer, values in stats.items():
             for metric, value in values.items():
                 self.sums[(metric, (("layer", layer),))] += value
@@ -248,6 +255,64 @@ def log_eval(
                 log(schema.EXPERT_LOAD, share, expert=expert, **where)
 
 
+def merge_routings(routings: list[Routing]) -> Routing:
+    """The routings of a step's micro-batches as one record over all their tokens (token
+    indices offset), so a step's statistics are those of its whole batch."""
+    if len(routings) == 1:
+        return routings[0]
+    offsets = [0]
+    for r in routings[:-1]:
+        offsets.append(offsets[-1] + r.num_tokens)
+    return make_routing(
+        token_A=torch.cat([r.token + off for r, off in zip(routings, offsets)]),
+        expert_A=torch.cat([r.expert for r in routings]),
+        weight_A=torch.cat([r.weight for r in routings]),
+        scores_TE=torch.cat([r.scores for r in routings]),
+        logits_TE=torch.cat([r.logits for r in routings]),
+        demand_E=sum(r.demand for r in routings),
+    )
+
+
+def train_forward(
+    lm: TinyLM, idx_BS: torch.Tensor, targets_BS: torch.Tensor, micro: int, ctx: Callable
+) -> tuple[LMOutput, bool]:
+    """Forward and backward of one step's batch in micro-batches of `micro` windows, gradients
+    accumulated (each micro objective divided by their number); returns the step's output
+    (losses averaged, routings merged) and whether every objective was finite. Stops at the
+    first non-finite objective, before its backward."""
+    outs = []
+    chunks = idx_BS.split(micro), targets_BS.split(micro)
+    for idx_bS, targets_bS in zip(*chunks):
+        with ctx():
+            out = lm(idx_bS, targets_bS)
+        outs.append(out)
+        objective = (out.loss + out.aux_loss) / len(chunks[0])
+        if not math.isfinite(float(objective.detach())):
+            return merge_outputs(outs), False
+        objective.backward()
+    return merge_outputs(outs), True
+
+
+def merge_outputs(outs: list[LMOutput]) -> LMOutput:
+    if len(outs) == 1:
+        return outs[0]
+    n = len(outs)
+    layers = [
+        LayerOutput(
+            recs[0].layer,
+            {name: sum(r.losses[name] for r in recs) / n for name in recs[0].losses},
+            merge_routings([r.routing for r in recs]),
+        )
+        for recs in zip(*(o.layers for o in outs))
+    ]
+    return LMOutput(
+        logits=torch.cat([o.logits for o in outs]),
+        loss=sum(o.loss for o in outs) / n,
+        aux_loss=sum(o.aux_loss for o in outs) / n,
+        layers=layers,
+    )
+
+
 def divergence(step: int, out: LMOutput, stats: dict[int | str, dict[str, float]]) -> str:
     """The error text of a non-finite loss: the step, the losses and every layer's statistics."""
     layers = "; ".join(
@@ -278,19 +343,16 @@ def run(job: Job, recorder: Recorder) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, task.warmup_steps, task.steps)
     )
-    train_log = TrainLog(log, task.log_every, task.batch_size * task.seq_len)
+    train_log = TrainLog(log, task.log_every, task.batch_size * task.seq_len, job.layer.variable_k)
+    micro = task.micro_batch_size or task.batch_size
     log_eval(log, 0, 0.0, *evaluate(lm, val, task.batch_size, ctx, job.device), unigram)
     for step in tqdm(range(1, task.steps + 1), desc="train", leave=False, disable=None):
         idx_BS, targets_BS, _ = (t.to(job.device) for t in next(batches))
         synchronize(job.device)
         start = time.perf_counter()
-        with ctx():
-            out = lm(idx_BS, targets_BS)
-        objective = out.loss + out.aux_loss
-        finite = math.isfinite(float(objective.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        out, finite = train_forward(lm, idx_BS, targets_BS, micro, ctx)
         if finite:
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
             torch.nn.utils.clip_grad_norm_(lm.parameters(), task.grad_clip)
             optimizer.step()
             schedule.step()

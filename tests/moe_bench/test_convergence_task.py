@@ -102,3 +102,29 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(f[10:]))
     assert f[-1] == pytest.approx(convergence.MIN_LR_RATIO, abs=1e-3)
+
+
+def test_micro_batches_accumulate_into_one_step(compose_cfg, tmp_path: Path) -> None:
+    """batch 8 in micro-batches of 2: the same first-step loss as one batch of 8 (gradient
+    accumulation changes how the step is computed, not its data), and a global-batch balance
+    scope trains."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    common = [*TINY, "variant=mixtral", "task.steps=2", "task.eval_every=2"]
+    assert app.execute(compose_cfg(*common), one, "one") == "ok"
+    assert app.execute(compose_cfg(*common, "task.micro_batch_size=2"), two, "two") == "ok"
+    loss = {k: results.load(p).query("metric == 'train_loss' and step == 1").value.iloc[0]
+            for k, p in (("one", one), ("two", two))}  # fmt: skip
+    assert loss["one"] == pytest.approx(loss["two"], rel=1e-5)
+    scoped = tmp_path / "scoped"
+    cfg = compose_cfg(*common, "task.micro_batch_size=2", "variant.balance_scope=global_batch")
+    assert app.execute(cfg, scoped, "scoped") == "ok"
+
+
+@pytest.mark.parametrize("variant", ["topp", "moe_plus_plus"])
+def test_variable_k_variants_report_experts_per_token(compose_cfg, tmp_path, variant) -> None:
+    cfg = compose_cfg(*TINY, f"variant={variant}", "task.steps=2")
+    assert app.execute(cfg, tmp_path, variant) == "ok"
+    frame = results.load(tmp_path)
+    k = frame[frame.metric == "experts_per_token"]
+    assert len(k) and (k.value > 0).all() and set(k.layer.astype(str)) >= {"0", "mean"}
