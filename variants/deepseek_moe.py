@@ -37,7 +37,7 @@ from .routing import (
     flatten_topk,
     make_routing,
     norm_topk,
-    scoped_balance_inputs,
+    scoped_balance_loss,
 )
 
 
@@ -93,8 +93,8 @@ class DeepSeekMoERouter(Router):
         if self.training:
             f_E, p_E = expert_fraction(demand_E, T, K), scores_TE.mean(0)
             # E/(K T) * count = E * share: the scoped share, times E (Eq. 13)
-            share, p = scoped_balance_inputs(self, demand_A[1], demand_A[0], scores_TE, num_seqs)
-            losses["balance"] = cfg.alpha1 * E * f_dot_p(share, p).mean()
+            balance = scoped_balance_loss(self, demand_A[1], demand_A[0], scores_TE, num_seqs)
+            losses["balance"] = cfg.alpha1 * balance
             if cfg.alpha2 > 0:
                 losses["device_balance"] = cfg.alpha2 * device_balance(f_E, p_E, cfg.num_devices)
         return routing, losses

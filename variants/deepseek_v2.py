@@ -60,7 +60,7 @@ from .routing import (
     group_limited_mask,
     make_routing,
     norm_topk,
-    scoped_balance_inputs,
+    scoped_balance_loss,
     within_capacity,
 )
 
@@ -152,8 +152,7 @@ class DeepSeekV2Router(Router):
         p2_BV = p_BE.unflatten(-1, (V, -1)).sum(-1)
         balance = f_dot_p(f_BE, p_BE).mean()
         if cfg.balance_scope != "sequence":  # E/(K S) * count = E * share
-            share, p = scoped_balance_inputs(self, expert_A, token_A, scores_TE, num_seqs)
-            balance = E * f_dot_p(share, p).mean()
+            balance = scoped_balance_loss(self, expert_A, token_A, scores_TE, num_seqs)
         return {
             "balance": cfg.alpha1 * balance,
             "device_balance": cfg.alpha2 * device_balance(f_BE, p_BE, V).mean(),

@@ -47,12 +47,11 @@ from .config import (
 from .routing import (
     Router,
     Routing,
-    f_dot_p,
     flatten_topk,
     group_limited_mask,
     make_routing,
     norm_topk,
-    scoped_balance_inputs,
+    scoped_balance_loss,
 )
 
 
@@ -137,8 +136,7 @@ class DeepSeekV3Router(Router):
         """mean over sequences of sum_i f_i P_i (V3 Eq. 17-20), f_i = E/(K S) * count = E * share;
         another `balance_scope` counts f over the micro-batch or the global batch instead."""
         s_norm_TE = s_TE / s_TE.sum(-1, keepdim=True)
-        share, p = scoped_balance_inputs(self, routing.expert, routing.token, s_norm_TE, num_seqs)
-        return s_TE.shape[-1] * f_dot_p(share, p).mean()
+        return scoped_balance_loss(self, routing.expert, routing.token, s_norm_TE, num_seqs)
 
     @torch.no_grad()
     def update_bias(self) -> None:

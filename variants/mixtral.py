@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import BalanceScopeConfig, check_number
-from .routing import Router, Routing, f_dot_p, flatten_topk, make_routing, scoped_balance_inputs
+from .routing import Router, Routing, flatten_topk, make_routing, scoped_balance_loss
 
 
 @dataclass
@@ -52,6 +52,6 @@ class MixtralRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E)
         losses = {}
         if self.training:
-            f, p = scoped_balance_inputs(self, expert_A, token_A, probs_TE, num_seqs)
-            losses["balance"] = cfg.balance_coef * E * f_dot_p(f, p).mean()
+            balance = scoped_balance_loss(self, expert_A, token_A, probs_TE, num_seqs)
+            losses["balance"] = cfg.balance_coef * balance
         return routing, losses

@@ -329,6 +329,19 @@ def global_counts(router: nn.Module, counts_E: torch.Tensor) -> torch.Tensor:
     return router.balance_counts.clone()
 
 
+def scoped_balance_loss(
+    router: nn.Module,
+    expert_A: torch.Tensor,
+    token_A: torch.Tensor,
+    probs_TE: torch.Tensor,
+    num_seqs: int,
+) -> torch.Tensor:
+    """`E * sum_i f_i P_i` in the router's balance scope (1 under perfect balance), averaged
+    over sequences where the scope is per sequence; callers multiply their coefficient."""
+    share, p = scoped_balance_inputs(router, expert_A, token_A, probs_TE, num_seqs)
+    return probs_TE.shape[-1] * f_dot_p(share, p).mean()
+
+
 def set_balance_counts(router: nn.Module, counts_E: torch.Tensor | None) -> None:
     """Fix the global-batch counts f is computed from until the next `update_bias()`; these
     are the caller's final counts (already summed over micro-batches and ranks)."""

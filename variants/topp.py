@@ -46,10 +46,9 @@ from .config import BalanceScopeConfig, check_number
 from .routing import (
     Router,
     Routing,
-    f_dot_p,
     make_routing,
     mask_to_assignments,
-    scoped_balance_inputs,
+    scoped_balance_loss,
 )
 
 
@@ -100,7 +99,7 @@ class TopPRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E)
         losses = {}
         if self.training:
-            f, p = scoped_balance_inputs(self, expert_A, token_A, probs_TE, num_seqs)
-            losses["balance"] = cfg.balance_coef * E * f_dot_p(f, p).mean()
+            balance = scoped_balance_loss(self, expert_A, token_A, probs_TE, num_seqs)
+            losses["balance"] = cfg.balance_coef * balance
             losses["z"] = cfg.dynamic_coef * entropy_loss(probs_TE)
         return routing, losses

@@ -41,10 +41,9 @@ from .routing import (
     Router,
     Routing,
     drop_over_capacity,
-    f_dot_p,
     flatten_topk,
     make_routing,
-    scoped_balance_inputs,
+    scoped_balance_loss,
 )
 
 
@@ -100,6 +99,6 @@ class XMoERouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
-            f, p = scoped_balance_inputs(self, demand_A[1], demand_A[0], probs_TE, num_seqs)
-            losses["balance"] = cfg.balance_coef * E * f_dot_p(f, p).mean()
+            balance = scoped_balance_loss(self, demand_A[1], demand_A[0], probs_TE, num_seqs)
+            losses["balance"] = cfg.balance_coef * balance
         return routing, losses
