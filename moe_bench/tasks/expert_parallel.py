@@ -35,6 +35,7 @@ Rows (docs/contract.md §5, §7), layer 0 and "mean" (one layer: the same values
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -329,9 +330,23 @@ def log_rows(recorder: Recorder, numbers: dict[str, Any]) -> None:
         recorder.log(schema.RANK_IMBALANCE, value, step=step, phase="train", layer=0)
 
 
+def export_slurm_env() -> None:
+    """Under Slurm (Hydra's submitit launcher with tasks_per_node=P) nothing sets MASTER_ADDR:
+    derive torch's env:// variables from the Slurm job with submitit's helper. Each rank keeps
+    every GPU visible and takes GPU LOCAL_RANK (init_from_env)."""
+    if "SLURM_JOB_ID" not in os.environ or "MASTER_ADDR" in os.environ:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:  # init_from_env then names the missing variable
+        return
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def _from_env(spec: RankSpec, backend: str, recorder: Recorder) -> dict[str, Any] | None:
     """This process is one rank of a launcher's job; ranks other than 0 write no rows."""
     task = spec.task
+    export_slurm_env()
     rank, world = init_from_env(backend, timeout_s=task.timeout_s)
     try:
         if world != task.ep_size:
