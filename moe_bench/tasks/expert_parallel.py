@@ -348,6 +348,8 @@ def _from_env(spec: RankSpec, backend: str, recorder: Recorder) -> dict[str, Any
     task = spec.task
     export_slurm_env()
     rank, world = init_from_env(backend, timeout_s=task.timeout_s)
+    if rank != 0:  # its runner still finishes the job: keep its file apart from rank 0's rows
+        recorder.path = recorder.path.with_name(f"results.rank{rank}.jsonl")
     try:
         if world != task.ep_size:
             raise ValueError(
@@ -357,8 +359,6 @@ def _from_env(spec: RankSpec, backend: str, recorder: Recorder) -> dict[str, Any
         numbers = rank_main(rank, world, spec)
     finally:
         dist.destroy_process_group()
-    if rank != 0:  # its runner still finishes the job: keep its file apart from rank 0's rows
-        recorder.path = recorder.path.with_name(f"results.rank{rank}.jsonl")
     return numbers
 
 
@@ -369,6 +369,11 @@ def run(job: Job, recorder: Recorder) -> None:
     if task.launcher == "env":
         numbers = _from_env(spec, backend, recorder)
     else:
+        if backend == "nccl" and task.ep_size > torch.cuda.device_count():
+            raise ValueError(
+                f"task.ep_size={task.ep_size} nccl ranks need as many GPUs, this machine has "
+                f"{torch.cuda.device_count()} (use task.launcher=env across nodes)"
+            )
         numbers = spawn_ranks(
             rank_main,
             task.ep_size,
