@@ -163,11 +163,43 @@ class ConvergenceConfig(TaskConfig):
             check_divides(self, "micro_batch_size", "batch_size")
 
 
+EP_BACKENDS = ("auto", "gloo", "nccl")
+EP_LAUNCHERS = ("spawn", "env")
+
+
+@dataclass
+class ExpertParallelConfig(TaskConfig):
+    """task=expert_parallel (moe_bench/tasks/expert_parallel.py, docs/expert_parallel.md)."""
+
+    name: str = "expert_parallel"
+    ep_size: int = 2  # P ranks; model.tokens is the global batch, split over them by sequence
+    warmup: int = 2  # untimed forwards first
+    repeats: int = 5  # timed steps; medians over them
+    steps: int = 20  # short training run: rank_imbalance per step (comm-balance loss at work)
+    lr: float = 1e-2  # Adam, for the training run
+    skew: float = 2.0  # training inputs: skew * (unit centroid of rank 0's experts) + N(0, 1)
+    backend: str = "auto"  # collectives: auto = gloo on CPU, nccl on CUDA
+    launcher: str = "spawn"  # spawn: the job starts its ranks; env: ranks from a launcher
+    timeout_s: float = 600.0  # the whole rank job, and each collective
+
+    def __post_init__(self) -> None:
+        check_int(self, "ep_size", 1)
+        check_int(self, "warmup", 0)
+        check_int(self, "repeats", 1)
+        check_int(self, "steps", 0)
+        check_number(self, "lr", positive=True)
+        check_number(self, "skew", minimum=0)
+        check_number(self, "timeout_s", positive=True)
+        check_choice(self, "backend", EP_BACKENDS)
+        check_choice(self, "launcher", EP_LAUNCHERS)
+
+
 TASK_SCHEMAS: dict[str, type[TaskConfig]] = {
     "throughput": ThroughputConfig,
     "memory": MemoryConfig,
     "balance": BalanceConfig,
     "convergence": ConvergenceConfig,
+    "expert_parallel": ExpertParallelConfig,
 }
 
 

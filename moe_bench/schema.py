@@ -61,6 +61,33 @@ TRAIN_LOSS = Metric("train_loss", "nats", "min", (), "LM cross-entropy per byte"
 AUX_LOSS = Metric("aux_loss", "", None, ("loss",), "weighted aux loss by name, and total")
 VAL_LOSS = Metric("val_loss", "nats", "min", (), "validation cross-entropy per byte")
 VAL_PPL = Metric("val_ppl", "", "min", (), "validation perplexity per byte")
+# expert parallelism (task=expert_parallel, docs/expert_parallel.md), per layer (and "mean");
+# rank_imbalance also per training step (column phase="train")
+DEVICES_PER_TOKEN = Metric(
+    "devices_per_token", "ranks", "min", ("layer",),
+    "mean ranks a token's kept experts live on (column devices_per_token_max: the max)",
+)  # fmt: skip
+BYTES_PER_TOKEN = Metric(
+    "bytes_per_token", "bytes", "min", ("layer",), "off-rank bytes of dispatch + combine per token"
+)
+REMOTE_FRACTION = Metric(
+    "remote_fraction", "", "min", ("layer",), "kept assignments whose expert is on another rank"
+)
+RANK_IMBALANCE = Metric(
+    "rank_imbalance", "x", "min", ("layer", "phase"), "max / mean token rows received per rank"
+)
+A2A_MS = Metric(
+    "a2a_ms", "ms", "min", ("layer",),
+    "forward dispatch + combine time (columns route_ms, dispatch_ms, expert_ms, combine_ms)",
+)  # fmt: skip
+RANK_TOKENS = Metric(
+    "rank_tokens", "tokens", None, ("layer", "src", "dst"),
+    "token rows sent from rank src to rank dst (column assignments: kept assignments)",
+)  # fmt: skip
+SPEEDUP_VS_EP1 = Metric(
+    "speedup_vs_ep1", "x", "max", ("pass",),
+    "time of the unsharded layer on one rank / the expert-parallel step, same job and tokens",
+)  # fmt: skip
 # the job itself: its wall time; its status is the job's state
 JOB = Metric("job", "s", None, (), "one per job: wall seconds, the job's final status")
 
@@ -71,6 +98,8 @@ METRICS: dict[str, Metric] = {
         LOAD_ENTROPY, MAX_VIO_BATCH, MAX_VIO_GLOBAL, LOAD_CV, DROP_FRACTION, UNROUTED_FRACTION,
         DEAD_EXPERTS, EXPERTS_PER_TOKEN, ROUTER_ENTROPY, EXPERT_LOAD, TRAIN_LOSS, AUX_LOSS,
         VAL_LOSS, VAL_PPL, JOB,
+        DEVICES_PER_TOKEN, BYTES_PER_TOKEN, REMOTE_FRACTION, RANK_IMBALANCE, A2A_MS, RANK_TOKENS,
+        SPEEDUP_VS_EP1,
     )
 }  # fmt: skip
 

@@ -99,7 +99,17 @@ def _fixed(digits: int) -> Callable[[float], str]:
     return lambda v: f"{v:,.{digits}f}"
 
 
+# expert parallelism (task=expert_parallel): the traffic table per variant and setting
+EP_COLUMNS = (
+    Column("devices/token", schema.DEVICES_PER_TOKEN, "ranks", _fixed(2), routing=True),
+    Column("bytes/token", schema.BYTES_PER_TOKEN, "B", _fixed(0), routing=True),
+    Column("remote fraction", schema.REMOTE_FRACTION, "", _fixed(3), routing=True),
+    Column("rank imbalance", schema.RANK_IMBALANCE, "×", _fixed(3), routing=True),
+    Column("a2a", schema.A2A_MS, "ms", _fixed(1)),
+    Column("speedup vs ep1", schema.SPEEDUP_VS_EP1, "×", _fixed(2)),
+)
 LEADERBOARD = (
+    *EP_COLUMNS,  # only where a task logged them (task=expert_parallel)
     Column("tokens/s", schema.TOKENS_PER_S, "tok/s", _fixed(0)),
     # time (throughput) or peak memory (memory) over the dense FFN of equal active FLOPs
     Column("ratio to dense", schema.RATIO_TO_DENSE, "×", _fixed(2)),

@@ -474,3 +474,128 @@ FIGURES = (
         domain_load,
     ),
 )
+
+
+# --- expert parallelism (task=expert_parallel, docs/expert_parallel.md) -----------------------
+
+
+def _ep_settings(rows: pd.DataFrame) -> pd.Series:
+    """Label of each row's setting: the variant plus the variant fields that vary within it in
+    these rows (max_devices, num_groups, alpha3, ...), e.g. `deepseek_v2 max_devices=2`."""
+    fields = [
+        c
+        for c in rows.columns
+        if c.startswith("variant.") and rows.groupby("variant")[c].nunique(dropna=True).max() > 1
+    ]
+    labels = rows["variant"].astype(str)
+    for c in fields:
+        varies = rows.groupby("variant")[c].transform("nunique") > 1
+        text = " " + c.split(".", 1)[1] + "=" + rows[c].map(plain)
+        labels = labels + text.where(varies, "")
+    return labels
+
+
+def _ep_rows(frame: pd.DataFrame, metric: str, **where: str) -> pd.DataFrame:
+    rows = frame[(frame["task"] == "expert_parallel") & (frame["metric"] == metric)]
+    for key, value in where.items():
+        rows = rows[column(rows, key).astype(str) == value]
+    if rows.empty:
+        raise Missing(f"no task=expert_parallel {metric} rows in this sweep")
+    return rows.assign(setting=_ep_settings(rows))
+
+
+EP_TRAFFIC = (
+    (schema.DEVICES_PER_TOKEN, "ranks per token (● max)", {}),
+    (schema.BYTES_PER_TOKEN, "off-rank bytes per token", {}),
+    (schema.REMOTE_FRACTION, "remote assignments / kept", {}),
+    (schema.RANK_IMBALANCE, "max / mean rows received", {"phase": "eval"}),
+)
+
+
+def ep_traffic(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    """One bar per setting (mean over seeds) for each traffic metric of an eval forward."""
+    panels = [
+        (m, label, _ep_rows(frame, m.name, layer="mean", **where)) for m, label, where in EP_TRAFFIC
+    ]
+    fig, axes = _panels(len(panels), height=PANEL_HEIGHT_IN + 0.6)
+    for ax, (metric_, label, rows) in zip(axes, panels):
+        stats = rows.assign(value=pd.to_numeric(rows["value"])).groupby("setting", sort=True)
+        mid = stats["value"].mean()
+        pos = np.arange(len(mid))
+        variant = stats["variant"].first()
+        ax.bar(pos, mid.to_numpy(), color=[colors[v] for v in variant])
+        if metric_ is schema.DEVICES_PER_TOKEN and "devices_per_token_max" in rows:
+            top = pd.to_numeric(rows["devices_per_token_max"]).groupby(rows["setting"]).max()
+            ax.plot(pos, top.reindex(mid.index).to_numpy(), "o", color="0.2", ms=4)
+        ax.set_xticks(pos, mid.index, rotation=35, ha="right", fontsize=8)
+        ax.set(ylabel=label, title=metric_.name)
+        ax.grid(axis="x", visible=False)
+    return fig
+
+
+def ep_rank_tokens(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    """Small multiples, one [src, dst] matrix of token rows per setting (seeds summed)."""
+    rows = _ep_rows(frame, schema.RANK_TOKENS.name).dropna(subset=["src", "dst"])
+    maps = {
+        setting: part.pivot_table(index="src", columns="dst", values="value", aggfunc="sum")
+        for setting, part in rows.groupby("setting", sort=True)
+    }
+    vmax = max(float(np.nanmax(m.to_numpy())) for m in maps.values())
+    fig, axes = _panels(len(maps), ncols=4, height=2.6)
+    for ax, (setting, matrix) in zip(axes, maps.items()):
+        image = ax.imshow(matrix.to_numpy(), cmap="viridis", vmin=0, vmax=vmax)
+        variant = setting.split()[0]
+        ax.set_title(setting, color=colors.get(variant, "0.2"), fontsize=8, fontweight="bold")
+        ax.set_xticks(range(matrix.shape[1]), [plain(v) for v in matrix.columns])
+        ax.set_yticks(range(matrix.shape[0]), [plain(v) for v in matrix.index])
+        ax.set(xlabel="dst rank", ylabel="src rank")
+        ax.grid(False)
+    fig.colorbar(image, ax=axes, label="token rows sent", shrink=0.9)
+    return fig
+
+
+def ep_imbalance_vs_step(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    """rank_imbalance per training step, one line per setting (mean over seeds)."""
+    rows = _ep_rows(frame, schema.RANK_IMBALANCE.name, phase="train").dropna(subset=["step"])
+    rows = rows.assign(**_numeric(rows, "step", "value"))
+    fig, axes = _panels(1, height=PANEL_HEIGHT_IN + 0.6)
+    ax = axes[0]
+    palette = sns.color_palette("tab20", rows["setting"].nunique())
+    for color, (setting, part) in zip(palette, rows.groupby("setting", sort=True)):
+        line = part.groupby("step")["value"].mean()
+        ax.plot(line.index, line.to_numpy(), color=color, label=setting, lw=1.4)
+    ax.axhline(1, color="0.3", lw=0.8)
+    ax.set(xlabel="training step", ylabel="max / mean token rows received per rank")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(fig, axes)
+    return fig
+
+
+EP_FIGURES = (
+    FigureSpec(
+        "ep-traffic",
+        "Expert parallelism: traffic per token",
+        "One eval forward of the global batch over task.ep_size ranks (exact counts): ranks a "
+        "token is sent to (mean; dots: max), off-rank bytes of dispatch and combine per token, "
+        "the fraction of kept assignments whose expert is on another rank, and the received-"
+        "token imbalance across ranks (1 = balanced). DeepSeek-V2 bounds ranks per token by "
+        "max_devices (arXiv:2405.04434 Sec. 2.1.3).",
+        ep_traffic,
+    ),
+    FigureSpec(
+        "ep-rank-tokens",
+        "Expert parallelism: rank-to-rank token matrix",
+        "Token rows each source rank (row) sends to each destination rank (column) in one eval "
+        "forward; the diagonal stays on its rank.",
+        ep_rank_tokens,
+    ),
+    FigureSpec(
+        "ep-imbalance",
+        "Expert parallelism: received-token imbalance during training",
+        "rank_imbalance per step of the task's short training run on inputs skewed toward rank "
+        "0's experts; balance losses (e.g. DeepSeek-V2's communication-balance loss, Sec. "
+        "2.1.4) pull it toward 1.",
+        ep_imbalance_vs_step,
+    ),
+)
+FIGURES = (*FIGURES, *EP_FIGURES)

@@ -26,6 +26,7 @@ TASKS: dict[str, str] = {
     "memory": "moe_bench.tasks.memory",
     "balance": "moe_bench.tasks.balance",
     "convergence": "moe_bench.tasks.convergence",
+    "expert_parallel": "moe_bench.tasks.expert_parallel",
 }
 
 TaskFn = Callable[[Job, Recorder], None]

@@ -113,6 +113,36 @@ def convergence_job(
     return rows
 
 
+def expert_parallel_job(
+    variant: str, seed: int = 0, ranks: int = 2, steps: int = 4, **config: Any
+) -> list[dict]:
+    """task=expert_parallel rows (moe_bench/tasks/expert_parallel.py): traffic per layer,
+    the rank-to-rank matrix, speedup against ep_size=1, rank_imbalance per training step.
+    (No tokens_per_s rows: they would join the throughput figures' bars.)"""
+    common = base(variant, "expert_parallel", seed, **{"task.ep_size": ranks, **config})
+    spread = 1 + VARIANTS.index(variant) % 3 + config.get("variant.max_devices", 0)
+    rows = []
+    for layer in (0, "mean"):
+        rows.append(
+            row(common, "devices_per_token", 1.0 + 0.2 * spread, "ranks", layer=layer,
+                devices_per_token_max=2)
+        )  # fmt: skip
+        rows.append(row(common, "bytes_per_token", 100.0 * spread, "bytes", layer=layer))
+        rows.append(row(common, "remote_fraction", 0.1 * spread, "", layer=layer))
+        rows.append(row(common, "rank_imbalance", 1.1, "x", layer=layer, phase="eval"))
+        rows.append(row(common, "a2a_ms", 2.0, "ms", layer=layer, dispatch_ms=1.0))
+    for src in range(ranks):
+        for dst in range(ranks):
+            value = 50 + 10 * ((src + dst * spread) % ranks)
+            rows.append(row(common, "rank_tokens", value, "tokens", layer=0, src=src, dst=dst))
+    for pass_ in ("fwd", "fwd_bwd"):
+        rows.append(row(common, "speedup_vs_ep1", 0.5, "x", **{"pass": pass_}))
+    for step in range(steps):
+        value = 1.5 - 0.05 * step * spread
+        rows.append(row(common, "rank_imbalance", value, "x", step=step, layer=0, phase="train"))
+    return rows
+
+
 def failed_job(variant: str, task: str, error: str, seed: int = 0) -> list[dict]:
     failed = row(base(variant, task, seed), "job", None)
     return [{**failed, "status": "failed", "error": error}]

@@ -33,6 +33,9 @@ def full_jobs() -> list[list[dict]]:
                     jobs.append(fx.throughput_job(variant, seed, tokens, experts))
             jobs.append(fx.memory_job(variant, seed))
             jobs.append(fx.convergence_job(variant, seed))
+    for max_devices in (1, 2):
+        jobs.append(fx.expert_parallel_job("switch", **{"variant.max_devices": max_devices}))
+    jobs.append(fx.expert_parallel_job("gshard"))
     jobs.append(fx.failed_job("switch", "memory", "Traceback:\n  ...\nRuntimeError: out of memory"))
     return jobs
 
@@ -52,7 +55,7 @@ def test_full_sweep_draws_every_figure(full_report: Path) -> None:
     assert figure_ids(html) == ALL_FIGURES
     assert html.count("<svg") == len(ALL_FIGURES)
     assert "could not be drawn" not in html
-    for task in ("throughput", "memory", "convergence"):
+    for task in ("throughput", "memory", "convergence", "expert_parallel"):
         assert f"<h3>{task}</h3>" in html
 
 
@@ -174,6 +177,21 @@ def test_leaderboard_separates_swept_settings(tmp_path: Path) -> None:
     # one best per token count: the faster variant at that size
     assert board.best[fwd].sum() == 2
     assert set(board.shown.loc[board.best[fwd], "variant"]) == {"dense"}
+
+
+def test_expert_parallel_table_and_figures(tmp_path: Path) -> None:
+    jobs = [fx.expert_parallel_job("switch", **{"variant.max_devices": m}) for m in (1, 2)]
+    board = build.leaderboard("expert_parallel", fx.frame(jobs))
+    shown = board.shown
+    assert len(shown) == 2 and "variant.max_devices" in shown.columns  # one row per setting
+    for label in ("devices/token", "bytes/token", "remote fraction", "rank imbalance"):
+        assert any(c.startswith(label) for c in shown.columns), label
+    # the table's imbalance is the eval forward's, not the last training step's
+    imbalance = next(c for c in shown.columns if c.startswith("rank imbalance"))
+    assert {cell.split()[0] for cell in shown[imbalance]} == {"1.100"}
+    html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
+    assert {"ep-traffic", "ep-rank-tokens", "ep-imbalance"} <= figure_ids(html)
+    assert "could not be drawn" not in html
 
 
 def test_balance_columns_leave_out_single_expert_layers() -> None:
