@@ -50,18 +50,32 @@ def row(common: dict[str, Any], metric: str, value: float, unit: str = "", **ext
     }
 
 
-def throughput_job(variant: str, seed: int = 0, tokens: int = 512, experts: int = 8) -> list[dict]:
+def throughput_job(
+    variant: str,
+    seed: int = 0,
+    tokens: int = 512,
+    experts: int = 8,
+    speed: float | None = None,
+    ratio: float | None = None,
+    iqr: float = 0.02,
+    noisy: bool | None = None,
+) -> list[dict]:
+    """Timing rows of one job; `iqr` is the IQR of the timed repeats relative to the median."""
     common = base(
         variant, "throughput", seed, **{"model.tokens": tokens, "variant.num_experts": experts}
     )
-    speed = 1e5 / (1 + VARIANTS.index(variant)) * (1 + 0.01 * seed) * math.sqrt(tokens / 512)
+    if speed is None:
+        speed = 1e5 / (1 + VARIANTS.index(variant)) * (1 + 0.01 * seed) * math.sqrt(tokens / 512)
+    if ratio is None:
+        ratio = 1 / (1 + VARIANTS.index(variant))
+    flags = {} if noisy is None else {"noisy": noisy}
     rows = []
     for pass_, factor in (("fwd", 1.0), ("fwd_bwd", 1 / 3)):
-        rows.append(row(common, "tokens_per_s", speed * factor, "tok/s", **{"pass": pass_}))
-        rows.append(row(common, f"{pass_}_ms", tokens / (speed * factor) * 1e3, "ms"))
-        rows.append(
-            row(common, "ratio_to_dense", 1 / (1 + VARIANTS.index(variant)), "x", **{"pass": pass_})
-        )
+        ms = tokens / (speed * factor) * 1e3
+        at = {"pass": pass_}
+        rows.append(row(common, "tokens_per_s", speed * factor, "tok/s", **at, **flags))
+        rows.append(row(common, f"{pass_}_ms", ms, "ms", iqr_ms=iqr * ms, **at, **flags))
+        rows.append(row(common, "ratio_to_dense", ratio, "x", **at, **flags))
     return rows
 
 
