@@ -218,7 +218,9 @@ def specialisation(frame: pd.DataFrame) -> pd.DataFrame:
     """Per variant and layer, the Jensen-Shannon divergence (bits) between the expert-load
     distributions of two domains at each job's last recorded step, averaged over seeds; a
     `mean` column averages the layers. Empty without per-domain expert_load rows."""
-    loads = frame[frame["metric"] == schema.EXPERT_LOAD.name]
+    loads = routed(frame[frame["metric"] == schema.EXPERT_LOAD.name])
+    if (loads["task"] == "convergence").any():  # trained routers specialise; untrained do not
+        loads = loads[loads["task"] == "convergence"]
     loads = loads.assign(
         layer=column(loads, "layer"), domain=column(loads, "domain"), expert=column(loads, "expert")
     ).dropna(subset=["layer", "domain", "expert"])
