@@ -159,6 +159,10 @@ def _load(root: Path) -> pd.DataFrame:
 
 
 def render(context: dict[str, Any]) -> str:
+    return render_template("report.html.j2", context)
+
+
+def render_template(name: str, context: dict[str, Any]) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
@@ -166,7 +170,7 @@ def render(context: dict[str, Any]) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.get_template("report.html.j2").render(**context)
+    return env.get_template(name).render(**context)
 
 
 def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]:
@@ -205,7 +209,11 @@ def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]
         "missing": missing,
         "failed": failed,
         "leaderboards": [
-            {"board": board, "table": _styled(board, colors), "measure": MEASURES.get(board.task, "")}
+            {
+                "board": board,
+                "table": _styled(board, colors),
+                "measure": MEASURES.get(board.task, ""),
+            }
             for board in (leaderboard(task, frame[frame["task"] == task]) for task in tasks)
         ],
         "figures": drawn,
@@ -289,7 +297,7 @@ def _answer_group(board: Board) -> tuple[pd.DataFrame, list[bool]]:
     table = board.table.assign(_rankable=board.rankable)
     if board.ties:
         blocks = [part for _, part in table.groupby(board.ties, dropna=False, sort=False)]
-        real = lambda part: "domain" in part and (part["domain"].astype(str) == "skewed").all()  # noqa: E731
+        real = lambda part: "domain" in part and (part["domain"].astype(str) == "skewed").all()
         table = max(blocks, key=lambda part: (not real(part), len(part)))
     table = table.reset_index(drop=True)
     return table, table.pop("_rankable").astype(bool).tolist()
@@ -436,7 +444,9 @@ def _final_values(rows: pd.DataFrame, col: Column) -> dict[str, tuple[pd.Series,
         last = part.sort_values("step", na_position="first").groupby(["job_dir", "domain"])
         label = col.label if pass_ is None else f"{col.label} {PASS_LABEL.get(pass_, pass_)}"
         unit = f" [{col.unit}]" if col.unit else ""
-        values = (last["value"].mean() if col.reduce == "mean" else last["value"].last()) * col.scale
+        values = (
+            last["value"].mean() if col.reduce == "mean" else last["value"].last()
+        ) * col.scale
         spread = pd.Series(math.nan, index=values.index)
         if col.metric in TIMED:
             rel = _relative_iqr(rows, pass_)
@@ -534,8 +544,8 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
 
 def _ranking_label(specs: dict[str, Column]) -> str | None:
     """The measure a board is sorted by: fwd+bwd tokens/s where present, else fwd."""
-    labels = [l for l, c in specs.items() if c.metric == schema.TOKENS_PER_S.name]
-    return next((l for l in labels if "fwd+bwd" in l), labels[0] if labels else None)
+    labels = [name for name, c in specs.items() if c.metric == schema.TOKENS_PER_S.name]
+    return next((name for name in labels if "fwd+bwd" in name), labels[0] if labels else None)
 
 
 def _ordered(table: pd.DataFrame, specs: dict[str, Column], ties: list[str]) -> pd.DataFrame:
@@ -609,7 +619,7 @@ def _marks(
     for label, col in specs.items():
         if col.better is None or not col.ranked:
             continue
-        same = lambda a, b, fmt=col.fmt: fmt(a) == fmt(b)  # noqa: E731
+        same = lambda a, b, fmt=col.fmt: fmt(a) == fmt(b)
         for index in groups:
             cells = [table.at[i, label] for i in index]
             v = sections.verdict(cells, col.better, [rankable[i] for i in index], same)
@@ -635,8 +645,7 @@ def _display(
         shown[key] = table[key].map(lambda v: "—" if pd.isna(v) else plain(v))
     for label, col in specs.items():
         shown[label] = [
-            _cell(cell, col.fmt) + MARK_TEXT[marks.at[i, label]]
-            for i, cell in table[label].items()
+            _cell(cell, col.fmt) + MARK_TEXT[marks.at[i, label]] for i, cell in table[label].items()
         ]
     order = ["variant", *keys, *specs, "params total / active", "runs"]
     return shown[[c for c in order if c in shown.columns]]

@@ -16,7 +16,7 @@ import pandas as pd
 
 from moe_bench import schema
 
-from .figures import column, routed, summary_rows
+from .figures import column, routed
 
 LN2 = math.log(2.0)
 NOISE_SEEDS = 2.0  # seed spread: a difference counts when it exceeds 2 standard errors
@@ -275,7 +275,7 @@ def finding(
     fmt: Callable[[float], str],
 ) -> Finding | None:
     """One summary sentence: who leads `measure`, by how much over the runner-up, in noise?"""
-    same = lambda a, b: fmt(a) == fmt(b)  # noqa: E731
+    same = lambda a, b: fmt(a) == fmt(b)
     v = verdict(cells, better, rankable, same)
     if v is None:
         return None
@@ -294,23 +294,3 @@ def finding(
         f"{fmt(abs(v.margin))} ({rel:.1f}%), {_noise_words(v, lead.n)}."
     )
     return Finding(question, text)
-
-
-def cells_of(values: pd.DataFrame, spreads: pd.Series | None = None) -> list[Estimate]:
-    """Estimates from per-job values (columns: label, value) grouped by label."""
-    out = []
-    for _, part in values.groupby("label", sort=False):
-        v = part["value"].dropna()
-        spread = math.nan if spreads is None else float(spreads.get(part.name, math.nan))
-        out.append(Estimate(float(v.mean()), float(v.std()) if len(v) > 1 else math.nan, len(v), spread))
-    return out
-
-
-def final_per_job(frame: pd.DataFrame, metric: str, reduce: str = "last") -> pd.Series:
-    """Each job's value of a whole-stack metric: at its last step, or its mean over steps."""
-    rows = summary_rows(frame, metric).dropna(subset=["value"])
-    if rows.empty:
-        return pd.Series(dtype=float)
-    rows = rows.sort_values("step", na_position="first")
-    grouped = rows.groupby("job_dir")["value"]
-    return grouped.mean() if reduce == "mean" else grouped.last()
