@@ -213,6 +213,7 @@ def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]
                 "board": board,
                 "table": _styled(board, colors),
                 "measure": MEASURES.get(board.task, ""),
+                "marked": board.marks is not None and bool((board.marks != "").to_numpy().any()),
             }
             for board in (leaderboard(task, frame[frame["task"] == task]) for task in tasks)
         ],
@@ -494,6 +495,7 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
         **{p: (p, "first") for p in ("params_total", "params_active") if p in rows.columns},
     )
     jobs = jobs.join(_job_flags(rows))
+    jobs["incomplete"] &= ~jobs["failed"]  # a failed job is listed as failed, not incomplete
     specs, values = {}, {}
     for col in LEADERBOARD:
         for label, (series, spread) in _final_values(rows[rows["status"] == "ok"], col).items():

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from moe_bench import schema
+
 VARIANTS = ("dense", "switch", "gshard", "deepseek_moe", "mixtral", "expert_choice")
 DOMAINS = ("prose", "code")
 
@@ -38,16 +40,9 @@ def base(variant: str, task: str, seed: int = 0, **config: Any) -> dict[str, Any
 
 
 def row(common: dict[str, Any], metric: str, value: float, unit: str = "", **extra: Any) -> dict:
-    return {
-        **common,
-        "metric": metric,
-        "value": value,
-        "unit": unit,
-        "step": None,
-        "status": "ok",
-        "error": None,
-        **extra,
-    }
+    """One row through the schema (`schema.row`: its unit, status ok); `unit` is ignored, kept
+    so call sites read like the rows they make."""
+    return {**common, **schema.row(metric, value, **extra)}
 
 
 def throughput_job(
@@ -94,8 +89,12 @@ def convergence_job(
     for step in range(steps):
         loss = 5.0 * math.exp(-step / steps) + offset
         rows.append(row(common, "train_loss", loss, "nats", step=step, wall_s=0.2 * step))
+        speed = 1e4 / (1 + VARIANTS.index(variant)) * (1 + 0.05 * (step % 2))
+        rows.append(row(common, "tokens_per_s", speed, step=step, **{"pass": "fwd_bwd"}))
         if variant != "dense":
-            rows.append(row(common, "aux_loss", 0.01, "", step=step))
+            rows.append(row(common, "aux_loss", 0.01, "", step=step, loss="total"))
+            if step < steps - 1:  # the last step's drop fraction is the leaderboard's, below
+                rows.append(row(common, "drop_fraction", 0.1 / (1 + step), step=step))
             rows.append(
                 row(common, "max_vio_batch", 1.0 / (1 + step) + offset, "", step=step, layer="mean")
             )
