@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, nargs="+", help="Hydra multirun directories")
     parser.add_argument("--compare", action="store_true", help="compare even a single sweep")
     parser.add_argument("--out", type=Path, default=None, help="where compare.html goes")
+    parser.add_argument("--gzip", action="store_true", help="write results.csv.gz instead")
     args = parser.parse_args(argv)
     try:
         if len(args.sweep_dir) > 1 or args.compare:
             path, text = compare(args.sweep_dir, args.out)
             print(text)
         else:
-            path = build_report(args.sweep_dir[0])
+            path = build_report(args.sweep_dir[0], gzip_csv=args.gzip)
     except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

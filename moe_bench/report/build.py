@@ -9,7 +9,9 @@ Sections with no data are listed with the reason instead of being drawn empty.
 from __future__ import annotations
 
 import datetime
+import gzip
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -134,8 +136,9 @@ EMPTY_COLUMNS = [
 ]
 
 
-def build_report(sweep_dir: str | Path) -> Path:
-    """Write <sweep_dir>/report.html and <sweep_dir>/results.csv; return the report's path.
+def build_report(sweep_dir: str | Path, gzip_csv: bool = False) -> Path:
+    """Write <sweep_dir>/report.html and <sweep_dir>/results.csv (results.csv.gz with
+    `gzip_csv`, or when the directory holds only that saved table); return the report's path.
 
     Raises ValueError when `sweep_dir` does not exist or holds no results and no
     multirun.yaml (not a sweep)."""
@@ -143,11 +146,30 @@ def build_report(sweep_dir: str | Path) -> Path:
     if not root.is_dir():
         raise ValueError(f"{root} does not exist or is not a directory")
     frame = _load(root)
-    html = render(_context(root, frame, results.load_env(root)))
-    results.atomic_write(root / "results.csv", frame.to_csv(index=False))
+    data = _data_file(root, gzip_csv)
+    html = render({**_context(root, frame, results.load_env(root)), "data_file": data})
+    _write_table(root / data, frame)
     path = root / "report.html"
     results.atomic_write(path, html)
     return path
+
+
+def _data_file(root: Path, gzip_csv: bool) -> str:
+    """The tidy table's name beside the report: compressed when asked, or when the directory
+    is a saved example (results.csv.gz and no job results), which is then left as it is."""
+    saved = (root / "results.csv.gz").is_file() and next(root.rglob("results.jsonl"), None) is None
+    return "results.csv.gz" if gzip_csv or saved else "results.csv"
+
+
+def _write_table(path: Path, frame: pd.DataFrame) -> None:
+    if path.suffix != ".gz":
+        results.atomic_write(path, frame.to_csv(index=False))
+        return
+    # mtime=0: the same rows give the same bytes (a committed example diffs cleanly)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with gzip.GzipFile(tmp, "wb", mtime=0) as out:
+        out.write(frame.to_csv(index=False).encode())
+    os.replace(tmp, path)
 
 
 def _load(root: Path) -> pd.DataFrame:
