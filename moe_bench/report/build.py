@@ -235,6 +235,7 @@ def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]
                 "board": board,
                 "table": _styled(board, colors),
                 "measure": MEASURES.get(board.task, ""),
+                "asks": ASKS.get(board.task, ""),
                 "marked": board.marks is not None and bool((board.marks != "").to_numpy().any()),
             }
             for board in (leaderboard(task, frame[frame["task"] == task]) for task in tasks)
@@ -253,7 +254,13 @@ def _tasks(frame: pd.DataFrame) -> list[str]:
 
 # --- reading aids: the summary, what ran, identical routers, specialisation ----------------
 
-# What each task's leaderboard measures and against what, in words (shown above its table).
+# The question each task's leaderboard answers, and what it measures against what, in words.
+ASKS = {
+    "throughput": "How fast is one layer?",
+    "memory": "How much memory does one training step of the layer take?",
+    "balance": "How evenly does an untrained router spread tokens?",
+    "convergence": "How well and how fast does a small LM train with the layer?",
+}
 MEASURES = {
     "throughput": (
         "Measure: tokens/s of one layer (tokens / median time of the timed repeats), forward + "
