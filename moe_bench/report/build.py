@@ -478,8 +478,11 @@ def _final_values(rows: pd.DataFrame, col: Column) -> dict[str, tuple[pd.Series,
             last["value"].mean() if col.reduce == "mean" else last["value"].last()
         ) * col.scale
         spread = pd.Series(math.nan, index=values.index)
-        if col.metric in TIMED:
-            rel = _relative_iqr(rows, pass_)
+        if col.reduce == "mean":  # a mean over steps: their IQR is its spread (training tok/s)
+            several = last["value"].count() > 1
+            iqr = last["value"].quantile(0.75) - last["value"].quantile(0.25)
+            spread = (iqr * col.scale).where(several)
+        if col.metric in TIMED and (rel := _relative_iqr(rows, pass_)).notna().any():
             jobs = values.index.get_level_values("job_dir")
             spread = values * rel.reindex(jobs).to_numpy()
         out[label + unit + ARROW[col.better]] = (values, spread)

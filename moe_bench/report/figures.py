@@ -202,24 +202,27 @@ def _lines(
     rows = rows.assign(series=_series_label(rows), **_numeric(rows, x, y))
     backends = sorted(column(rows, "backend").dropna().astype(str).unique())
     dashes = dict(zip(backends, ["-", "--", ":", "-."] * 4))
-    for series, part in rows.groupby("series", sort=True):
+    for order, (series, part) in enumerate(rows.groupby("series", sort=True)):
         stats = (
             part.groupby(by)
             .agg(x=(x, "mean"), mid=(y, "mean"), lo=(y, "min"), hi=(y, "max"))
             .sort_values("x")
         )
         variant = part["variant"].iloc[0]
+        # later lines thinner with smaller markers: identical lines still show both
+        size = max(2.5, 7.0 - 1.2 * order)
+        width = max(1.0, 2.8 - 0.5 * order)
         color = colors[variant]
         style = dashes.get(str(column(part, "backend").iloc[0]), "-")
         if len(backends) <= 1:  # one backend: the line style tells variants apart instead
             style = variant_style(variant, colors)[1]
         if smooth:
             ax.plot(stats["x"], stats["mid"], color=color, ls="-", lw=0.6, alpha=0.25)
-            stats = stats.assign(mid=ema(stats["mid"]))
+            stats = stats.assign(mid=ema(stats["mid"], smoothing_alpha(len(stats))))
         marker = variant_style(variant, colors)[0]
         every = max(1, len(stats) // 10)  # a few markers per line, enough to tell lines apart
         ax.plot(
-            stats["x"], stats["mid"], color=color, ls=style, marker=marker, ms=4,
+            stats["x"], stats["mid"], color=color, ls=style, lw=width, marker=marker, ms=size,
             markevery=every, label=series,
         )  # fmt: skip
         if part["seed"].nunique() > 1:
@@ -228,7 +231,13 @@ def _lines(
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DASHES = ("-", "--", "-.", ":")
-EMA_ALPHA = 0.1  # weight of the newest point: smooths over about 10 logged points
+EMA_POINTS = 15  # an EMA spans about 1/15 of a line's points: short runs barely lag
+
+
+def smoothing_alpha(points: int) -> float:
+    """EMA weight of the newest point for a line of `points` points (span = points / 15)."""
+    span = max(2.0, points / EMA_POINTS)
+    return 2.0 / (span + 1.0)
 
 
 def variant_style(variant: str, colors: dict[str, str]) -> tuple[str, str]:
@@ -238,7 +247,7 @@ def variant_style(variant: str, colors: dict[str, str]) -> tuple[str, str]:
     return MARKERS[i % len(MARKERS)], DASHES[i % len(DASHES)]
 
 
-def ema(values: pd.Series, alpha: float = EMA_ALPHA) -> pd.Series:
+def ema(values: pd.Series, alpha: float) -> pd.Series:
     """Exponential moving average (no look-ahead: each point uses only earlier ones)."""
     return values.ewm(alpha=alpha, adjust=True).mean()
 
