@@ -508,13 +508,9 @@ def _job_flags(rows: pd.DataFrame) -> pd.DataFrame:
     jobs of the sweep have one: it was killed or is still running)."""
     noisy = column(rows, "noisy").map(lambda v: v is True or str(v).lower() == "true")
     has_end = (rows["metric"] == schema.JOB.name).groupby(rows["job_dir"]).any()
-    any_end = bool(has_end.any())
-    return pd.DataFrame(
-        {
-            "noisy": noisy.groupby(rows["job_dir"]).any(),
-            "incomplete": ~has_end if any_end else has_end & False,
-        }
-    )
+    # rows written before `job` rows existed (or hand-made ones) have none at all: not incomplete
+    incomplete = ~has_end if has_end.any() else pd.Series(False, index=has_end.index)
+    return pd.DataFrame({"noisy": noisy.groupby(rows["job_dir"]).any(), "incomplete": incomplete})
 
 
 def leaderboard(task: str, rows: pd.DataFrame) -> Board:
