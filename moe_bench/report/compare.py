@@ -80,7 +80,8 @@ def estimates(frame: pd.DataFrame, columns: list[str]) -> dict[tuple, sections.E
 def compare_frames(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
     """One row per (config, domain, metric) found in the baseline and at least one other
     sweep: the value in each sweep, and per other sweep its change vs the baseline and a
-    verdict ("better", "worse": beyond the noise; "~": within it; "?": noise not measured)."""
+    verdict ("better", "worse": beyond the noise; "~": within it; "=": identical; "?": noise
+    not measured)."""
     columns = sorted(set().union(*(config_columns(f) for f in frames)), key=_column_order)
     found = [estimates(f, columns) for f in frames]
     base, others = found[0], found[1:]
@@ -137,9 +138,9 @@ def _fmt(e: sections.Estimate) -> str:
 
 def _change(a: sections.Estimate, b: sections.Estimate, better: str | None) -> str:
     """Relative change b vs a and its verdict, e.g. "+12.3% worse"."""
-    if a.mean == b.mean:
-        pct = 0.0
-    elif a.mean:
+    if a.mean == b.mean:  # bit-identical (deterministic metrics): unchanged, noise or not
+        return "+0.0% ="
+    if a.mean:
         pct = (b.mean - a.mean) / abs(a.mean) * 100
     else:  # from zero: no relative change, the absolute one instead
         return f"{b.mean - a.mean:+.3g} " + _verdict(a, b, better)
