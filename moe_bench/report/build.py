@@ -302,6 +302,7 @@ def _reading(frame: pd.DataFrame) -> dict[str, Any]:
         "identical": sections.identical_balance(ok),
         "specialisation": _specialisation_rows(spec),
         "spec_domains": spec.attrs.get("domains", ()),
+        "spec_task": spec.attrs.get("task", ""),
     }
 
 

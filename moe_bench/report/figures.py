@@ -593,14 +593,14 @@ FIGURES = (
     ),
     FigureSpec(
         "loss-step",
-        "Loss vs step",
+        "Convergence task: loss vs step",
         "Training and validation loss (nats per byte; bits per byte = nats / ln 2); the train "
         "loss is an EMA over a faint raw line when there are many steps; " + BAND_NOTE + ".",
         loss_vs_step,
     ),
     FigureSpec(
         "loss-wall",
-        "Loss vs wall time",
+        "Convergence task: loss vs wall time",
         "The same losses against wall-clock seconds since training started (mean over seeds "
         "at each step); the axis ends where the shortest run ends, so one slow job does not "
         "stretch it; " + BAND_NOTE + ".",

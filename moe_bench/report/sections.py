@@ -246,6 +246,7 @@ def specialisation(frame: pd.DataFrame) -> pd.DataFrame:
     table.columns = [f"layer {c}" for c in table.columns]
     table["mean"] = table.mean(axis=1)
     table.attrs["domains"] = (first, second)
+    table.attrs["task"] = ", ".join(sorted(loads["task"].astype(str).unique()))
     return table.sort_values("mean", ascending=False)
 
 
