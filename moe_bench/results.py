@@ -153,7 +153,11 @@ def _job_files(sweep_dir: str | Path, name: str) -> tuple[Path, list[Path]]:
 
 
 def load(sweep_dir: str | Path) -> pd.DataFrame:
-    """Every row of every results.jsonl under sweep_dir, with the job's relative `job_dir`."""
+    """Every row of every results.jsonl under sweep_dir, with the job's relative `job_dir`; a
+    saved table (results.csv.gz, results.csv, or such a file's path) where no job wrote one."""
+    saved = saved_table(sweep_dir)
+    if saved is not None:
+        return saved
     root, files = _job_files(sweep_dir, RESULTS)
     if not files:
         raise ValueError(f"{root} is not a sweep directory: no {RESULTS} under it")
@@ -170,6 +174,34 @@ def load(sweep_dir: str | Path) -> pd.DataFrame:
         )
     first = [c for c in (*CORE_COLUMNS, "job_dir") if c in frame.columns]
     return frame[first + [c for c in frame.columns if c not in first]]
+
+
+SAVED = ("results.csv.gz", "results.csv")  # a report's tidy rows, compressed first
+
+
+def saved_table(path: str | Path) -> pd.DataFrame | None:
+    """The rows of a saved table: `path` itself when it is a .csv / .csv.gz file, or the first
+    of SAVED in a directory without any results.jsonl (a committed example keeps only its
+    compressed table). None when there is no such table."""
+    path = Path(path)
+    if path.is_dir():
+        if next(path.rglob(RESULTS), None) is not None:
+            return None
+        path = next((path / name for name in SAVED if (path / name).is_file()), path)
+    if not (path.is_file() and path.name.endswith((".csv", ".csv.gz"))):
+        return None
+    frame = pd.read_csv(path, low_memory=False)  # pandas infers gzip from the suffix
+    frame = frame.astype(object).where(frame.notna(), None)
+    for col in ("value", "step", "seed", "params_total", "params_active", "flops_per_token"):
+        if col in frame.columns:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    if "job_dir" in frame.columns:
+        frame["job_dir"] = frame["job_dir"].astype(str)
+    if "layer" in frame.columns:  # written as 0, 1, "mean": integers back, "mean" kept
+        frame["layer"] = frame["layer"].map(
+            lambda v: v if v is None or not str(v).lstrip("-").isdigit() else int(v)
+        )
+    return frame
 
 
 def load_env(sweep_dir: str | Path) -> list[dict[str, Any]]:

@@ -9,7 +9,9 @@ Sections with no data are listed with the reason instead of being drawn empty.
 from __future__ import annotations
 
 import datetime
+import gzip
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ from omegaconf import OmegaConf
 from moe_bench import results, schema
 from moe_bench.schema import Metric
 
-from . import figures
+from . import figures, sections
 from .figures import Missing, column, plain, summary_rows
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -85,6 +87,8 @@ class Column(NamedTuple):
     fmt: Callable[[float], str]
     scale: float = 1.0
     routing: bool = False  # a balance metric: meaningless for a layer with one expert (dense)
+    reduce: str = "last"  # per job: the last step's value, or "mean" over the logged steps
+    ranked: bool = True  # False: shown beside the ranking measure, never starred
 
     @property
     def metric(self) -> str:
@@ -110,11 +114,15 @@ EP_COLUMNS = (
 )
 LEADERBOARD = (
     *EP_COLUMNS,  # only where a task logged them (task=expert_parallel)
-    Column("tokens/s", schema.TOKENS_PER_S, "tok/s", _fixed(0)),
-    # time (throughput) or peak memory (memory) over the dense FFN of equal active FLOPs
-    Column("ratio to dense", schema.RATIO_TO_DENSE, "×", _fixed(2)),
+    # convergence logs tokens/s every few steps: the run's mean, not its last sample
+    Column("tokens/s", schema.TOKENS_PER_S, "tok/s", _fixed(0), reduce="mean"),
+    # time (throughput) or peak memory (memory) over the dense FFN of equal active FLOPs: its
+    # denominator differs per variant, so it is shown beside the ranking measure, not ranked
+    Column("ratio to dense", schema.RATIO_TO_DENSE, "×", _fixed(2), ranked=False),
     Column("peak memory", schema.PEAK_MEMORY_BYTES, "MiB", _fixed(1), scale=2**-20),
     Column("final val loss", schema.VAL_LOSS, "nats", _fixed(3)),
+    # the field's unit for byte-level LMs: bits per byte = nats / ln 2
+    Column("final val loss", schema.VAL_LOSS, "bits/byte", _fixed(3), scale=1 / math.log(2)),
     Column("MaxVio_global", schema.MAX_VIO_GLOBAL, "", _fixed(3), routing=True),
     Column("load entropy", schema.LOAD_ENTROPY, "", _fixed(3), routing=True),
     Column("drop fraction", schema.DROP_FRACTION, "", _fixed(3), routing=True),
@@ -138,8 +146,9 @@ EMPTY_COLUMNS = [
 ]
 
 
-def build_report(sweep_dir: str | Path) -> Path:
-    """Write <sweep_dir>/report.html and <sweep_dir>/results.csv; return the report's path.
+def build_report(sweep_dir: str | Path, gzip_csv: bool = False) -> Path:
+    """Write <sweep_dir>/report.html and <sweep_dir>/results.csv (results.csv.gz with
+    `gzip_csv`, or when the directory holds only that saved table); return the report's path.
 
     Raises ValueError when `sweep_dir` does not exist or holds no results and no
     multirun.yaml (not a sweep)."""
@@ -147,11 +156,30 @@ def build_report(sweep_dir: str | Path) -> Path:
     if not root.is_dir():
         raise ValueError(f"{root} does not exist or is not a directory")
     frame = _load(root)
-    html = render(_context(root, frame, results.load_env(root)))
-    results.atomic_write(root / "results.csv", frame.to_csv(index=False))
+    data = _data_file(root, gzip_csv)
+    html = render({**_context(root, frame, results.load_env(root)), "data_file": data})
+    _write_table(root / data, frame)
     path = root / "report.html"
     results.atomic_write(path, html)
     return path
+
+
+def _data_file(root: Path, gzip_csv: bool) -> str:
+    """The tidy table's name beside the report: compressed when asked, or when the directory
+    is a saved example (results.csv.gz and no job results), which is then left as it is."""
+    saved = (root / "results.csv.gz").is_file() and next(root.rglob("results.jsonl"), None) is None
+    return "results.csv.gz" if gzip_csv or saved else "results.csv"
+
+
+def _write_table(path: Path, frame: pd.DataFrame) -> None:
+    if path.suffix != ".gz":
+        results.atomic_write(path, frame.to_csv(index=False))
+        return
+    # mtime=0: the same rows give the same bytes (a committed example diffs cleanly)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with gzip.GzipFile(tmp, "wb", mtime=0) as out:
+        out.write(frame.to_csv(index=False).encode())
+    os.replace(tmp, path)
 
 
 def _load(root: Path) -> pd.DataFrame:
@@ -163,6 +191,10 @@ def _load(root: Path) -> pd.DataFrame:
 
 
 def render(context: dict[str, Any]) -> str:
+    return render_template("report.html.j2", context)
+
+
+def render_template(name: str, context: dict[str, Any]) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
@@ -170,7 +202,7 @@ def render(context: dict[str, Any]) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.get_template("report.html.j2").render(**context)
+    return env.get_template(name).render(**context)
 
 
 def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]:
@@ -209,18 +241,131 @@ def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]
         "missing": missing,
         "failed": failed,
         "leaderboards": [
-            {"board": board, "table": _styled(board, colors)}
+            {
+                "board": board,
+                "table": _styled(board, colors),
+                "measure": MEASURES.get(board.task, ""),
+                "asks": ASKS.get(board.task, ""),
+                "marked": board.marks is not None and bool((board.marks != "").to_numpy().any()),
+            }
             for board in (leaderboard(task, frame[frame["task"] == task]) for task in tasks)
         ],
         "figures": drawn,
         "notes": [{"variant": v, "note": NOTES.get(v)} for v in in_sweep],
         "non_causal": [v for v in in_sweep if v in NOTES and not NOTES[v].causal],
+        **_reading(frame),
     }
 
 
 def _tasks(frame: pd.DataFrame) -> list[str]:
     found = set(frame["task"].dropna())
     return [t for t in TASK_ORDER if t in found] + sorted(found - set(TASK_ORDER))
+
+
+# --- reading aids: the summary, what ran, identical routers, specialisation ----------------
+
+# The question each task's leaderboard answers, and what it measures against what, in words.
+ASKS = {
+    "throughput": "How fast is one layer?",
+    "memory": "How much memory does one training step of the layer take?",
+    "balance": "How evenly does an untrained router spread tokens?",
+    "convergence": "How well and how fast does a small LM train with the layer?",
+}
+MEASURES = {
+    "throughput": (
+        "Measure: tokens/s of one layer (tokens / median time of the timed repeats), forward + "
+        "backward and forward only; rows are ranked by forward + backward tokens/s. Beside it, "
+        "ratio to dense: layer time / time of a dense FFN with the same active FLOPs per "
+        "token, timed interleaved in the same job on the same input (below 1: faster than that "
+        "FFN). The ratio's baseline differs per variant, so the two can rank rows differently; "
+        "the ranks column says where they do. Spread: IQR of the timed repeats."
+    ),
+    "memory": (
+        "Measure: peak memory of one forward + backward step of the layer; ratio: that peak / "
+        "the peak of a dense FFN with the same active FLOPs, measured in the same job."
+    ),
+    "balance": (
+        "Untrained routing: freshly initialised routers (no training step) on real text and "
+        "on skewed inputs (pushed toward expert 0). Measure: MaxVio_global (0 = perfect "
+        "balance), load entropy (1 = uniform) and drop fraction, per input kind. Variants whose "
+        "untrained routers are the same give identical rows here; training is what tells "
+        "their balancing methods apart (see convergence)."
+    ),
+    "convergence": (
+        "Measure: final validation loss of a small byte-level LM trained with each layer, in "
+        "nats and in bits per byte (bits = nats / ln 2), lower is better; tokens/s is the "
+        "mean over the run's logged training steps (forward, backward, optimizer); balance "
+        "columns are after training. Baseline: the dense row (same active FLOPs)."
+    ),
+}
+
+
+def _reading(frame: pd.DataFrame) -> dict[str, Any]:
+    """Context for the sections that read across tasks (summary, what ran, ...)."""
+    ok = frame[frame["status"] == "ok"]
+    ran = sections.what_ran(ok)
+    spec = sections.specialisation(ok)
+    return {
+        "findings": _findings(frame),
+        "what_ran": ran.to_dict("records"),
+        "what_ran_columns": list(ran.columns),
+        "identical": sections.identical_balance(ok),
+        "specialisation": _specialisation_rows(spec),
+        "spec_domains": spec.attrs.get("domains", ()),
+        "spec_task": spec.attrs.get("task", ""),
+    }
+
+
+def _specialisation_rows(spec: pd.DataFrame) -> list[dict[str, str]]:
+    return [
+        {"variant": variant, **{c: f"{v:.3f}" for c, v in values.items()}}
+        for variant, values in spec.iterrows()
+    ]
+
+
+# (question, task, column label prefix, words for the measure)
+QUESTIONS = (
+    ("fastest", "throughput", "tokens/s fwd+bwd", "forward + backward tokens/s"),
+    ("most balanced after training", "convergence", "MaxVio_global", "MaxVio_global"),
+    ("most balanced untrained", "balance", "MaxVio_global", "MaxVio_global"),
+    ("best quality", "convergence", "final val loss [bits/byte]", "validation bits per byte"),
+)
+
+
+def _answer_group(board: Board) -> tuple[pd.DataFrame, list[bool]]:
+    """The board rows one summary sentence compares: those sharing settings (the largest such
+    block; for balance, real text before skewed inputs), since stars are per block too."""
+    table = board.table.assign(_rankable=board.rankable)
+    if board.ties:
+        blocks = [part for _, part in table.groupby(board.ties, dropna=False, sort=False)]
+        real = lambda part: "domain" in part and (part["domain"].astype(str) == "skewed").all()
+        table = max(blocks, key=lambda part: (not real(part), len(part)))
+    table = table.reset_index(drop=True)
+    return table, table.pop("_rankable").astype(bool).tolist()
+
+
+def _findings(frame: pd.DataFrame) -> list[str]:
+    """The summary at the top: one generated sentence per question the sweep can answer."""
+    out = []
+    for question, task, prefix, words in QUESTIONS:
+        if question == "most balanced untrained" and any("balanced" in f for f in out):
+            continue  # the trained answer is the one a reader wants when there is one
+        rows = frame[frame["task"] == task]
+        if rows.empty:
+            continue
+        board = leaderboard(task, rows)
+        label = next((c for c in board.specs or {} if c.startswith(prefix)), None)
+        if label is None:
+            continue
+        table, rankable = _answer_group(board)
+        col = board.specs[label]
+        names = [str(v) for v in table["variant"]]
+        found = sections.finding(
+            question, words, names, list(table[label]), col.better, rankable, col.fmt
+        )
+        if found is not None:
+            out.append(found.text)
+    return out
 
 
 # --- run metadata, failures, missing jobs ---------------------------------------------------
@@ -309,20 +454,49 @@ def _key_columns(rows: pd.DataFrame) -> list[str]:
     ]
 
 
-def _final_values(rows: pd.DataFrame, col: Column) -> dict[str, pd.Series]:
-    """The column's value at each job's last recorded step, indexed by (job_dir, domain); one
-    series per `pass` when the metric has one."""
-    rows = summary_rows(figures.routed(rows) if col.routing else rows, col.metric)
-    rows = rows.dropna(subset=["value"])
-    rows = rows.assign(domain=column(rows, "domain").fillna(ALL_DOMAINS))
-    passes = column(rows, "pass")
+TIMED = {schema.TOKENS_PER_S.name, schema.RATIO_TO_DENSE.name, schema.TFLOPS.name}
+TIME_OF_PASS = {"fwd": schema.FWD_MS.name, "fwd_bwd": schema.FWD_BWD_MS.name}
+SPREAD = " spread"  # suffix of the hidden columns holding a cell's timing spread
+MARK_TEXT = {"best": " ★", "tie": " (tie)", "unknown": " ☆", "": ""}
+
+
+def _relative_iqr(rows: pd.DataFrame, pass_: str | None) -> pd.Series:
+    """Per job: IQR / median of the pass's timed repeats (`iqr_ms` on its fwd_ms / fwd_bwd_ms
+    row); a rate or ratio over that median has, to first order, the same relative spread."""
+    name = TIME_OF_PASS.get(str(pass_))
+    if name is None or "iqr_ms" not in rows.columns:
+        return pd.Series(dtype=float)
+    timed = rows[(rows["metric"] == name) & (column(rows, "pass") == pass_)]
+    iqr = pd.to_numeric(timed["iqr_ms"], errors="coerce") / pd.to_numeric(timed["value"])
+    return iqr.groupby(timed["job_dir"]).mean()
+
+
+def _final_values(rows: pd.DataFrame, col: Column) -> dict[str, tuple[pd.Series, pd.Series]]:
+    """The column's value per job, indexed by (job_dir, domain): at the job's last recorded step
+    (or the mean over its steps, `col.reduce`), with its timing spread in the same units (NaN
+    when not timed); one entry per `pass` when the metric has one."""
+    picked = summary_rows(figures.routed(rows) if col.routing else rows, col.metric)
+    picked = picked.dropna(subset=["value"])
+    picked = picked.assign(domain=column(picked, "domain").fillna(ALL_DOMAINS))
+    passes = column(picked, "pass")
     out = {}
-    for pass_ in sorted(passes.dropna().unique()) or ([None] if len(rows) else []):
-        part = rows if pass_ is None else rows[passes == pass_]
+    for pass_ in sorted(passes.dropna().unique()) or ([None] if len(picked) else []):
+        part = picked if pass_ is None else picked[passes == pass_]
         last = part.sort_values("step", na_position="first").groupby(["job_dir", "domain"])
         label = col.label if pass_ is None else f"{col.label} {PASS_LABEL.get(pass_, pass_)}"
         unit = f" [{col.unit}]" if col.unit else ""
-        out[label + unit + ARROW[col.better]] = last["value"].last() * col.scale
+        values = (
+            last["value"].mean() if col.reduce == "mean" else last["value"].last()
+        ) * col.scale
+        spread = pd.Series(math.nan, index=values.index)
+        if col.reduce == "mean":  # a mean over steps: their IQR is its spread (training tok/s)
+            several = last["value"].count() > 1
+            iqr = last["value"].quantile(0.75) - last["value"].quantile(0.25)
+            spread = (iqr * col.scale).where(several)
+        if col.metric in TIMED and (rel := _relative_iqr(rows, pass_)).notna().any():
+            jobs = values.index.get_level_values("job_dir")
+            spread = values * rel.reindex(jobs).to_numpy()
+        out[label + unit + ARROW[col.better]] = (values, spread)
     return out
 
 
@@ -331,9 +505,23 @@ class Board(NamedTuple):
 
     task: str
     shown: pd.DataFrame  # one row per (variant, settings), cells already formatted
-    best: pd.DataFrame  # True where `shown` holds a best value (same index and columns)
+    best: pd.DataFrame  # True where `shown` holds a best value beyond the noise (★)
     ties: list[str]  # settings that define the groups in which a best is marked
     numeric: list[str]  # right-aligned columns
+    table: pd.DataFrame | None = None  # the numbers behind `shown`: Estimate cells
+    specs: dict[str, Column] | None = None  # the metric columns of `table`
+    rankable: list[bool] | None = None  # per row: no failed, incomplete or noisy job
+    marks: pd.DataFrame | None = None  # "best", "tie", "unknown" (☆: noise not measured), ""
+
+
+def _job_flags(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per job: `noisy` (a timing row flagged noisy) and `incomplete` (no `job` row while other
+    jobs of the sweep have one: it was killed or is still running)."""
+    noisy = column(rows, "noisy").map(lambda v: v is True or str(v).lower() == "true")
+    has_end = (rows["metric"] == schema.JOB.name).groupby(rows["job_dir"]).any()
+    # rows written before `job` rows existed (or hand-made ones) have none at all: not incomplete
+    incomplete = ~has_end if has_end.any() else pd.Series(False, index=has_end.index)
+    return pd.DataFrame({"noisy": noisy.groupby(rows["job_dir"]).any(), "incomplete": incomplete})
 
 
 def leaderboard(task: str, rows: pd.DataFrame) -> Board:
@@ -341,30 +529,40 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
     keys = _key_columns(rows)
     jobs = rows.groupby("job_dir").agg(
         variant=("variant", "first"),
-        failed=("status", lambda s: (s == "failed").any()),
+        failed=("status", lambda s: (s != "ok").any()),
         **{k: (k, "first") for k in keys},
         **{p: (p, "first") for p in ("params_total", "params_active") if p in rows.columns},
     )
+    jobs = jobs.join(_job_flags(rows))
+    jobs["incomplete"] &= ~jobs["failed"]  # a failed job is listed as failed, not incomplete
     specs, values = {}, {}
     for col in LEADERBOARD:
-        for label, series in _final_values(rows[rows["status"] == "ok"], col).items():
-            specs[label], values[label] = col, series
+        for label, (series, spread) in _final_values(rows[rows["status"] == "ok"], col).items():
+            specs[label], values[label], values[label + SPREAD] = col, series, spread
     index = pd.MultiIndex.from_tuples([], names=["job_dir", "domain"])
-    cases = pd.DataFrame(values, columns=list(specs), index=index if not values else None)
+    cases = pd.DataFrame(values, columns=list(values), index=index if not values else None)
     cases = cases.reset_index().merge(jobs, left_on="job_dir", right_index=True, how="right")
     cases["domain"] = cases["domain"].fillna(ALL_DOMAINS)
     if (cases["domain"] != ALL_DOMAINS).any():
         keys.append("domain")  # per-domain metrics (balance task): one row per domain
     # a job none of whose rows this board shows (dense under balance metrics) gets no row,
-    # unless it failed: failures stay visible
-    shown = cases[list(specs)].notna().any(axis=1) | cases["failed"]
+    # unless it failed or did not finish: those stay visible
+    shown = cases[list(specs)].notna().any(axis=1) | cases["failed"] | cases["incomplete"]
     table = []
     for group, part in cases[shown].groupby(["variant", *keys], dropna=False, sort=True):
         record = dict(zip(["variant", *keys], group))
-        record["runs"] = _runs_text(part.drop_duplicates("job_dir"))
+        each = part.drop_duplicates("job_dir")
+        record["runs"] = _runs_text(each)
+        record["_rankable"] = not (each["failed"].any() or each["incomplete"].any())
+        record["_rankable"] &= not each["noisy"].any()
         for label in specs:
             found = part[label].dropna()
-            record[label] = (found.mean(), found.std() if len(found) > 1 else math.nan)
+            record[label] = sections.Estimate(
+                float(found.mean()) if len(found) else math.nan,
+                float(found.std()) if len(found) > 1 else math.nan,
+                len(found),
+                float(part[label + SPREAD].mean()),
+            )
         if "params_total" in part:
             record["params total / active"] = (
                 f"{_count(part['params_total'].iloc[0])} / {_count(part['params_active'].iloc[0])}"
@@ -372,18 +570,72 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
         table.append(record)
     # Rows that share settings sit together, so the best of each block reads at a glance.
     ties = [k for k in keys if not k.startswith("variant.")]
-    table = pd.DataFrame(table, columns=["variant", *keys, *specs, "runs"]).sort_values(
-        [*ties, "variant"], kind="stable", ignore_index=True
-    )
-    best = _best_cells(table, specs, ties)
-    shown = _display(table, specs, best, keys)
+    table = pd.DataFrame(table, columns=["variant", *keys, *specs, "runs", "_rankable"])
+    table = _ordered(table, specs, ties)
+    rankable = table.pop("_rankable").astype(bool).tolist()
+    marks = _marks(table, specs, ties, rankable)
+    agreement = _rank_agreement(table, specs, ties)
+    shown = _display(table, specs, marks, keys)
+    if agreement is not None:
+        shown["ranks"] = agreement
+    best = (marks == "best").reindex(columns=shown.columns, fill_value=False)
     numeric = [c for c in [*specs, "params total / active", "runs"] if c in shown.columns]
-    return Board(task, shown, best.reindex(columns=shown.columns, fill_value=False), ties, numeric)
+    return Board(task, shown, best, ties, numeric, table, specs, rankable, marks)
+
+
+def _ranking_label(specs: dict[str, Column]) -> str | None:
+    """The measure a board is sorted by: fwd+bwd tokens/s where present, else fwd."""
+    labels = [name for name, c in specs.items() if c.metric == schema.TOKENS_PER_S.name]
+    return next((name for name in labels if "fwd+bwd" in name), labels[0] if labels else None)
+
+
+def _ordered(table: pd.DataFrame, specs: dict[str, Column], ties: list[str]) -> pd.DataFrame:
+    """Rows by settings, then fastest first where the board has tokens/s, else by variant."""
+    rank = _ranking_label(specs)
+    if rank is None or table.empty:
+        return table.sort_values([*ties, "variant"], kind="stable", ignore_index=True)
+    speed = table[rank].map(lambda e: -e.mean if not e.missing else math.inf)
+    return (
+        table.assign(_speed=speed)
+        .sort_values([*ties, "_speed", "variant"], kind="stable", ignore_index=True)
+        .drop(columns="_speed")
+    )
+
+
+def _rank_agreement(
+    table: pd.DataFrame, specs: dict[str, Column], ties: list[str]
+) -> list[str] | None:
+    """Per row, whether ratio to dense ranks it where tokens/s does; None when the board lacks
+    either. They can disagree: each variant's dense twin has its own active FLOPs and speed."""
+    rank = _ranking_label(specs)
+    if rank is None:
+        return None
+    ratio = rank.replace("tokens/s", "ratio to dense").replace("[tok/s] ↑", "[×] ↓")
+    if ratio not in table:
+        return None
+    out = [""] * len(table)
+    groups = [p.index for _, p in table.groupby(ties, dropna=False)] if ties else [table.index]
+    for index in groups:
+        speed = table.loc[index, rank].map(lambda e: e.mean).rank(ascending=False, method="min")
+        cost = table.loc[index, ratio].map(lambda e: e.mean).rank(ascending=True, method="min")
+        for i in index:
+            if pd.isna(speed[i]) or pd.isna(cost[i]):
+                continue
+            out[i] = (
+                "same rank"
+                if speed[i] == cost[i]
+                else f"ratio ranks it #{cost[i]:.0f}, tokens/s #{speed[i]:.0f}"
+            )
+    return out
 
 
 def _runs_text(part: pd.DataFrame) -> str:
-    failed = int(part["failed"].sum())
-    return f"{len(part)}" if not failed else f"{len(part)} ({failed} failed)"
+    flags = [
+        f"{int(part[flag].sum())} {word}"
+        for flag, word in (("failed", "failed"), ("incomplete", "incomplete"), ("noisy", "noisy"))
+        if part[flag].any()
+    ]
+    return f"{len(part)}" + (f" ({', '.join(flags)})" if flags else "")
 
 
 def _count(n: Any) -> str:
@@ -396,27 +648,34 @@ def _count(n: Any) -> str:
     return f"{n:.0f}"
 
 
-def _best_cells(table: pd.DataFrame, specs: dict[str, Column], ties: list[str]) -> pd.DataFrame:
-    """True where a row holds the best mean of its column among rows with the same settings."""
-    best = pd.DataFrame(False, index=table.index, columns=table.columns)
-    groups = (
-        [part.index for _, part in table.groupby(ties, dropna=False)] if ties else [table.index]
-    )
+def _marks(
+    table: pd.DataFrame, specs: dict[str, Column], ties: list[str], rankable: list[bool]
+) -> pd.DataFrame:
+    """Per cell: "best" (★) where a rankable row leads its column among rows with the same
+    settings by more than the noise, "tie" for rows within the noise of the leader (or equal as
+    printed), "unknown" (☆) for a leader whose noise was not measured; "" elsewhere. Failed,
+    incomplete and noisy rows are never marked."""
+    marks = pd.DataFrame("", index=table.index, columns=table.columns)
+    groups = [p.index for _, p in table.groupby(ties, dropna=False)] if ties else [table.index]
     for label, col in specs.items():
-        if col.better is None:
+        if col.better is None or not col.ranked:
             continue
-        means = table[label].map(lambda cell: cell[0])
+        same = lambda a, b, fmt=col.fmt: fmt(a) == fmt(b)
         for index in groups:
-            values = means.loc[index].dropna()
-            if len(values) < 2:
+            cells = [table.at[i, label] for i in index]
+            v = sections.verdict(cells, col.better, [rankable[i] for i in index], same)
+            if v is None:
                 continue
-            target = values.max() if col.better == "max" else values.min()
-            best.loc[values.index[values == target], label] = True
-    return best
+            if v.beyond_noise is False:
+                for j in v.tied:
+                    marks.at[index[j], label] = "tie"
+            else:
+                marks.at[index[v.leader], label] = "best" if v.beyond_noise else "unknown"
+    return marks
 
 
 def _display(
-    table: pd.DataFrame, specs: dict[str, Column], best: pd.DataFrame, keys: list[str]
+    table: pd.DataFrame, specs: dict[str, Column], marks: pd.DataFrame, keys: list[str]
 ) -> pd.DataFrame:
     shown = table.copy()
     shown["variant"] = [
@@ -427,17 +686,21 @@ def _display(
         shown[key] = table[key].map(lambda v: "—" if pd.isna(v) else plain(v))
     for label, col in specs.items():
         shown[label] = [
-            _cell(mean, std, col.fmt) + (BEST if best.at[i, label] else "")
-            for i, (mean, std) in table[label].items()
+            _cell(cell, col.fmt) + MARK_TEXT[marks.at[i, label]] for i, cell in table[label].items()
         ]
     order = ["variant", *keys, *specs, "params total / active", "runs"]
     return shown[[c for c in order if c in shown.columns]]
 
 
-def _cell(mean: float, std: float, fmt: Callable[[float], str]) -> str:
-    if math.isnan(mean):
+def _cell(cell: sections.Estimate, fmt: Callable[[float], str]) -> str:
+    """mean ± std over seeds; one seed with a timing spread: value (IQR width)."""
+    if cell.missing:
         return "—"
-    return fmt(mean) if math.isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+    if not math.isnan(cell.std):
+        return f"{fmt(cell.mean)} ± {fmt(cell.std)}"
+    if not math.isnan(cell.spread):
+        return f"{fmt(cell.mean)} (IQR {fmt(cell.spread)})"
+    return fmt(cell.mean)
 
 
 def _styled(board: Board, colors: dict[str, str]) -> str:

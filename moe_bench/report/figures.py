@@ -56,10 +56,13 @@ def variant_colors(in_data: Iterable[str]) -> dict[str, str]:
     import variants  # lazily: the registry pulls in torch, which only this lookup needs
 
     known = variants.names()
-    order = known + sorted(set(in_data) - set(known))
-    base = sns.color_palette("tab10", 10)
-    extra = sns.color_palette("husl", max(0, len(order) - len(base)))
-    return {name: matplotlib.colors.to_hex(c) for name, c in zip(order, base + extra)}
+    others = sorted(set(in_data) - set(known))
+    # registered names: tab10, then husl for the rest (sized by the registry alone, so their
+    # colours never depend on the data); names only in the data get a palette of their own
+    palette = sns.color_palette("tab10", 10)
+    palette += sns.color_palette("husl", max(0, len(known) - len(palette)))
+    palette += sns.color_palette("dark", len(others))
+    return {name: matplotlib.colors.to_hex(c) for name, c in zip(known + others, palette)}
 
 
 def render(spec: FigureSpec, frame: pd.DataFrame, colors: dict[str, str]) -> str:
@@ -193,39 +196,123 @@ def _panels(n: int, ncols: int = 2, height: float = PANEL_HEIGHT_IN) -> tuple[pl
     return fig, list(axes.flat[:n])
 
 
-def _lines(ax, rows: pd.DataFrame, x: str, y: str, colors: dict[str, str], by: str) -> None:
+def _lines(
+    ax, rows: pd.DataFrame, x: str, y: str, colors: dict[str, str], by: str, smooth: bool = False
+) -> None:
     """One line per series: mean of `y` over seeds at each `by` value, plotted at the mean `x`
-    (so `x` may be wall time, which differs per seed), with a min-max band over seeds."""
+    (so `x` may be wall time, which differs per seed), with a min-max band over seeds;
+    `smooth`: an EMA line over the raw one drawn faint."""
     rows = rows.assign(series=_series_label(rows), **_numeric(rows, x, y))
     backends = sorted(column(rows, "backend").dropna().astype(str).unique())
     dashes = dict(zip(backends, ["-", "--", ":", "-."] * 4))
-    for series, part in rows.groupby("series", sort=True):
+    for order, (series, part) in enumerate(rows.groupby("series", sort=True)):
         stats = (
             part.groupby(by)
             .agg(x=(x, "mean"), mid=(y, "mean"), lo=(y, "min"), hi=(y, "max"))
             .sort_values("x")
         )
-        color = colors[part["variant"].iloc[0]]
+        variant = part["variant"].iloc[0]
+        # later lines thinner with smaller markers: identical lines still show both
+        size = max(2.5, 7.0 - 1.2 * order)
+        width = max(1.0, 2.8 - 0.5 * order)
+        color = colors[variant]
         style = dashes.get(str(column(part, "backend").iloc[0]), "-")
-        marker = "o" if len(stats) <= 12 else None
-        ax.plot(stats["x"], stats["mid"], color=color, ls=style, marker=marker, ms=4, label=series)
+        if len(backends) <= 1:  # one backend: the line style tells variants apart instead
+            style = variant_style(variant, colors)[1]
+        if smooth:
+            ax.plot(stats["x"], stats["mid"], color=color, ls="-", lw=0.6, alpha=0.25)
+            stats = stats.assign(mid=ema(stats["mid"], smoothing_alpha(len(stats))))
+        marker = variant_style(variant, colors)[0]
+        every = max(1, len(stats) // 10)  # a few markers per line, enough to tell lines apart
+        ax.plot(
+            stats["x"], stats["mid"], color=color, ls=style, lw=width, marker=marker, ms=size,
+            markevery=every, label=series,
+        )  # fmt: skip
         if part["seed"].nunique() > 1:
             ax.fill_between(stats["x"], stats["lo"], stats["hi"], color=color, alpha=0.18, lw=0)
 
 
-def _bars(ax, rows: pd.DataFrame, y: str, colors: dict[str, str]) -> None:
-    """One bar per series (mean over seeds) with a min-max whisker when there are seeds."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+DASHES = ("-", "--", "-.", ":")
+EMA_POINTS = 15  # an EMA spans about 1/15 of a line's points: short runs barely lag
+
+
+def smoothing_alpha(points: int) -> float:
+    """EMA weight of the newest point for a line of `points` points (span = points / 15)."""
+    span = max(2.0, points / EMA_POINTS)
+    return 2.0 / (span + 1.0)
+
+
+def variant_style(variant: str, colors: dict[str, str]) -> tuple[str, str]:
+    """A fixed marker and line style per variant (its colour's position), so lines that lie on
+    top of each other (identical untrained routers) stay distinguishable."""
+    i = list(colors).index(variant) if variant in colors else 0
+    return MARKERS[i % len(MARKERS)], DASHES[i % len(DASHES)]
+
+
+def ema(values: pd.Series, alpha: float) -> pd.Series:
+    """Exponential moving average (no look-ahead: each point uses only earlier ones)."""
+    return values.ewm(alpha=alpha, adjust=True).mean()
+
+
+def _bars(
+    ax, rows: pd.DataFrame, y: str, colors: dict[str, str], spread: pd.Series | None = None
+) -> None:
+    """One bar per series (mean over seeds), its value written on it, and an error bar: min to
+    max over seeds when there are several, else the per-job `spread` (an IQR width, same units
+    as y) when given. A log axis when the bars span more than a decade."""
     rows = rows.assign(series=_series_label(rows), **_numeric(rows, y))
+    if spread is not None:
+        rows = rows.assign(_spread=rows["job_dir"].map(spread).astype(float))
+    else:
+        rows = rows.assign(_spread=np.nan)
     stats = rows.groupby("series", sort=True).agg(
-        variant=("variant", "first"), mid=(y, "mean"), lo=(y, "min"), hi=(y, "max")
+        variant=("variant", "first"),
+        mid=(y, "mean"),
+        lo=(y, "min"),
+        hi=(y, "max"),
+        spread=("_spread", "mean"),
     )
     pos = np.arange(len(stats))
-    err = np.vstack([stats["mid"] - stats["lo"], stats["hi"] - stats["mid"]])
-    seeds = rows["seed"].nunique() > 1
+    if rows["seed"].nunique() > 1:
+        err = np.vstack([stats["mid"] - stats["lo"], stats["hi"] - stats["mid"]])
+    elif stats["spread"].notna().any():
+        half = stats["spread"].fillna(0.0).to_numpy() / 2
+        err = np.vstack([np.minimum(half, stats["mid"] * 0.999), half])  # stays > 0 on log axes
+    else:
+        err = None
     color = [colors[v] for v in stats["variant"]]
-    ax.bar(pos, stats["mid"], color=color, yerr=err if seeds else None, capsize=3)
+    bars = ax.bar(pos, stats["mid"], color=color, yerr=err, capsize=3)
+    ax.bar_label(bars, labels=[_short(v) for v in stats["mid"]], padding=2, fontsize=8)
+    positive = stats["mid"][stats["mid"] > 0]
+    if len(positive) and positive.max() / positive.min() >= 10:
+        ax.set_yscale("log")
+    ax.margins(y=0.15)
     ax.set_xticks(pos, stats.index, rotation=30, ha="right")
     ax.grid(axis="x", visible=False)
+
+
+def _short(value: float) -> str:
+    """Bar labels: 3 significant digits with k/M, so a label fits its bar."""
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def timing_spread(frame: pd.DataFrame, pass_: str | None) -> pd.Series:
+    """Per job: IQR / median of the pass's timed repeats (`iqr_ms` on its fwd_ms / fwd_bwd_ms
+    rows); min/max (`min_ms`, `max_ms`) when there is no IQR. Relative: multiply by a rate."""
+    name = {"fwd": schema.FWD_MS.name, "fwd_bwd": schema.FWD_BWD_MS.name}.get(str(pass_))
+    timed = frame[(frame["metric"] == name) & (column(frame, "pass") == pass_)]
+    if timed.empty:
+        return pd.Series(dtype=float)
+    median = pd.to_numeric(timed["value"], errors="coerce")
+    width = pd.to_numeric(column(timed, "iqr_ms"), errors="coerce")
+    full = pd.to_numeric(column(timed, "max_ms"), errors="coerce") - pd.to_numeric(
+        column(timed, "min_ms"), errors="coerce"
+    )
+    return (width.fillna(full) / median).groupby(timed["job_dir"]).mean()
 
 
 def _legend(fig: plt.Figure, axes: list) -> None:
@@ -283,7 +370,9 @@ def throughput_vs_tokens(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Fig
 
 
 def throughput_bars(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
-    rows = _require(summary_rows(frame, schema.TOKENS_PER_S.name), schema.TOKENS_PER_S.name)
+    """The throughput task's layer tokens/s (never the convergence task's training rate)."""
+    tasks = frame[frame["task"] == "throughput"]
+    rows = _require(summary_rows(tasks, schema.TOKENS_PER_S.name), "throughput-task tokens_per_s")
     for names in (EXPERTS, TOKENS):
         col = find_column(rows, names)
         if col is not None:
@@ -291,8 +380,26 @@ def throughput_bars(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
     passes = sorted(column(rows, "pass").dropna().unique()) or [None]
     fig, axes = _panels(len(passes))
     for ax, pass_ in zip(axes, passes):
-        _bars(ax, rows if pass_ is None else rows[rows["pass"] == pass_], "value", colors)
-        ax.set(ylabel="tokens / s", title=f"pass: {pass_ or 'all'}")
+        part = rows if pass_ is None else rows[rows["pass"] == pass_]
+        values = pd.to_numeric(part["value"], errors="coerce").groupby(part["job_dir"]).mean()
+        _bars(ax, part, "value", colors, spread=values * timing_spread(tasks, pass_))
+        ax.set(ylabel="layer tokens / s", title=f"throughput task · pass: {pass_ or 'all'}")
+    return fig
+
+
+def training_throughput(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    """The convergence task's training tokens/s: mean over the logged steps per job, with the
+    IQR over steps as the error bar."""
+    tasks = frame[frame["task"] == "convergence"]
+    rows = summary_rows(tasks, schema.TOKENS_PER_S.name).dropna(subset=["value"])
+    _require(rows, "convergence-task tokens_per_s")
+    per_step = pd.to_numeric(rows["value"], errors="coerce").groupby(rows["job_dir"])
+    spread = per_step.quantile(0.75) - per_step.quantile(0.25)
+    means = rows.groupby("job_dir", as_index=False).first()
+    means["value"] = means["job_dir"].map(per_step.mean())
+    fig, axes = _panels(1)
+    _bars(axes[0], means, "value", colors, spread=spread)
+    axes[0].set(ylabel="training tokens / s", title="convergence task · mean over the run")
     return fig
 
 
@@ -328,12 +435,22 @@ def _loss_panels(frame: pd.DataFrame, colors: dict[str, str], x: str, xlabel: st
         raise Missing(f"no train_loss or val_loss rows with {needs} in this sweep")
     fig, axes = _panels(len(panels))
     for ax, (title, rows) in zip(axes, panels):
-        _lines(ax, rows, x, "value", colors, by="step")
-        ax.set(xlabel=xlabel, ylabel="loss (nats)", title=title)
+        smooth = title.startswith(schema.TRAIN_LOSS.name) and rows["step"].nunique() > 20
+        _lines(ax, rows, x, "value", colors, by="step", smooth=smooth)
+        ax.set(xlabel=xlabel, ylabel="loss (nats)", title=title + (" (EMA)" if smooth else ""))
         if x == "step":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.set_xlim(0, wall_limit(rows, x))
     _legend(fig, axes)
     return fig
+
+
+def wall_limit(rows: pd.DataFrame, x: str) -> float:
+    """The wall-time axis ends where the shortest job ends (at least the 25th percentile of the
+    jobs' ends), so one slow job does not squeeze every other line to the left."""
+    ends = pd.to_numeric(rows[x], errors="coerce").groupby(rows["job_dir"]).max().dropna()
+    return float(max(ends.min(), ends.quantile(0.25))) * 1.02 if len(ends) else 1.0
 
 
 def loss_vs_step(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
@@ -350,10 +467,41 @@ def max_vio_vs_step(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
     panels = facets(rows, "MaxVio_batch")
     fig, axes = _panels(len(panels))
     for ax, (title, part) in zip(axes, panels):
+        # the balance task never trains: say so where its panels are read
+        title = title.replace("· balance", "· balance task, untrained routers")
         _lines(ax, part, "step", "value", colors, by="step")
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set(xlabel="step (batch)", ylabel="MaxVio_batch, mean over layers", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(fig, axes)
+    return fig
+
+
+DYNAMICS = (  # (metric, extra row filter column and value, y label)
+    (schema.AUX_LOSS.name, ("loss", "total"), "aux loss (weighted total)"),
+    (schema.DROP_FRACTION.name, None, "drop fraction"),
+    (schema.DEAD_EXPERTS.name, None, "dead experts"),
+)
+
+
+def training_dynamics(frame: pd.DataFrame, colors: dict[str, str]) -> plt.Figure:
+    """Aux loss, drop fraction and dead experts against training step (convergence task), one
+    panel per metric present, mean over layers."""
+    rows = routed(frame[frame["task"] == "convergence"])
+    panels = []
+    for name, where, label in DYNAMICS:
+        part = rows[rows["metric"] == name]
+        if where is not None and where[0] in part.columns and (part[where[0]] == where[1]).any():
+            part = part[part[where[0]] == where[1]]
+        part = summary_rows(part, name).dropna(subset=["step"])
+        if part["step"].nunique() > 1:
+            panels.append((name, label, part))
+    if not panels:
+        raise Missing("no aux_loss, drop_fraction or dead_experts rows over training steps")
+    fig, axes = _panels(len(panels))
+    for ax, (name, label, part) in zip(axes, panels):
+        _lines(ax, part, "step", "value", colors, by="step", smooth=part["step"].nunique() > 20)
+        ax.set(xlabel="step", ylabel=label, title=f"convergence task · {name}")
     _legend(fig, axes)
     return fig
 
@@ -426,35 +574,56 @@ FIGURES = (
     ),
     FigureSpec(
         "throughput",
-        "Throughput by variant",
-        "Tokens per second at each variant's most common size (mean over seeds; whiskers span "
-        "min to max over seeds when there are several).",
+        "Throughput task: layer tokens/s by variant",
+        "One layer's tokens per second at each variant's most common size (tokens / median of "
+        "the timed repeats); error bars: min to max over seeds when there are several, else "
+        "the IQR of the timed repeats; a log axis when bars span a decade or more.",
         throughput_bars,
     ),
     FigureSpec(
+        "training-throughput",
+        "Convergence task: training tokens/s by variant",
+        "Tokens per second of whole training steps of the small LM (forward, backward, "
+        "optimizer), mean over the run's logged steps; error bars: IQR over those steps.",
+        training_throughput,
+    ),
+    FigureSpec(
         "memory",
-        "Peak memory",
-        "Peak memory of one step (MiB) as measured by the memory task.",
+        "Memory task: peak memory",
+        "Peak memory of one forward + backward step of the layer (MiB) as measured by the "
+        "memory task; values on the bars.",
         memory,
     ),
     FigureSpec(
         "loss-step",
-        "Loss vs step",
-        "Training and validation loss (nats per token); " + BAND_NOTE + ".",
+        "Convergence task: loss vs step",
+        "Training and validation loss (nats per byte; bits per byte = nats / ln 2); the train "
+        "loss is an EMA over a faint raw line when there are many steps; " + BAND_NOTE + ".",
         loss_vs_step,
     ),
     FigureSpec(
         "loss-wall",
-        "Loss vs wall time",
+        "Convergence task: loss vs wall time",
         "The same losses against wall-clock seconds since training started (mean over seeds "
-        "at each step); " + BAND_NOTE + ".",
+        "at each step); the axis ends where the shortest run ends, so one slow job does not "
+        "stretch it; " + BAND_NOTE + ".",
         loss_vs_wall,
+    ),
+    FigureSpec(
+        "dynamics",
+        "Convergence task: aux loss, drops and dead experts vs step",
+        "Routing during training, mean over layers: the weighted auxiliary loss, the share of "
+        "demanded assignments dropped by capacity, and experts under 1% of the mean load; "
+        "EMA-smoothed lines over faint raw ones when there are many steps.",
+        training_dynamics,
     ),
     FigureSpec(
         "maxvio",
         "MaxVio_batch vs step",
-        "E · max_i p_i − 1 per batch (training steps of the convergence task, input batches "
-        "of the balance task), mean over layers; 0 is perfect balance (Wang et al. 2024, "
+        "E · max_i p_i − 1 per batch (training steps of the convergence task; input batches "
+        "of the balance task, whose routers are untrained, on real text and skewed inputs), "
+        "mean over layers; variants with the same untrained router draw the same line there "
+        "(markers and line styles tell them apart); 0 is perfect balance (Wang et al. 2024, "
         "Eq. 4); " + BAND_NOTE + ".",
         max_vio_vs_step,
     ),

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from moe_bench import schema
+
 VARIANTS = ("dense", "switch", "gshard", "deepseek_moe", "mixtral", "expert_choice")
 DOMAINS = ("prose", "code")
 
@@ -38,30 +40,37 @@ def base(variant: str, task: str, seed: int = 0, **config: Any) -> dict[str, Any
 
 
 def row(common: dict[str, Any], metric: str, value: float, unit: str = "", **extra: Any) -> dict:
-    return {
-        **common,
-        "metric": metric,
-        "value": value,
-        "unit": unit,
-        "step": None,
-        "status": "ok",
-        "error": None,
-        **extra,
-    }
+    """One row through the schema (`schema.row`: its unit, status ok); `unit` is ignored, kept
+    so call sites read like the rows they make."""
+    return {**common, **schema.row(metric, value, **extra)}
 
 
-def throughput_job(variant: str, seed: int = 0, tokens: int = 512, experts: int = 8) -> list[dict]:
+def throughput_job(
+    variant: str,
+    seed: int = 0,
+    tokens: int = 512,
+    experts: int = 8,
+    speed: float | None = None,
+    ratio: float | None = None,
+    iqr: float = 0.02,
+    noisy: bool | None = None,
+) -> list[dict]:
+    """Timing rows of one job; `iqr` is the IQR of the timed repeats relative to the median."""
     common = base(
         variant, "throughput", seed, **{"model.tokens": tokens, "variant.num_experts": experts}
     )
-    speed = 1e5 / (1 + VARIANTS.index(variant)) * (1 + 0.01 * seed) * math.sqrt(tokens / 512)
+    if speed is None:
+        speed = 1e5 / (1 + VARIANTS.index(variant)) * (1 + 0.01 * seed) * math.sqrt(tokens / 512)
+    if ratio is None:
+        ratio = 1 / (1 + VARIANTS.index(variant))
+    flags = {} if noisy is None else {"noisy": noisy}
     rows = []
     for pass_, factor in (("fwd", 1.0), ("fwd_bwd", 1 / 3)):
-        rows.append(row(common, "tokens_per_s", speed * factor, "tok/s", **{"pass": pass_}))
-        rows.append(row(common, f"{pass_}_ms", tokens / (speed * factor) * 1e3, "ms"))
-        rows.append(
-            row(common, "ratio_to_dense", 1 / (1 + VARIANTS.index(variant)), "x", **{"pass": pass_})
-        )
+        ms = tokens / (speed * factor) * 1e3
+        at = {"pass": pass_}
+        rows.append(row(common, "tokens_per_s", speed * factor, "tok/s", **at, **flags))
+        rows.append(row(common, f"{pass_}_ms", ms, "ms", iqr_ms=iqr * ms, **at, **flags))
+        rows.append(row(common, "ratio_to_dense", ratio, "x", **at, **flags))
     return rows
 
 
@@ -80,8 +89,12 @@ def convergence_job(
     for step in range(steps):
         loss = 5.0 * math.exp(-step / steps) + offset
         rows.append(row(common, "train_loss", loss, "nats", step=step, wall_s=0.2 * step))
+        speed = 1e4 / (1 + VARIANTS.index(variant)) * (1 + 0.05 * (step % 2))
+        rows.append(row(common, "tokens_per_s", speed, step=step, **{"pass": "fwd_bwd"}))
         if variant != "dense":
-            rows.append(row(common, "aux_loss", 0.01, "", step=step))
+            rows.append(row(common, "aux_loss", 0.01, "", step=step, loss="total"))
+            if step < steps - 1:  # the last step's drop fraction is the leaderboard's, below
+                rows.append(row(common, "drop_fraction", 0.1 / (1 + step), step=step))
             rows.append(
                 row(common, "max_vio_batch", 1.0 / (1 + step) + offset, "", step=step, layer="mean")
             )
