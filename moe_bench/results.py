@@ -148,7 +148,8 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
             problems.append(f"{path}:{number}: {problem}")
         else:
             rows.append(row)
-    if text and not text.endswith("\n"):
+    last_parsed = not problems or not problems[-1].startswith(f"{path}:{len(text.splitlines())}:")
+    if text and not text.endswith("\n") and last_parsed:
         problems.append(f"{path}:{text.count(chr(10)) + 1}: last line has no newline (cut)")
     return rows, problems
 
@@ -332,7 +333,7 @@ def load(sweep_dir: str | Path, problems: list[str] | None = None) -> pd.DataFra
             else:
                 problems.append(problem)
     frame = pd.DataFrame(rows)
-    for name in (*CORE_COLUMNS, "job_dir"):  # optional core columns may be absent: null
+    for name in (*REQUIRED_COLUMNS, "unit", "step", "error", "job_dir"):  # absent: null
         if name not in frame.columns:
             frame[name] = None
     if "layer" in frame.columns:  # §5: an integer, or "mean"; pandas would make it float

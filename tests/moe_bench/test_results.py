@@ -82,7 +82,7 @@ def test_load_errors(tmp_path: Path) -> None:
 
 def test_a_job_killed_after_a_flush_is_not_complete(tmp_path: Path) -> None:
     """Rows flushed mid-run are ok rows, but only the final `job` row marks a finished job."""
-    recorder = results.Recorder(tmp_path, {"variant": "switch"})
+    recorder = results.Recorder(tmp_path, BASE)
     recorder.log("train_loss", 2.5, step=1)
     recorder.flush()
     assert (tmp_path / "results.jsonl").is_file()
@@ -92,7 +92,7 @@ def test_a_job_killed_after_a_flush_is_not_complete(tmp_path: Path) -> None:
 
 
 def test_load_keeps_layer_as_int_or_mean(tmp_path: Path) -> None:
-    recorder = results.Recorder(tmp_path / "0", {"variant": "switch"})
+    recorder = results.Recorder(tmp_path / "0", BASE)
     recorder.log("load_entropy", 0.9, layer=0)
     recorder.log("load_entropy", 0.8, layer="mean")
     recorder.finish("ok")
