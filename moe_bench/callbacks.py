@@ -4,8 +4,10 @@
   clear line and exit status 2, instead of a traceback from deep inside Hydra. A multirun then
   locks its sweep folder for as long as it runs (a second run on it says who holds it and
   exits 2), and refuses a sweep folder that was run with other overrides (one line naming them,
-  exit 2) unless `overwrite=true`: before Hydra rewrites the folder's multirun.yaml. Each job
-  still checks its own folder's config (moe_bench.runner), which also catches edited YAML.
+  exit 2) unless `overwrite=true`: before Hydra rewrites the folder's multirun.yaml. A single
+  run into a folder of another config is refused the same way (exit 1) before Hydra rewrites
+  its .hydra/. Each job still checks its own folder's config under its lock
+  (moe_bench.runner), which also catches edited YAML in a multirun.
 - `ReportCallback`: when a multirun ends, build its HTML report. A missing or failing report
   module prints a one-line warning: results are on disk already and the sweep succeeded.
 """
@@ -101,9 +103,24 @@ def lock_sweep(sweep_dir: str) -> None:
         _error(f"cannot lock sweep folder {sweep_dir}: {e.strerror or e}")
 
 
+def check_same_job(config: DictConfig) -> None:
+    """A single run into a folder of another config: one line and exit 1 before Hydra rewrites
+    the folder's .hydra/ (the runner would refuse it too, after that rewrite)."""
+    from moe_bench import runner  # the runner imports torch and the tasks: only when needed
+
+    out_dir = Path(config.hydra.run.dir)
+    if OmegaConf.select(config, "overwrite", default=False) or not out_dir.is_dir():
+        return
+    diff = runner.mismatch(out_dir, runner.job_key(config))
+    if diff is not None:
+        print(f"moe_bench: error: {runner.refusal(out_dir, diff)}", file=sys.stderr)
+        raise SystemExit(1)
+
+
 class OutputCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_writable(config.hydra.run.dir)
+        check_same_job(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_writable(config.hydra.sweep.dir)

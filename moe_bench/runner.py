@@ -83,17 +83,36 @@ def _failed(recorder: results.Recorder, error: Exception, label: str) -> str:
     return "failed"
 
 
+def mismatch(out_dir: Path, key: dict[str, Any]) -> str | None:
+    """The differing keys (old -> new) when out_dir holds results of another config."""
+    recorded = results.recorded_config(out_dir)
+    if recorded is None or results.config_hash(recorded) == results.config_hash(key):
+        return None
+    return results.config_diff(recorded, key)
+
+
+def refusal(out_dir: Path, diff: str) -> str:
+    return (
+        f"{out_dir} holds results of another config ({diff}); rerun with another "
+        "hydra.sweep.dir (or hydra.run.dir), or overwrite=true to replace them"
+    )
+
+
+def job_key(cfg: DictConfig) -> dict[str, Any]:
+    """The config key a composed config will run with (its base columns as resolved, or as
+    given when it does not resolve: that job fails, keyed by what was asked)."""
+    try:
+        return results.config_key(config.resolve(cfg).columns)
+    except Exception:
+        return results.config_key(config.config_columns(cfg))
+
+
 def _resume_check(out_dir: Path, label: str, key: dict[str, Any], overwrite: bool) -> str | None:
     """With the job's lock held: `refused` or `skipped` (printed), or None: run it."""
-    recorded = results.recorded_config(out_dir)
-    if recorded is not None and results.config_hash(recorded) != results.config_hash(key):
-        diff = results.config_diff(recorded, key)
+    diff = mismatch(out_dir, key)
+    if diff is not None:
         if not overwrite:
-            say(
-                "refused", label,
-                f"{out_dir} holds results of another config ({diff}); rerun with another "
-                "hydra.sweep.dir (or hydra.run.dir), or overwrite=true to replace them",
-            )  # fmt: skip
+            say("refused", label, refusal(out_dir, diff))
             return "refused"
         say("replace", label, f"overwrite=true: replacing results of another config ({diff})")
         return None

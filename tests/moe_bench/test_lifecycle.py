@@ -153,6 +153,24 @@ def test_a_sweep_folder_run_with_other_overrides_is_refused_first(tmp_path: Path
     check_same_sweep(sweep_config(tmp_path, "variant=a,b", "seed=1", overwrite=True))
 
 
+def test_cli_resume_with_another_seed_is_refused_before_hydra_rewrites(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", *JOB, f"hydra.sweep.dir={sweep}", "~hydra.callbacks.report"]
+    assert run_cli(args, tmp_path).returncode == 0
+    saved = {p: p.read_bytes() for p in (sweep / "multirun.yaml", sweep / "0/.hydra/config.yaml")}
+    again = run_cli([*args, "seed=1"], tmp_path)
+    assert again.returncode == 2
+    assert lines(again.stderr) == [
+        f"moe_bench: error: sweep folder {sweep} was run with other overrides (seed: (absent) "
+        "-> 1); use another hydra.sweep.dir, or overwrite=true to replace the jobs whose config "
+        "changed"
+    ]
+    single = run_cli([*JOB, "seed=1", f"hydra.run.dir={sweep / '0'}"], tmp_path)
+    assert single.returncode == 1 and len(lines(single.stderr)) == 1
+    assert "holds results of another config (seed: 0 -> 1)" in single.stderr
+    assert {p: p.read_bytes() for p in saved} == saved  # the records still say seed 0
+
+
 def test_a_code_change_keeps_ok_rows_and_says_so(job_cfg, tmp_path: Path, capsys) -> None:
     assert runner.execute(job_cfg(), tmp_path, "first") == "ok"
     state = results.read_state(tmp_path)
