@@ -216,7 +216,8 @@ def _detail(folder: Path, state: str, problems: list[str]) -> str:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         return problems[0] + more
     record = results.read_state(folder) or {}
-    who = f"PID {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
+    since = record.get("started") or record.get("time")
+    who = f"PID {record.get('pid')} on {record.get('host')}, started {since}"
     if state == "running":
         return f"running now: {who}"
     if state == "incomplete":
