@@ -1,6 +1,6 @@
 """Kill -9 a 6-job sweep at a random moment, resume it, check the result; N times (issue 13).
 
-    python scripts/kill_resume_loop.py [--rounds 10] [--seed 0] [--work DIR]
+    python scripts/kill_resume_loop.py [--rounds 10] [--seed 0] [--steps 30] [--work DIR]
 
 First an uninterrupted run of the sweep (the reference). Then, per round: a fresh sweep folder,
 the same command started and SIGKILLed (its whole process group) after a random delay drawn
@@ -35,7 +35,7 @@ from moe_bench import results  # noqa: E402  (this checkout's, not an installed 
 # leaves rows without a closing `job` row, the case resume must get right
 SWEEP = [
     "-m", "variant=switch,gshard,mixtral", "seed=0,1", "task=convergence", "model=tiny",
-    "device=cpu", "device.threads=1", "task.steps=30", "task.eval_every=10",
+    "device=cpu", "device.threads=1", "task.eval_every=10",
     "task.eval_batches=2", "task.batch_size=4", "task.seq_len=32", "task.n_layers=1",
     "task.warmup_steps=2",
 ]  # fmt: skip
@@ -43,8 +43,12 @@ TIMINGS = {"fwd_ms", "fwd_bwd_ms", "tokens_per_s", "tflops", "ratio_to_dense", "
 UNTIMED_COLUMNS = ("wall_s", "iqr_ms", "min_ms", "max_ms", "noisy", "load_avg")
 
 
+STEPS = 30  # training steps per job (--steps): more steps, more kills land mid-training
+
+
 def command(sweep: Path) -> list[str]:
-    return [sys.executable, "-m", "moe_bench", *SWEEP, f"hydra.sweep.dir={sweep}"]
+    sweep_args = [*SWEEP, f"task.steps={STEPS}", f"hydra.sweep.dir={sweep}"]
+    return [sys.executable, "-m", "moe_bench", *sweep_args]
 
 
 def environment() -> dict[str, str]:
@@ -119,8 +123,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per job")
     parser.add_argument("--work", type=Path, default=None, help="folder for the sweeps")
     args = parser.parse_args()
+    global STEPS
+    STEPS = args.steps
     work = args.work or Path(tempfile.mkdtemp(prefix="kill_resume_"))
     draw = random.Random(args.seed)
     wall = run(work / "reference")
