@@ -120,13 +120,13 @@ def check(sweep: Path, reference: dict[str, list[tuple[Any, ...]]]) -> str:
 
 
 def main() -> int:
+    global STEPS  # set once from --steps, read by command()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per job")
     parser.add_argument("--work", type=Path, default=None, help="folder for the sweeps")
     args = parser.parse_args()
-    global STEPS
     STEPS = args.steps
     work = args.work or Path(tempfile.mkdtemp(prefix="kill_resume_"))
     draw = random.Random(args.seed)
