@@ -19,6 +19,7 @@ Resume and its guards (docs/contract.md §7), in this order, each a one-line out
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -161,11 +162,37 @@ def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
     return status
 
 
+def launcher_rank() -> int:
+    """This process's rank when a launcher starts several processes for one job (torchrun's
+    RANK, Slurm's SLURM_PROCID: task=expert_parallel under an env launcher); else 0."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _helper_rank(out_dir: Path, label: str, columns: dict[str, Any], body: Body, rank: int) -> str:
+    """Rank > 0 of a multi-process job: rank 0 owns the folder (lock, state file, resume,
+    results.jsonl); this rank writes only its own results.rank<N>.jsonl."""
+    recorder = results.Recorder(out_dir, columns)
+    recorder.path = out_dir / f"results.rank{rank}.jsonl"
+    try:
+        body(recorder)
+    except Exception as e:
+        return _failed(recorder, e, f"{label} (rank {rank})")
+    recorder.finish("ok")
+    return "ok"
+
+
 def guarded(
     out_dir: str | Path, label: str, columns: dict[str, Any], body: Body, overwrite: bool = False
 ) -> str:
     """Lock the job folder, check resume, run: "ok", "failed", "skipped", "refused", "busy"."""
     out_dir = Path(out_dir)
+    rank = launcher_rank()
+    if rank > 0:
+        return _helper_rank(out_dir, label, columns, body, rank)
     lock = locks.Lock(out_dir)
     try:
         lock.acquire()

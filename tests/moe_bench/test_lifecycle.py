@@ -277,6 +277,19 @@ def test_a_held_job_folder_is_left_alone(job_cfg, tmp_path: Path, hold, capsys) 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_a_helper_rank_writes_apart_and_leaves_the_folder_to_rank_0(
+    job_cfg, tmp_path: Path, hold, monkeypatch
+) -> None:
+    """An env launcher starts every rank of one job in one folder (task=expert_parallel):
+    ranks > 0 neither lock nor take over rank 0's files."""
+    hold(tmp_path)  # rank 0, running
+    monkeypatch.setenv("RANK", "1")
+    assert runner.execute(job_cfg(), tmp_path, "rank1") == "ok"
+    assert not (tmp_path / results.RESULTS).exists() and not (tmp_path / results.STATE).exists()
+    rows, problems = results.read_rows(tmp_path / "results.rank1.jsonl")
+    assert problems == [] and results.ending(rows) == "ok"
+
+
 def test_a_second_multirun_on_a_held_sweep_folder_exits(tmp_path: Path, hold) -> None:
     sweep = tmp_path / "sweep"
     other = hold(sweep)
