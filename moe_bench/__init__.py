@@ -39,7 +39,9 @@ def compose(*overrides: str) -> DictConfig:
 
 
 def run_job(job: Job, out_dir: str | Path) -> str:
-    """Run one resolved job into `out_dir` as the runner would; returns its status."""
+    """Run one resolved job into `out_dir` as the runner would; returns its outcome: "ok",
+    "failed", or, as on resume, "skipped" (ok results of this config are there already),
+    "refused" (results of another config are) or "busy" (another run holds the folder)."""
     from moe_bench.runner import run_resolved
 
     return run_resolved(job, Path(out_dir))

@@ -1,8 +1,10 @@
 """`python -m moe_bench`: the Hydra application over `sweeps/` (docs/contract.md, sections 5-6).
 
-One job = one composed config: resolve and validate it, skip it if its directory already holds
-ok results (resume), run its task, write results.jsonl and env.json. A job that fails writes a
-`failed` row with its error; in a multirun the sweep goes on, a single run exits with status 1.
+One job = one composed config: resolve and validate it, lock its directory, skip it if the
+directory already holds ok results of the same config (resume; `moe_bench.runner` says what a
+different config, a held lock or an unwritable folder do), run its task, write results.jsonl,
+env.json and job.json. A job that fails writes a `failed` row with its error; in a multirun
+the sweep goes on, a single run exits with status 1 (also when refused or busy).
 Expected problems (bad values, impossible combinations, out of memory) print one line; anything
 else also logs its traceback to the job's log.
 """
@@ -27,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     label = " ".join(hc.overrides.task) or f"variant={cfg.variant.name} task={cfg.task.name}"
     status = execute(cfg, Path(hc.runtime.output_dir), label)
-    if status == "failed" and hc.mode != RunMode.MULTIRUN:
+    if status in ("failed", "refused", "busy") and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)
 
 

@@ -213,6 +213,8 @@ class RunConfig:
     dtype: str = "float32"
     seed: int = 0
     backend: str = "loop"
+    # resume: replace the rows of a job folder whose results came from another config
+    overwrite: bool = False
 
 
 def variant_schema(name: str) -> type:

@@ -103,7 +103,12 @@ METRICS: dict[str, Metric] = {
     )
 }  # fmt: skip
 
-STATUSES = ("ok", "failed")
+STATUSES = ("ok", "failed")  # how a finished job ended: the status its rows are stamped with
+# a row's status: `running` until its job finishes (flushed mid-run), then the job's ending
+ROW_STATUSES = ("running", *STATUSES)
+# a job's state on disk (docs/contract.md §7): running (its lock is held), ok or failed (a
+# closing `job` row), incomplete (started, never finished: killed, or its rows were cut)
+JOB_STATES = ("running", "ok", "failed", "incomplete")
 # first in every frame: who, what, the value, and how the job ended
 CORE_COLUMNS = (
     "variant", "task", "backend", "device", "dtype", "seed",

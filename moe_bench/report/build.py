@@ -4,6 +4,12 @@
 `multirun.yaml`), never the tasks, and writes `report.html` (self-contained: inline CSS and
 SVG, no network) and `results.csv` (the tidy rows, to re-plot) into the sweep directory.
 Sections with no data are listed with the reason instead of being drawn empty.
+
+Every job the sweep asked for is counted (the job list of multirun.yaml's overrides and
+sweeper params, plus any job folder found): its state (docs/contract.md §7) is ok, failed,
+running, incomplete (started, never finished), unreadable (a bad results.jsonl line, named
+path:line) or not started. Only ok and failed jobs feed the leaderboards and figures (failed
+ones as failures); the others are listed in a table of their own.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import gzip
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jinja2
 import pandas as pd
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from moe_bench import results, schema
@@ -155,9 +164,14 @@ def build_report(sweep_dir: str | Path, gzip_csv: bool = False) -> Path:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise ValueError(f"{root} does not exist or is not a directory")
-    frame = _load(root)
+    problems: list[str] = []
+    frame = _load(root, problems)
+    for problem in problems:  # the rest of the report goes on; the bad line is named
+        print(f"moe_bench.report: warning: {problem}", file=sys.stderr)
+    jobs = job_table(root, problems)
     data = _data_file(root, gzip_csv)
-    html = render({**_context(root, frame, results.load_env(root)), "data_file": data})
+    context = _context(root, frame, results.load_env(root), jobs, problems)
+    html = render({**context, "data_file": data})
     _write_table(root / data, frame)
     path = root / "report.html"
     results.atomic_write(path, html)
@@ -182,12 +196,94 @@ def _write_table(path: Path, frame: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
-def _load(root: Path) -> pd.DataFrame:
+def _load(root: Path, problems: list[str]) -> pd.DataFrame:
     # A sweep that has started (multirun.yaml) but where no job has written rows yet still
     # gets a report saying so; anything else without rows is not a sweep (results.load says).
     if (root / "multirun.yaml").is_file() and not any(root.rglob("results.jsonl")):
         return pd.DataFrame(columns=EMPTY_COLUMNS)
-    return results.load(root)
+    return results.load(root, problems)
+
+
+# --- every job the sweep asked for, and its state -------------------------------------------
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+NOT_STARTED = "not started"
+UNREADABLE = "unreadable"
+USED = ("ok", "failed")  # job states whose rows feed the leaderboards and figures
+
+
+class JobInfo(NamedTuple):
+    job: str  # job folder, relative to the sweep
+    overrides: str
+    state: str  # running, ok, failed, incomplete, unreadable, not started
+    detail: str
+
+
+def asked_jobs(root: Path) -> dict[str, str] | None:
+    """Job folder -> overrides of every job the sweep asked for, from multirun.yaml, as the
+    basic sweeper expands them (job i in folder i); None when that cannot be known."""
+    try:
+        config = OmegaConf.load(root / "multirun.yaml")
+        hydra = OmegaConf.to_container(config.hydra, resolve=False)
+        sweeper = (hydra.get("sweeper") or {}).get("_target_", BASIC_SWEEPER)
+        subdir = (hydra.get("sweep") or {}).get("subdir", "${hydra.job.num}")
+        if sweeper != BASIC_SWEEPER or subdir != "${hydra.job.num}":
+            return None
+        params = (hydra.get("sweeper") or {}).get("params") or {}
+        given = [f"{k}={v}" for k, v in params.items()]
+        given += [str(o) for o in (hydra.get("overrides") or {}).get("task") or []]
+        parsed = OverridesParser.create().parse_overrides(given)
+        batches = BasicSweeper.split_arguments(parsed, None)[0]
+    except Exception:  # no or odd multirun.yaml: count the job folders found instead
+        return None
+    return {str(n): _shown_overrides(job) for n, job in enumerate(batches)}
+
+
+def _shown_overrides(overrides: list[str]) -> str:
+    return " ".join(o for o in overrides if not o.lstrip("+~").startswith("hydra")) or "(none)"
+
+
+def _found_jobs(root: Path) -> list[str]:
+    """Job folders on disk: those holding .hydra, rows or a state file."""
+    marks = (".hydra", results.RESULTS, results.STATE)
+    found = {p.parent for mark in marks for p in root.rglob(mark)}
+    return [str(p.relative_to(root)) for p in found if p != root]
+
+
+def _detail(folder: Path, state: str, problems: list[str]) -> str:
+    if state == UNREADABLE:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return problems[0] + more
+    record = results.read_state(folder) or {}
+    since = record.get("started") or record.get("time")
+    who = f"PID {record.get('pid')} on {record.get('host')}, started {since}"
+    if state == "running":
+        return f"running now: {who}"
+    if state == "incomplete":
+        return f"never finished ({who if record else 'no state file'}): killed?; resume re-runs it"
+    if state in USED and not (folder / results.ENV).is_file():
+        return "env.json missing: the machine of these numbers is unknown (resume rebuilds it)"
+    return ""
+
+
+def job_table(root: Path, problems: list[str]) -> list[JobInfo]:
+    """Every job of the sweep (asked for or found) with its state and a one-line detail."""
+    asked = asked_jobs(root) or {}
+    jobs = []
+    for job in sorted({*asked, *_found_jobs(root)}, key=_natural):
+        folder = root / job
+        own = [p for p in problems if p.startswith(f"{folder / results.RESULTS}:")]
+        state = UNREADABLE if own else results.job_state(folder) or NOT_STARTED
+        overrides = asked.get(job) or _job_overrides(folder)
+        jobs.append(JobInfo(job, overrides, state, _detail(folder, state, own)))
+    return jobs
+
+
+def _job_overrides(folder: Path) -> str:
+    try:
+        return _shown_overrides([str(o) for o in OmegaConf.load(folder / ".hydra/overrides.yaml")])
+    except Exception:
+        return "—"
 
 
 def render(context: dict[str, Any]) -> str:
@@ -205,7 +301,13 @@ def render_template(name: str, context: dict[str, Any]) -> str:
     return env.get_template(name).render(**context)
 
 
-def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]:
+def _context(
+    root: Path, frame: pd.DataFrame, env: list[dict], jobs: list[JobInfo], problems: list[str]
+) -> dict[str, Any]:
+    # only finished jobs' rows count: an incomplete job's last rows are not its final values
+    # (a saved table, results.csv.gz alone, has no job folders: its rows are all there is)
+    if jobs:
+        frame = frame[frame["job_dir"].isin([j.job for j in jobs if j.state in USED])]
     ok = frame[frame["status"] == "ok"]
     colors = figures.variant_colors(frame["variant"].dropna().unique())
     in_sweep = sorted(frame["variant"].dropna().unique(), key=list(colors).index)
@@ -223,18 +325,25 @@ def _context(root: Path, frame: pd.DataFrame, env: list[dict]) -> dict[str, Any]
     if no_results:
         why = "no results.jsonl (not run yet, still running, or killed before writing)"
         missing.insert(0, {"section": "Jobs " + ", ".join(no_results), "reason": why})
-    jobs = frame["job_dir"].nunique()
+    for problem in problems:
+        missing.insert(0, {"section": "Unreadable rows", "reason": problem})
+    states = pd.Series([j.state for j in jobs], dtype=object).value_counts()
     tasks = _tasks(frame)
     return {
         "name": root.resolve().name,
         "sweep": str(root.resolve()),
         "built": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "summary": {
-            "jobs": jobs + len(no_results),
-            "ok": jobs - len(failed),
-            "failed": len(failed),
-            "no_results": len(no_results),
+            "jobs": len(jobs),
+            "ok": int(states.get("ok", 0)),
+            "failed": int(states.get("failed", 0)),
+            "others": {
+                state: int(states[state])
+                for state in ("running", "incomplete", UNREADABLE, NOT_STARTED)
+                if state in states
+            },
         },
+        "jobs": [j._asdict() for j in jobs if j.state not in USED or j.detail],
         "tasks": tasks,
         "colors": {v: colors[v] for v in in_sweep},
         "run": _run_metadata(root, env),

@@ -40,6 +40,16 @@ def compose_cfg() -> Callable[..., DictConfig]:
     return _compose
 
 
+ROOT = SWEEPS.parent
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: one thread, and this checkout's packages first (an
+    editable install may point at another checkout, and the subprocess runs in a temp dir)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def run_cli(
     args: list[str], cwd: Path, prelude: str = "", timeout: float = 300
 ) -> subprocess.CompletedProcess:
@@ -49,7 +59,7 @@ def run_cli(
         f"sys.argv = ['moe_bench', *{args!r}]\n"
         "runpy.run_module('moe_bench', run_name='__main__', alter_sys=True)\n"
     )
-    env = {**os.environ, "HYDRA_FULL_ERROR": "", "OMP_NUM_THREADS": "1"}
+    env = {**cli_env(), "HYDRA_FULL_ERROR": ""}
     return subprocess.run(
         [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=timeout,

@@ -2,7 +2,8 @@
 
 A sweep is `<sweep>/multirun.yaml` plus one numbered job directory per job holding
 `results.jsonl`, `env.json` and `.hydra/overrides.yaml`. The rows are made up but shaped like
-the runner's: every row carries the base columns, the metric, its unit, step and status.
+the runner's: every row carries the base columns, the metric, its unit, step and status, and
+a finished job's rows end with its `job` row (`write_sweep` adds it when a job lacks one).
 """
 
 from __future__ import annotations
@@ -161,6 +162,16 @@ def failed_job(variant: str, task: str, error: str, seed: int = 0) -> list[dict]
     return [{**failed, "status": "failed", "error": error}]
 
 
+def closed(rows: list[dict]) -> list[dict]:
+    """A finished job's rows: they end with its `job` row (docs/contract.md §5, §7)."""
+    if rows and rows[-1].get("metric") == "job":
+        return rows
+    return [*rows, row({k: v for k, v in rows[0].items() if k not in SELF}, "job", 1.0, "s")]
+
+
+SELF = ("metric", "value", "unit", "step", "status", "error", "pass", "layer", "domain", "expert")
+
+
 def frame(jobs: list[list[dict]]) -> pd.DataFrame:
     """The rows of `jobs` in one frame, shaped as results.load returns them (job_dir = index)."""
     return pd.DataFrame([{**r, "job_dir": str(n)} for n, rows in enumerate(jobs) for r in rows])
@@ -177,10 +188,11 @@ def write_sweep(root: Path, jobs: list[list[dict]], overrides: list[str] | None 
         job = root / str(n)
         (job / ".hydra").mkdir(parents=True, exist_ok=True)
         first = rows[0]
+        variant, task = first.get("variant"), first.get("task")  # a test may have removed them
         (job / ".hydra" / "overrides.yaml").write_text(
-            f"- variant={first['variant']}\n- task={first['task']}\n- seed={first['seed']}\n"
+            f"- variant={variant}\n- task={task}\n- seed={first['seed']}\n"
         )
-        (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in closed(rows)))
         env = {
             "torch": "2.13.0",
             "device": "cpu",

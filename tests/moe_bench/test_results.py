@@ -82,7 +82,7 @@ def test_load_errors(tmp_path: Path) -> None:
 
 def test_a_job_killed_after_a_flush_is_not_complete(tmp_path: Path) -> None:
     """Rows flushed mid-run are ok rows, but only the final `job` row marks a finished job."""
-    recorder = results.Recorder(tmp_path, {"variant": "switch"})
+    recorder = results.Recorder(tmp_path, BASE)
     recorder.log("train_loss", 2.5, step=1)
     recorder.flush()
     assert (tmp_path / "results.jsonl").is_file()
@@ -92,7 +92,7 @@ def test_a_job_killed_after_a_flush_is_not_complete(tmp_path: Path) -> None:
 
 
 def test_load_keeps_layer_as_int_or_mean(tmp_path: Path) -> None:
-    recorder = results.Recorder(tmp_path / "0", {"variant": "switch"})
+    recorder = results.Recorder(tmp_path / "0", BASE)
     recorder.log("load_entropy", 0.9, layer=0)
     recorder.log("load_entropy", 0.8, layer="mean")
     recorder.finish("ok")
@@ -103,3 +103,42 @@ def test_load_keeps_layer_as_int_or_mean(tmp_path: Path) -> None:
 def test_unknown_metric_names_fail_loudly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"metric='tokens_per_sec' is not one of 'fwd_ms'"):
         results.Recorder(tmp_path, BASE).log("tokens_per_sec", 1.0)
+
+
+def test_rows_say_running_until_the_job_ends(tmp_path: Path) -> None:
+    rec = results.Recorder(tmp_path, BASE)
+    rec.log("fwd_ms", 1.0)
+    rec.flush()
+    assert {r["status"] for r in rows(tmp_path)} == {"running"}
+    assert results.job_state(tmp_path) == "incomplete"  # rows, no closing row, no lock held
+    rec.finish("ok")
+    assert {r["status"] for r in rows(tmp_path)} == {"ok"}
+    assert results.job_state(tmp_path) == "ok"
+    assert results.job_state(tmp_path / "never") is None
+
+
+def test_read_rows_names_each_problem_and_keeps_the_rest(tmp_path: Path) -> None:
+    good = json.dumps({**BASE, "metric": "fwd_ms", "value": 1.0, "status": "ok"})
+    lines = [good, "[1, 2]", json.dumps({**BASE, "metric": "fwd_ms", "value": True,
+             "status": "ok"}), json.dumps({**BASE, "metric": "speed", "value": 1, "status": "ok"}),
+             "", good[:20]]  # fmt: skip
+    path = tmp_path / results.RESULTS
+    path.write_text("\n".join(lines))
+    got, problems = results.read_rows(path)
+    assert len(got) == 1
+    assert problems[:3] == [
+        f"{path}:2: not a JSON object but list",
+        f"{path}:3: value=True is not a number",
+        f"{path}:4: unknown metric='speed'",
+    ]
+    assert problems[3].startswith(f"{path}:6: not JSON (") and len(problems) == 4
+    assert results.read_rows(tmp_path / "absent")[1][0].startswith(f"{tmp_path / 'absent'}: ")
+
+
+def test_config_key_hash_and_diff() -> None:
+    key = results.config_key({**BASE, "params_total": 10, "variant.top_k": 1})
+    assert "params_total" not in key
+    same = results.config_key({"variant.top_k": 1, **BASE, "params_total": 99})
+    assert results.config_hash(key) == results.config_hash(same)  # order and counts aside
+    other = {**key, "seed": 1, "model.tokens": 64}
+    assert results.config_diff(key, other) == "seed: 0 -> 1, model.tokens: (absent) -> 64"
