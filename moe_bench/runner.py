@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from moe_bench import config, results
 from moe_bench.config import Job
+from moe_bench.progress import job_summary
 from moe_bench.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ def run_resolved(job: Job, out_dir: Path, label: str = "") -> str:
             torch.set_num_threads(job.threads)
         results.write_env(out_dir, job.device, overrides=label)
         task(job, recorder)
+        results.update_env(out_dir, load_avg_after=results.load_average())
     except Exception as e:
         return _failed(recorder, e, label)
     recorder.finish("ok")
-    seconds = recorder.rows[-1]["value"]
-    print(f"ok       {label}: {len(recorder.rows)} rows in {seconds:.1f} s -> {out_dir}")
+    print(f"ok       {label}: {job_summary(job.task.name, recorder.rows)} -> {out_dir}")
     return "ok"
 
 
