@@ -95,7 +95,7 @@ class TaskConfig:
 class ThroughputConfig(TaskConfig):
     name: str = "throughput"
     warmup: int = 3  # untimed steps first: allocator, caches, lazy init
-    repeats: int = 10  # timed steps; median and IQR over them
+    repeats: int = 30  # timed rounds (layer and twin); medians, IQR and ratios over them
     passes: list[str] = field(default_factory=lambda: list(PASSES))
 
     def __post_init__(self) -> None:

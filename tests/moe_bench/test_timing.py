@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moe_bench import config, progress, results
+from moe_bench import config, progress, results, schema
 from moe_bench.__main__ import execute
 from moe_bench.timing import NOISY_IQR, NOISY_MAX_MIN, Timing, time_pair
 from tests.moe_bench.conftest import FAST, run_cli
@@ -92,7 +92,7 @@ def test_throughput_rows_carry_spread_load_and_threads(compose_cfg, tmp_path: Pa
     assert (timed.min_ms <= timed.value).all() and (timed.value <= timed.max_ms).all()
     assert (timed.iqr_ms >= 0).all() and (timed.repeats == 5).all()
     rows = frame[frame.task == "throughput"].query("metric != 'job'")
-    assert len(rows) == 8
+    assert len(rows) == 8 and set(schema.TIMING_COLUMNS) <= set(frame.columns)
     assert rows.noisy.map(type).eq(bool).all()
     assert rows.load_avg.notna().all() and rows.load_avg_after.notna().all()
     assert (rows.threads == 1).all()  # device.threads=1
@@ -159,3 +159,13 @@ def test_cli_refuses_a_gpu_preset_on_cpu_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "GPU-sized" in done.stderr
     assert not (tmp_path / "run" / results.RESULTS).exists()
+
+
+def test_multirun_prints_job_i_of_n_and_a_line_per_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "variant=dense,switch", "task=balance", "task.batches=1", "model=tiny",
+            "device=cpu", f"hydra.sweep.dir={sweep}", "~hydra.callbacks.report"]  # fmt: skip
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "job 1/2  variant=dense" in done.stdout and "job 2/2  variant=switch" in done.stdout
+    assert done.stdout.count("ok       ") == 2 and "max_vio_global prose " in done.stdout
