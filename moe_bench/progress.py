@@ -78,7 +78,8 @@ def _throughput(rows: list[dict[str, Any]]) -> str | None:
         if time_row is None or ratio_row is None:
             continue
         ms, iqr = time_row["value"], time_row.get("iqr_ms") or 0.0
-        text = f"{pass_} {ms:.3g} ms (x{ratio_row['value']:.2f} dense, iqr {iqr / ms:.0%})"
+        shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+        text = f"{pass_} {shown} ms (x{ratio_row['value']:.2f} dense, iqr {iqr / ms:.0%})"
         if time_row.get("noisy") or ratio_row.get("noisy"):
             text += " NOISY"
         if time_row.get("load_avg") is not None:
