@@ -95,12 +95,20 @@ class TaskConfig:
 class ThroughputConfig(TaskConfig):
     name: str = "throughput"
     warmup: int = 3  # untimed steps first: allocator, caches, lazy init
-    repeats: int = 30  # timed rounds (layer and twin); medians, IQR and ratios over them
+    repeats: int = 30  # timed rounds (layer and twin) at least; medians, IQR, ratios over them
+    # more rounds, up to max_repeats, until the 95% confidence interval of the median ratio is
+    # within +-precision of it (a loaded machine needs more rounds for the same certainty)
+    max_repeats: int = 200
+    precision: float = 0.02
     passes: list[str] = field(default_factory=lambda: list(PASSES))
 
     def __post_init__(self) -> None:
         check_int(self, "warmup", 0)
         check_int(self, "repeats", 1)
+        check_int(self, "max_repeats", 1)
+        check_number(self, "precision", minimum=0)
+        if self.max_repeats < self.repeats:
+            self.max_repeats = self.repeats  # repeats alone: a fixed number of rounds
         if not self.passes or any(p not in PASSES for p in self.passes):
             raise ValueError(
                 f"passes={list(self.passes)} must be a non-empty list of {', '.join(PASSES)}"

@@ -73,7 +73,7 @@ METRICS: dict[str, Metric] = {
 # extra columns of task=throughput rows (docs/contract.md §5): spread, noise flag, machine
 TIMING_COLUMNS = (
     "iqr_ms", "min_ms", "max_ms", "repeats", "noisy",  # fwd_ms / fwd_bwd_ms (noisy: every row)
-    "dense_ms", "dense_iqr_ms", "ratio_iqr", "ratio_min", "ratio_max",  # ratio_to_dense
+    "dense_ms", "dense_iqr_ms", "ratio_iqr", "ratio_min", "ratio_max", "ratio_ci95",  # ratio
     "load_avg", "load_avg_after", "threads",  # every throughput row
 )  # fmt: skip
 

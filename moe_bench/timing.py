@@ -25,6 +25,7 @@ frees inside itself, which the CUDA number includes.
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -102,6 +103,10 @@ class Timing:
         }
 
 
+def ratio(a_ms: float, b_ms: float) -> float:
+    return a_ms / b_ms if b_ms > 0 else math.inf
+
+
 @dataclass
 class PairTiming:
     """Step A and step B timed interleaved; `ratio`: the per-round ratios A / B."""
@@ -111,7 +116,7 @@ class PairTiming:
 
     @property
     def ratio(self) -> Timing:
-        return Timing([a / b for a, b in zip(self.a.samples_ms, self.b.samples_ms)])
+        return Timing([ratio(a, b) for a, b in zip(self.a.samples_ms, self.b.samples_ms)])
 
 
 @contextmanager
@@ -146,6 +151,22 @@ class _StepTimer:
         return lambda: ms
 
 
+def median_ci_halfwidth(samples: list[float]) -> float:
+    """Half the width of the distribution-free 95% confidence interval of the median (order
+    statistics n/2 -+ 0.98 sqrt(n)); infinite below 6 samples."""
+    n = len(samples)
+    if n < 6 or not all(map(math.isfinite, samples)):
+        return math.inf
+    ordered, d = sorted(samples), 0.98 * math.sqrt(n)
+    lo, hi = max(0, math.floor(n / 2 - d)), min(n - 1, math.ceil(n / 2 + d) - 1)
+    return (ordered[hi] - ordered[lo]) / 2
+
+
+def precise(ratios: list[float], precision: float) -> bool:
+    """The median ratio is known within +-precision (relative, 95% confidence)."""
+    return median_ci_halfwidth(ratios) <= precision * statistics.median(ratios)
+
+
 def time_pair(
     a: Step,
     b: Step,
@@ -154,23 +175,34 @@ def time_pair(
     repeats: int,
     desc: str,
     clock: Clock = time.perf_counter,
+    max_repeats: int | None = None,
+    precision: float = 0.0,
 ) -> PairTiming:
-    """Warm up A and B (A B A B ...), then time `repeats` rounds of A then B."""
+    """Warm up A and B (A B A B ...), then time rounds of A and B: `repeats` of them, and more,
+    up to `max_repeats`, until the median per-round ratio A / B is known within +-precision."""
     for _ in range(warmup):
         a()
         b()
     synchronize(device)
     timer = _StepTimer(device, clock)
-    a_ms, b_ms = [], []
-    with gc_paused():
-        for i in tqdm(range(repeats), desc=desc, unit="round", leave=False, disable=None):
-            if i % 2 == 0:
+    a_ms: list[float] = []
+    b_ms: list[float] = []
+    ratios: list[float] = []
+    limit = max(repeats, max_repeats or repeats)
+    bar = tqdm(total=repeats, desc=desc, unit="round", leave=False, disable=None)
+    with gc_paused(), bar:
+        while len(ratios) < limit and (len(ratios) < repeats or not precise(ratios, precision)):
+            if len(ratios) % 2 == 0:
                 read_a, read_b = timer(a), timer(b)
             else:  # B first every other round: neither step always runs first in a round
                 read_b, read_a = timer(b), timer(a)
             synchronize(device)
             a_ms.append(read_a())
             b_ms.append(read_b())
+            ratios.append(ratio(a_ms[-1], b_ms[-1]))
+            if len(ratios) > bar.total:
+                bar.total = len(ratios) + 1  # extra rounds for precision
+            bar.update()
     return PairTiming(Timing(a_ms), Timing(b_ms))
 
 

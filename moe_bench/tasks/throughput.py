@@ -2,7 +2,8 @@
 
 The twin is a dense FFN with the same active expert FLOPs per token, on the same input. Per
 pass, after warm-up of both, each of `repeats` rounds times the layer then the twin
-(`moe_bench.timing.time_pair`), so load, clock and cache changes hit both alike.
+(`moe_bench.timing.time_pair`), so load, clock and cache changes hit both alike; more rounds,
+up to `task.max_repeats`, run until the median ratio is known within +-`task.precision` (95%).
 
 Rows per pass (`pass` column `fwd` or `fwd_bwd`), docs/contract.md section 5:
 - `fwd_ms` / `fwd_bwd_ms`: the layer's median step time; columns `iqr_ms`, `min_ms`, `max_ms`,
@@ -11,7 +12,8 @@ Rows per pass (`pass` column `fwd` or `fwd_bwd`), docs/contract.md section 5:
   `noisy` as the time's.
 - `ratio_to_dense`: the median over rounds of (layer time / twin time); columns `dense_ms`
   (the twin's median), `dense_iqr_ms`, the per-round ratios' `ratio_iqr`, `ratio_min`,
-  `ratio_max`, and `noisy` (of those ratios). Above 1 is what routing, dispatch and imbalance
+  `ratio_max`, `ratio_ci95` (half-width of the median's 95% confidence interval) and `noisy`
+  (of those ratios). Above 1 is what routing, dispatch and imbalance
   cost.
 Every row also carries `load_avg` (the 1-minute load average before the job's timing),
 `load_avg_after` (after that pass) and `threads` (torch's intra-op threads).
@@ -28,7 +30,7 @@ from moe_bench.config import Job, ThroughputConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, ffn_flops_per_token
 from moe_bench.results import Recorder, load_average
 from moe_bench.tasks import STEPS, build_dense, build_layer, random_input
-from moe_bench.timing import PairTiming, time_pair
+from moe_bench.timing import PairTiming, median_ci_halfwidth, time_pair
 
 TIME_METRICS = {"fwd": schema.FWD_MS, "fwd_bwd": schema.FWD_BWD_MS}
 
@@ -46,7 +48,8 @@ def log_pass(recorder: Recorder, job: Job, pass_: str, pair: PairTiming, **machi
     recorder.log(
         schema.RATIO_TO_DENSE, ratio.median_ms, dense_ms=pair.b.median_ms,
         dense_iqr_ms=pair.b.iqr_ms, ratio_iqr=ratio.iqr_ms, ratio_min=ratio.min_ms,
-        ratio_max=ratio.max_ms, repeats=len(ratio.samples_ms), noisy=ratio.noisy, **keys,
+        ratio_max=ratio.max_ms, ratio_ci95=median_ci_halfwidth(ratio.samples_ms),
+        repeats=len(ratio.samples_ms), noisy=ratio.noisy, **keys,
     )  # fmt: skip
 
 
@@ -56,7 +59,10 @@ def run(job: Job, recorder: Recorder) -> None:
     layer, dense, x = build_layer(job), build_dense(job), random_input(job)
     for pass_ in task.passes:
         step, twin = STEPS[pass_](layer, x), STEPS[pass_](dense, x)
-        pair = time_pair(step, twin, job.device, task.warmup, task.repeats, pass_)
+        pair = time_pair(
+            step, twin, job.device, task.warmup, task.repeats, pass_,
+            max_repeats=task.max_repeats, precision=task.precision,
+        )  # fmt: skip
         machine = {
             "load_avg": load_before,
             "load_avg_after": load_average(),

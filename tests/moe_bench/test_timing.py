@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from moe_bench import config, progress, results, schema
 from moe_bench.__main__ import execute
-from moe_bench.timing import NOISY_IQR, NOISY_MAX_MIN, Timing, time_pair
+from moe_bench.timing import NOISY_IQR, NOISY_MAX_MIN, Timing, median_ci_halfwidth, time_pair
 from tests.moe_bench.conftest import FAST, run_cli
 
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ class FakeClock:
     def step(self, name: str, ms: list[float], calls: list[str]):
         def run() -> None:
             calls.append(name)
-            self.now += ms.pop(0) / 1e3 if ms else 0.0
+            self.now += (ms.pop(0) if ms else 1.0) / 1e3
 
         return run
 
@@ -60,6 +60,18 @@ def test_ratio_is_the_median_of_per_round_ratios() -> None:
     assert pair.ratio.min_ms == pytest.approx(0.5) and pair.ratio.max_ms == pytest.approx(2.0)
 
 
+def test_more_rounds_until_the_median_ratio_is_precise() -> None:
+    clock, calls = FakeClock(), []
+    opts = {"warmup": 0, "repeats": 8, "desc": "t", "clock": clock, "max_repeats": 50,
+            "precision": 0.02}  # fmt: skip
+    steady = time_pair(clock.step("A", [], calls), clock.step("B", [], calls), CPU, **opts)
+    assert len(steady.ratio.samples_ms) == 8  # every ratio 1.0: precise at once
+    jumpy = [1.0, 3.0] * 100  # per-round ratios alternate between 1 and 3
+    wide = time_pair(clock.step("A", jumpy, calls), clock.step("B", [], calls), CPU, **opts)
+    assert len(wide.ratio.samples_ms) == 50  # never precise: stops at max_repeats
+    assert median_ci_halfwidth(list(range(30))) == 5.5  # order statistics 9 and 20
+
+
 def test_noisy_flag_thresholds() -> None:
     quiet = Timing([10.0, 10.0, 10.2, 10.4, 10.5])  # IQR 0.4 = 4% of the median
     assert not quiet.noisy and quiet.min_ms == 10.0 and quiet.max_ms == 10.5
@@ -84,7 +96,8 @@ def test_dense_timed_against_its_own_twin_gives_one(compose_cfg, tmp_path: Path)
 
 
 def test_throughput_rows_carry_spread_load_and_threads(compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg(*FAST, "task=throughput", "task.warmup=1", "task.repeats=5")
+    cfg = compose_cfg(*FAST, "task=throughput", "task.warmup=1", "task.repeats=5",
+                      "task.max_repeats=5")  # fmt: skip
     assert execute(cfg, tmp_path, "switch") == "ok"
     frame = results.load(tmp_path)
     timed = frame[frame.metric.isin(["fwd_ms", "fwd_bwd_ms"])]
