@@ -98,7 +98,7 @@ class ThroughputConfig(TaskConfig):
     repeats: int = 30  # timed rounds (layer and twin) at least; medians, IQR, ratios over them
     # more rounds, up to max_repeats, until the 95% confidence interval of the median ratio is
     # within +-precision of it (a loaded machine needs more rounds for the same certainty)
-    max_repeats: int = 200
+    max_repeats: int = 100
     precision: float = 0.02
     passes: list[str] = field(default_factory=lambda: list(PASSES))
 
