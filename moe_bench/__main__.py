@@ -1,10 +1,13 @@
 """`python -m moe_bench`: the Hydra application over `sweeps/` (docs/contract.md, sections 5-6).
 
-One job = one composed config: resolve and validate it, lock its directory, skip it if the
-directory already holds ok results of the same config (resume; `moe_bench.runner` says what a
-different config, a held lock or an unwritable folder do), run its task, write results.jsonl,
-env.json and job.json. A job that fails writes a `failed` row with its error; in a multirun
-the sweep goes on, a single run exits with status 1 (also when refused or busy).
+One job = one composed config: refuse it if it is GPU-sized and would run on a CPU
+(`config.gpu_sized`; `allow_cpu=true` overrides), announce it ('job i/N' in a multirun, and a
+warning when a parallel launcher times jobs at once), resolve and validate it, lock its
+directory, skip it if the directory already holds ok results of the same config (resume;
+`moe_bench.runner` says what a different config, a held lock or an unwritable folder do), run
+its task, write results.jsonl, env.json and job.json, and print one line with its key metrics.
+A job that fails writes a `failed` row with its error; in a multirun the sweep goes on, a
+single run exits with status 1 (also when refused or busy).
 Expected problems (bad values, impossible combinations, out of memory) print one line; anything
 else also logs its traceback to the job's log.
 """
@@ -19,15 +22,30 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from moe_bench import config, progress
 from moe_bench.runner import execute
 
 __all__ = ["execute", "main"]
+
+
+def announce(cfg: DictConfig, hc: DictConfig, label: str) -> None:
+    """Refuse a GPU-sized job on a CPU (exit 2); print 'job i/N' and any concurrency warning."""
+    refusal = config.gpu_sized(cfg)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        raise SystemExit(2)
+    if hc.mode == RunMode.MULTIRUN:
+        print(f"{progress.sweep_position(hc.job.num, hc.sweep.dir)}  {label}", flush=True)
+    warning = progress.concurrency_warning(cfg.task.name, hc.launcher)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path="../sweeps", config_name="config")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     label = " ".join(hc.overrides.task) or f"variant={cfg.variant.name} task={cfg.task.name}"
+    announce(cfg, hc, label)
     status = execute(cfg, Path(hc.runtime.output_dir), label)
     if status in ("failed", "refused", "busy") and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)

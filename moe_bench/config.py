@@ -95,12 +95,20 @@ class TaskConfig:
 class ThroughputConfig(TaskConfig):
     name: str = "throughput"
     warmup: int = 3  # untimed steps first: allocator, caches, lazy init
-    repeats: int = 10  # timed steps; median and IQR over them
+    repeats: int = 30  # timed rounds (layer and twin) at least; medians, IQR, ratios over them
+    # more rounds, up to max_repeats, until the 95% confidence interval of the median ratio is
+    # within +-precision of it (a loaded machine needs more rounds for the same certainty)
+    max_repeats: int = 100
+    precision: float = 0.02
     passes: list[str] = field(default_factory=lambda: list(PASSES))
 
     def __post_init__(self) -> None:
         check_int(self, "warmup", 0)
         check_int(self, "repeats", 1)
+        check_int(self, "max_repeats", 1)
+        check_number(self, "precision", minimum=0)
+        if self.max_repeats < self.repeats:
+            self.max_repeats = self.repeats  # repeats alone: a fixed number of rounds
         if not self.passes or any(p not in PASSES for p in self.passes):
             raise ValueError(
                 f"passes={list(self.passes)} must be a non-empty list of {', '.join(PASSES)}"
@@ -215,6 +223,7 @@ class RunConfig:
     backend: str = "loop"
     # resume: replace the rows of a job folder whose results came from another config
     overwrite: bool = False
+    allow_cpu: bool = False  # run a GPU-sized job on a CPU anyway (gpu_sized)
 
 
 def variant_schema(name: str) -> type:
@@ -251,6 +260,51 @@ def register() -> None:
         cs.store(group="schema/variant", name=name, node=variant_schema(name))
     for name, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=name, node=schema)
+
+
+# expert compute a CPU job may take (forward and backward FLOPs of the FFNs, layer and dense
+# twin): about three minutes of a 2-core CPU at ~30 GFLOP/s; more is a GPU-sized job
+CPU_TFLOP_BUDGET = 5.0
+
+
+def expert_tflop(cfg: DictConfig) -> float | None:
+    """Estimated expert FFN work of the job in TFLOP (from the model group: `active` dense FFNs
+    of width d_ff per token, SwiGLU, backward = 2 forwards); None for a task it does not know."""
+    m, t = cfg.model, cfg.task
+    per_token = m.active * 6 * m.d_model * m.d_ff
+    if t.name == "throughput":  # layer and twin, warm-up and repeats, 1 (fwd) or 3 (fwd_bwd)
+        passes = sum(1 if p == "fwd" else 3 for p in t.passes)
+        tokens = 2 * (t.warmup + t.repeats) * m.tokens * passes
+    elif t.name == "memory":
+        tokens = 2 * (t.warmup + t.repeats) * m.tokens * 3
+    elif t.name == "balance":  # two corpus domains and the skewed inputs
+        tokens = t.batches * 3 * m.tokens
+    elif t.name == "convergence":  # every block's FFN has the same active FLOPs
+        tokens = t.steps * t.batch_size * t.seq_len * t.n_layers * 3
+    else:
+        return None
+    return per_token * tokens / 1e12
+
+
+def gpu_sized(cfg: DictConfig) -> str | None:
+    """The one-line refusal of a job too big for the CPU it would run on (None: it fits).
+
+    `+experiment=paper_table`, `+experiment=convergence` and model=medium/large are GPU sizes;
+    `allow_cpu=true` runs them on a CPU anyway.
+    """
+    on_cpu = cfg.device.name == "cpu" or (
+        cfg.device.name == "auto" and not torch.cuda.is_available()
+    )
+    tflop = expert_tflop(cfg)
+    if cfg.allow_cpu or not on_cpu or tflop is None or tflop <= CPU_TFLOP_BUDGET:
+        return None
+    steps = ", fewer task.steps" if cfg.task.name == "convergence" else ""
+    return (
+        f"moe_bench: error: task={cfg.task.name} at model.d_model={cfg.model.d_model} is "
+        f"GPU-sized: ~{tflop:.0f} TFLOP of expert compute, more than a CPU job's "
+        f"{CPU_TFLOP_BUDGET:.0f}; run it on a GPU, scale it down (model=small{steps}), or "
+        "add allow_cpu=true to run it on this CPU anyway"
+    )
 
 
 GROUPS = ("variant", "task", "model", "device", "data")

@@ -8,7 +8,8 @@ Every job writes into its own directory:
   ends with one `job` row whose value is the job's wall time in seconds and whose status says
   how it ended; a failed job marks every row `failed` and carries the error text.
   Rows flushed while the job runs say `running`; `finish` stamps them all with the ending.
-- `env.json`: the machine and software the numbers came from.
+- `env.json`: the machine and software the numbers came from, and the machine's load average
+  before and after the job (`load_avg_before`, `load_avg_after`).
 - `job.json`: the job's state file: `running` (with PID, host, start time) until it ends `ok` or
   `failed`; the hash of the config the rows came from (`config_key`), that config, and the code
   version (git commit). Resume compares it with the config it is asked to run.
@@ -271,6 +272,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes); None where the OS keeps none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """The machine and software of this process (env.json)."""
     cuda = device.type == "cuda"
@@ -283,6 +292,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
+        "load_avg_before": load_average(),  # the job adds load_avg_after (update_env)
         "git_commit": git_commit(),
         "command": shlex.join(sys.orig_argv),
     }
@@ -290,6 +300,13 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def write_env(out_dir: str | Path, device: torch.device, **extra: Any) -> None:
     atomic_write(Path(out_dir) / ENV, json.dumps({**environment(device), **extra}, indent=2))
+
+
+def update_env(out_dir: str | Path, **fields: Any) -> None:
+    """Add fields to out_dir/env.json (e.g. load_avg_after once the job's work is done)."""
+    path = Path(out_dir) / ENV
+    env = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write(path, json.dumps({**env, **fields}, indent=2))
 
 
 def _job_files(sweep_dir: str | Path, name: str) -> tuple[Path, list[Path]]:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from moe_bench import config, locks, results
 from moe_bench.config import Job
+from moe_bench.progress import job_summary
 from moe_bench.tasks import get_task
 from variants.megablocks import Unavailable
 
@@ -158,8 +159,8 @@ def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
     else:
         recorder.finish("ok")
         status = "ok"
-        seconds = recorder.rows[-1]["value"]
-        say("ok", label, f"{len(recorder.rows)} rows in {seconds:.1f} s -> {out_dir}")
+        task = columns.get("task", "")
+        say("ok", label, f"{job_summary(task, recorder.rows)} -> {out_dir}")
     results.write_state(out_dir, status, key, started=started)
     return status
 
@@ -221,6 +222,7 @@ def _task_body(job: Job, out_dir: Path, label: str) -> Body:
             torch.set_num_threads(job.threads)
         results.write_env(out_dir, job.device, overrides=label)
         task(job, recorder)
+        results.update_env(out_dir, load_avg_after=results.load_average())
 
     return body
 

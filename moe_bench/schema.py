@@ -37,7 +37,8 @@ TOKENS_PER_S = Metric("tokens_per_s", "tok/s", "max", ("pass",), "tokens over me
 TFLOPS = Metric("tflops", "TFLOP/s", "max", ("pass",), "analytic FLOPs over median time")
 RATIO_TO_DENSE = Metric(
     "ratio_to_dense", "x", "min", ("pass",),
-    "layer time (or peak bytes) / that of a dense FFN with the same active FLOPs, same job",
+    "median per-round ratio of layer time (memory: peak bytes) to that of a dense FFN with the "
+    "same active FLOPs, timed interleaved in the same job",
 )  # fmt: skip
 PEAK_MEMORY_BYTES = Metric("peak_memory_bytes", "bytes", "min", ("pass",), "training-step peak")
 # routing statistics (moe_bench.metrics), per layer (and "mean") and per domain
@@ -102,6 +103,13 @@ METRICS: dict[str, Metric] = {
         SPEEDUP_VS_EP1,
     )
 }  # fmt: skip
+
+# extra columns of task=throughput rows (docs/contract.md §5): spread, noise flag, machine
+TIMING_COLUMNS = (
+    "iqr_ms", "min_ms", "max_ms", "repeats", "noisy",  # fwd_ms / fwd_bwd_ms (noisy: every row)
+    "dense_ms", "dense_iqr_ms", "ratio_iqr", "ratio_min", "ratio_max", "ratio_ci95",  # ratio
+    "load_avg", "load_avg_after", "threads",  # every throughput row
+)  # fmt: skip
 
 STATUSES = ("ok", "failed")  # how a finished job ended: the status its rows are stamped with
 # a row's status: `running` until its job finishes (flushed mid-run), then the job's ending

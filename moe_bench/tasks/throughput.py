@@ -1,41 +1,72 @@
-"""throughput: time one layer's forward, and forward+backward, against its dense twin.
+"""throughput: time one layer's forward, and forward+backward, interleaved with its dense twin.
 
-Rows per pass (`pass` column `fwd` or `fwd_bwd`): `fwd_ms` / `fwd_bwd_ms` (median over the
-timed repeats; columns `iqr_ms` and `repeats`), `tokens_per_s`, `tflops` (analytic FLOPs of
-`moe_bench.isocompute` over the median time) and `ratio_to_dense`: the layer's median time over
-that of a dense FFN with the same active expert FLOPs per token, timed in the same job on the
-same input (column `dense_ms`). A ratio above 1 is what routing, dispatch and imbalance cost.
+The twin is a dense FFN with the same active expert FLOPs per token, on the same input. Per
+pass, after warm-up of both, each of `repeats` rounds times the layer then the twin
+(`moe_bench.timing.time_pair`), so load, clock and cache changes hit both alike; more rounds,
+up to `task.max_repeats`, run until the median ratio is known within +-`task.precision` (95%).
+
+Rows per pass (`pass` column `fwd` or `fwd_bwd`), docs/contract.md section 5:
+- `fwd_ms` / `fwd_bwd_ms`: the layer's median step time; columns `iqr_ms`, `min_ms`, `max_ms`,
+  `repeats` and `noisy` (the spread passed `moe_bench.timing`'s threshold).
+- `tokens_per_s` and `tflops` (analytic FLOPs of `moe_bench.isocompute`) over that median;
+  `noisy` as the time's.
+- `ratio_to_dense`: the median over rounds of (layer time / twin time); columns `dense_ms`
+  (the twin's median), `dense_iqr_ms`, the per-round ratios' `ratio_iqr`, `ratio_min`,
+  `ratio_max`, `ratio_ci95` (half-width of the median's 95% confidence interval) and `noisy`
+  (of those ratios). Above 1 is what routing, dispatch and imbalance
+  cost.
+Every row also carries `load_avg` (the 1-minute load average before the job's timing),
+`load_avg_after` (after that pass) and `threads` (torch's intra-op threads).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from moe_bench import schema
 from moe_bench.config import Job, ThroughputConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, ffn_flops_per_token
-from moe_bench.results import Recorder
+from moe_bench.results import Recorder, load_average
 from moe_bench.tasks import STEPS, build_dense, build_layer, random_input
-from moe_bench.timing import time_steps
+from moe_bench.timing import PairTiming, median_ci_halfwidth, time_pair
 
 TIME_METRICS = {"fwd": schema.FWD_MS, "fwd_bwd": schema.FWD_BWD_MS}
 
 
+def log_pass(recorder: Recorder, job: Job, pass_: str, pair: PairTiming, **machine: Any) -> None:
+    """The four rows of one pass from its interleaved timing."""
+    moe, ratio = pair.a, pair.ratio
+    seconds = moe.median_ms / 1e3
+    keys = {"pass": pass_, **machine}
+    recorder.log(TIME_METRICS[pass_], moe.median_ms, **moe.spread(), **keys)
+    recorder.log(schema.TOKENS_PER_S, job.model.tokens / seconds, noisy=moe.noisy, **keys)
+    factor = 1 if pass_ == "fwd" else 1 + BACKWARD_FACTOR
+    flops = factor * ffn_flops_per_token(job.layer) * job.model.tokens
+    recorder.log(schema.TFLOPS, flops / seconds / 1e12, noisy=moe.noisy, **keys)
+    recorder.log(
+        schema.RATIO_TO_DENSE, ratio.median_ms, dense_ms=pair.b.median_ms,
+        dense_iqr_ms=pair.b.iqr_ms, ratio_iqr=ratio.iqr_ms, ratio_min=ratio.min_ms,
+        ratio_max=ratio.max_ms, ratio_ci95=median_ci_halfwidth(ratio.samples_ms),
+        repeats=len(ratio.samples_ms), noisy=ratio.noisy, **keys,
+    )  # fmt: skip
+
+
 def run(job: Job, recorder: Recorder) -> None:
     task: ThroughputConfig = job.task
+    load_before = load_average()
     layer, dense, x = build_layer(job), build_dense(job), random_input(job)
-    tokens = job.model.tokens
     for pass_ in task.passes:
-        factor = 1 if pass_ == "fwd" else 1 + BACKWARD_FACTOR
-        moe = time_steps(STEPS[pass_](layer, x), job.device, task.warmup, task.repeats, pass_)
-        ref = time_steps(STEPS[pass_](dense, x), job.device, task.warmup, task.repeats, "dense")
-        seconds = moe.median_ms / 1e3
-        keys = {"pass": pass_}
-        recorder.log(
-            TIME_METRICS[pass_], moe.median_ms, iqr_ms=moe.iqr_ms, repeats=task.repeats, **keys
-        )
-        recorder.log(schema.TOKENS_PER_S, tokens / seconds, **keys)
-        flops = factor * ffn_flops_per_token(job.layer) * tokens
-        recorder.log(schema.TFLOPS, flops / seconds / 1e12, **keys)
-        recorder.log(
-            schema.RATIO_TO_DENSE, moe.median_ms / ref.median_ms, dense_ms=ref.median_ms, **keys
-        )
+        step, twin = STEPS[pass_](layer, x), STEPS[pass_](dense, x)
+        pair = time_pair(
+            step, twin, job.device, task.warmup, task.repeats, pass_,
+            max_repeats=task.max_repeats, precision=task.precision,
+        )  # fmt: skip
+        machine = {
+            "load_avg": load_before,
+            "load_avg_after": load_average(),
+            "threads": torch.get_num_threads(),
+        }
+        log_pass(recorder, job, pass_, pair, **machine)
     recorder.flush()

@@ -166,7 +166,7 @@ def test_component_registry_says_what_each_is() -> None:
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["+unknown=1"], r"^unknown=1 is not a key of the config; allowed: backend, data"),
+        (["+unknown=1"], r"^unknown=1 is not a key of the config; allowed: allow_cpu, backend"),
         (["+foo.bar=1"], r"^foo.bar=1 is not a key of the config"),
         (["variant.top_k=0"], r"top_k=0 must be a whole number >= 1 and <= num_experts$"),
         (["variant.top_k=9"], r"top_k=9 must be 1 for switch \(top-1 routing\)$"),

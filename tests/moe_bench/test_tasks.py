@@ -40,8 +40,9 @@ def test_throughput_rows(compose_cfg, tmp_path: Path, variant: str) -> None:
         ms = value(frame, f"{p}_ms", **{"pass": p})
         assert ms > 0
         assert value(frame, "tokens_per_s", **{"pass": p}) == pytest.approx(tokens / ms * 1e3)
-        ratio = frame[(frame.metric == "ratio_to_dense") & (frame["pass"] == p)]
-        assert float(ratio.value.iloc[0]) == pytest.approx(ms / float(ratio.dense_ms.iloc[0]))
+        ratio = frame[(frame.metric == "ratio_to_dense") & (frame["pass"] == p)].iloc[0]
+        # the median of the per-round ratios (test_timing.py), within their range
+        assert ratio.ratio_min <= ratio.value <= ratio.ratio_max and ratio.dense_ms > 0
         assert value(frame, "tflops", **{"pass": p}) > 0
     assert frame.loc[frame.metric == "tokens_per_s", "unit"].unique().tolist() == ["tok/s"]
     assert (frame.params_total >= frame.params_active).all() and (frame.params_active > 0).all()
