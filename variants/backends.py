@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .dispatch import ExpertRows, GatherMM, WeightedMMScatter
+from .dispatch import (
+    FLOP_SECONDS,
+    GROUP_ROWS,
+    OP_SECONDS,
+    PADDED_BMM,
+    PATHS,
+    PER_EXPERT,
+    PER_EXPERT_OPS,
+    ExpertFFN,
+    ExpertRows,
+    GatherMM,
+    WeightedMMScatter,
+)
 from .experts import ExpertBank, ExpertWeights
 from .routing import Routing, rank_in_expert
 
@@ -40,6 +52,7 @@ def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor
         token_N = routing.token[mask_A]
         out_ND = bank.expert_ffn(e, x_TD[token_N]) * weight_A[mask_A, None]
         y_TD = y_TD.index_add(0, token_N, out_ND)
+    routing.dispatch_path = "loop"
     return y_TD
 
 
@@ -54,15 +67,71 @@ def sort_by_expert(routing: Routing) -> tuple[ExpertRows, torch.Tensor]:
     return rows, order_A
 
 
+def padded_rows_cheaper(counts: list[int], d_model: int, hidden: int, projections: int) -> bool:
+    """The measured rule of `dispatch_layout`: pad every expert to the largest load when the
+    GEMM work on the pad rows costs less than the per-expert dispatch it saves.
+
+    A pad row costs a real row's forward+backward FLOPs (3 GEMMs per projection); an expert on
+    the per-expert path costs `PER_EXPERT_OPS` ops of dispatch; the padded path runs
+    `ceil(E / per_group)` groups (constants and their measurement: `variants.dispatch`).
+    """
+    busy = sum(1 for n in counts if n)
+    if not busy:
+        return False
+    E, C = len(counts), max(counts)
+    pad_rows = E * C - sum(counts)
+    pad_seconds = pad_rows * 2 * d_model * hidden * projections * 3 * FLOP_SECONDS
+    per_group = max(1, GROUP_ROWS // C)
+    saved_ops = (busy - -(-E // per_group)) * PER_EXPERT_OPS
+    return pad_seconds < saved_ops * OP_SECONDS
+
+
+def dispatch_layout(
+    routing: Routing, weight_A: torch.Tensor, bank: ExpertBank, path: str | None = None
+) -> tuple[ExpertRows, torch.Tensor]:
+    """(rows, weight_R): the dispatch layout of `routing` and the combine weight of each row.
+
+    `path` forces "per_expert" or "padded_bmm"; None chooses by `padded_rows_cheaper`. The
+    sort, the counts (one `.tolist()`) and the gathers run once per call.
+    """
+    counts = routing.load.tolist()
+    if path is None:
+        projections = 2 if bank.w3 is None else 3
+        cheaper = padded_rows_cheaper(counts, bank.d_model, bank.hidden, projections)
+        path = PADDED_BMM if cheaper else PER_EXPERT
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not one of {PATHS}")
+    order_A = torch.argsort(routing.expert, stable=True)
+    token_A, weight_A = routing.token[order_A], weight_A[order_A]
+    A, E = token_A.numel(), len(counts)
+    if path == PER_EXPERT or not A:
+        return ExpertRows.from_counts(token_A, counts, routing.num_tokens), weight_A
+    C = max(counts)
+    expert_A = routing.expert[order_A]
+    start_E = torch.cumsum(routing.load, 0) - routing.load
+    slot_A = expert_A * C + (torch.arange(A, device=token_A.device) - start_E[expert_A])
+    # pad rows: token 0, weight 0 (they add exact zeros to y and every gradient)
+    token_R = token_A.new_zeros(E * C).index_put_((slot_A,), token_A)
+    weight_R = weight_A.new_zeros(E * C).index_put((slot_A,), weight_A)
+    return ExpertRows.padded(token_R, E, C, routing.num_tokens), weight_R
+
+
 def grouped(
-    x_TD: torch.Tensor, routing: Routing, bank: ExpertBank, use_grouped_mm: bool | None = None
+    x_TD: torch.Tensor,
+    routing: Routing,
+    bank: ExpertBank,
+    use_grouped_mm: bool | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
-    """Dropless: assignments sorted by expert, one GEMM per expert and projection.
+    """Dropless: assignments grouped by expert, GEMMs per expert (or per group of experts).
 
     On CUDA (with 16-byte aligned rows) one `grouped_mm` kernel per projection; elsewhere
-    per-expert GEMMs on row slices with no [A, D] copies (`variants.dispatch` has the CPU
-    profile behind it: `grouped_mm` loops over experts on CPU anyway). `use_grouped_mm`
-    forces the choice (tests check both paths on CPU).
+    GEMMs on row slices with no [A, D] copies (`variants.dispatch` has the CPU profile behind
+    it), either one `mm` per expert or, when `padded_rows_cheaper` says so, one `bmm` per
+    group of experts padded to the largest load. `use_grouped_mm` and `path` force the choice
+    (tests check every path on CPU). The path that ran is recorded in `routing.dispatch_path`
+    ("grouped_mm", "per_expert" or "padded_bmm"), which the layer returns in
+    `MoEOutput.routing`.
 
     Every GEMM runs in one dtype: autocast's where it is on (it does not reach into the
     custom autograd Functions), else the input's.
@@ -70,18 +139,25 @@ def grouped(
     device, out_dtype = x_TD.device.type, x_TD.dtype
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out_dtype
     if use_grouped_mm is None:
-        use_grouped_mm = x_TD.is_cuda and _aligned(dtype, bank)
+        use_grouped_mm = path is None and x_TD.is_cuda and _aligned(dtype, bank)
     with torch.autocast(device, enabled=False):
         x_TD, weights = x_TD.to(dtype), bank.weights(dtype)
         weight_A = routing.weight.to(dtype)
         if use_grouped_mm:
             y_TD = _grouped_mm(x_TD, routing, weight_A, weights, bank.act)
+            routing.dispatch_path = "grouped_mm"
+            return y_TD.to(out_dtype)
+        rows, weight_R = dispatch_layout(routing, weight_A, bank, path)
+        routing.dispatch_path = rows.path
+        if rows.path == PADDED_BMM:
+            y_TD = ExpertFFN.apply(
+                x_TD, weight_R, rows, bank.activation, weights.w1, weights.w2, weights.w3
+            )
         else:
-            rows, order_A = sort_by_expert(routing)
             w_in = (weights.w1,) if weights.w3 is None else (weights.w1, weights.w3)
-            h_AH = GatherMM.apply(x_TD, rows, *w_in)
-            act_AH = bank.act(h_AH[0], h_AH[1] if weights.w3 is not None else None)
-            y_TD = WeightedMMScatter.apply(act_AH, weight_A[order_A], weights.w2, rows)
+            h_RH = GatherMM.apply(x_TD, rows, *w_in)
+            act_RH = bank.act(h_RH[0], h_RH[1] if weights.w3 is not None else None)
+            y_TD = WeightedMMScatter.apply(act_RH, weight_R, weights.w2, rows)
     return y_TD.to(out_dtype)  # like loop and padded: the input's dtype
 
 
@@ -133,6 +209,7 @@ def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tens
     h3 = torch.bmm(buf_ECD, bank.w3) if bank.w3 is not None else None
     out_ECD = torch.bmm(bank.act(torch.bmm(buf_ECD, bank.w1), h3), bank.w2)
     out_AD = out_ECD.view(E * C, D)[slot_A] * routing.weight[:, None].to(x_TD.dtype)
+    routing.dispatch_path = "padded"
     return _combine(x_TD, routing.token, out_AD)
 
 

@@ -24,7 +24,8 @@ class Routing:
     """Kept assignments and router statistics of one forward (docs/contract.md §2).
 
     `capacity` is the per-expert buffer size the routing respected (None when dropless);
-    the `padded` backend sizes its buffers from it.
+    the `padded` backend sizes its buffers from it. `dispatch_path` is written by the backend:
+    a runner reads it as `MoEOutput.routing.dispatch_path` to say in its rows which path ran.
     """
 
     token: torch.Tensor  # [A] long
@@ -36,6 +37,9 @@ class Routing:
     load: torch.Tensor  # [E] long, kept per expert
     num_tokens: int
     capacity: int | None = None
+    # which expert-compute path ran on this routing, set by the backend ("loop", "padded",
+    # "grouped_mm", "per_expert", "padded_bmm"); None until a backend has run
+    dispatch_path: str | None = None
 
     @property
     def num_experts(self) -> int:

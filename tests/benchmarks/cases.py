@@ -6,6 +6,11 @@ token, A = T*K assignments.
 The sizes are the two shapes issue 7 sets goals for (T=4096, D=512, float32, 2 threads):
 - `fine`: DeepSeekMoE-like fine-grained experts, E=64, H=128, K=8 (dense reference: width 1024).
 - `coarse`: Mixtral-like, E=8, H=1024, K=2 (dense reference: width 2048).
+and the quick sweep's size (issue 18): `quick`, T=2048, D=128, E=64, H=32, K=8, 1 shared expert
+(dense reference: width 288), where per-expert dispatch overhead, not GEMM FLOPs, dominates.
+The HF transformers peer (`hf_grouped_mm`) runs only where transformers is installed (an
+optional dev dependency); elsewhere it is skipped with the reason, and `hf_style` (HF's
+DeepseekMoE training path re-implemented here) stands in.
 The dense reference of each size is the FFN with the same active expert FLOPs
 (`moe_bench.isocompute.dense_reference`).
 """
@@ -30,7 +35,17 @@ NUM_THREADS = 2  # the CI machine's cores; the goals are stated for 2 threads
 SIZES: dict[str, dict[str, int]] = {
     "fine": {"num_experts": 64, "expert_hidden": 128, "top_k": 8},
     "coarse": {"num_experts": 8, "expert_hidden": 1024, "top_k": 2},
+    "quick": {"num_experts": 64, "expert_hidden": 32, "top_k": 8, "num_shared_experts": 1},
 }
+# (tokens, model width) of a size where not the default
+SHAPES: dict[str, tuple[int, int]] = {"quick": (2048, 128)}
+
+
+def shape(size: str) -> tuple[int, int]:
+    """(T, D) of a size."""
+    return SHAPES.get(size, (NUM_TOKENS, D_MODEL))
+
+
 # `padded` needs capacity buffers; 1.25 is Switch's default (some assignments drop).
 PADDED_CAPACITY_FACTOR = 1.25
 HF_STYLE = "hf_style"  # the fake backend below, benchmarked next to the real ones
@@ -54,6 +69,8 @@ def _cases() -> list[Case]:
         out.append(Case(size, "dense", "dense"))
         for backend in ("grouped", "loop", HF_STYLE, "padded"):
             out.append(Case(size, "deepseek_moe", backend))
+        if size == "quick":  # the quick sweep's fine-grained layer only
+            continue
         # mixtral is dropless only: no padded; its HF path is not the repeat_interleave one
         out.extend(Case(size, "mixtral", b) for b in ("grouped", "loop"))
     return out
@@ -82,7 +99,7 @@ def hf_style(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Te
 
 def moe_fields(case: Case) -> dict[str, Any]:
     size = SIZES[case.size]
-    fields: dict[str, Any] = {"d_model": D_MODEL, **size, "num_shared_experts": 0}
+    fields: dict[str, Any] = {"d_model": shape(case.size)[1], "num_shared_experts": 0, **size}
     if case.variant == "mixtral":
         fields.pop("num_shared_experts")
     if case.backend == "padded":
@@ -103,11 +120,12 @@ def build_layer(case: Case) -> nn.Module:
     return layer.train()
 
 
-def make_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_TD leaf that wants a gradient, fixed upstream gradient of y)."""
+def make_inputs(size: str = "fine") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_TD leaf that wants a gradient, fixed upstream gradient of y) of a size."""
+    T, D = shape(size)
     g = torch.Generator().manual_seed(1)
-    x_TD = torch.randn(NUM_TOKENS, D_MODEL, generator=g).requires_grad_()
-    return x_TD, torch.randn(NUM_TOKENS, D_MODEL, generator=g)
+    x_TD = torch.randn(T, D, generator=g).requires_grad_()
+    return x_TD, torch.randn(T, D, generator=g)
 
 
 def training_step(

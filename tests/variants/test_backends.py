@@ -19,8 +19,10 @@ from variants.experts import ExpertBank
 from .helpers import hand_routing
 
 FAST = [b for b in BACKENDS if b not in ("loop", "megablocks")]
-# the CUDA path of `grouped`, checked here on CPU (grouped_mm runs there too)
-IMPLEMENTATIONS = {**BACKENDS, "grouped_mm": partial(grouped, use_grouped_mm=True)}
+# the CUDA path of `grouped`, checked here on CPU (grouped_mm runs there too), and each of its
+# CPU paths forced (the rule picks one per call)
+PATHS = {f"grouped_{p}": partial(grouped, path=p) for p in ("per_expert", "padded_bmm")}
+IMPLEMENTATIONS = {**BACKENDS, "grouped_mm": partial(grouped, use_grouped_mm=True), **PATHS}
 T, E, D, H = 12, 4, 16, 24
 
 
@@ -57,13 +59,19 @@ def _run(backend: str, bank: ExpertBank, x_TD: torch.Tensor, spec: dict):
     return y_TD.detach(), grads
 
 
-@pytest.mark.parametrize("backend", [*FAST, "grouped_mm"])
+@pytest.mark.parametrize("backend", [*FAST, "grouped_mm", *PATHS, "grouped_padded_bmm_groups"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("case", list(_routings()))
-def test_backend_matches_loop_on_hand_routings(backend: str, activation: str, case: str) -> None:
+def test_backend_matches_loop_on_hand_routings(
+    backend: str, activation: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = _routings()[case]
+    if backend == "grouped_padded_bmm_groups":  # bmm groups of 3 experts: [0, 3), [3, 4)
+        largest = max(spec["expert"].count(e) for e in range(E)) if spec["expert"] else 1
+        monkeypatch.setattr("variants.dispatch.GROUP_ROWS", 3 * largest)
+        backend = "grouped_padded_bmm"
     bank = ExpertBank(E, D, H, activation)
     x_TD = torch.randn(T, D)
-    spec = _routings()[case]
     y_ref, g_ref = _run("loop", bank, x_TD, spec)
     y, g = _run(backend, bank, x_TD, spec)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -165,3 +173,13 @@ def test_backends_run_under_bf16_autocast(backend: str) -> None:
     assert y.dtype == y_ref.dtype == x.dtype
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
     assert all(p.grad is not None for p in other.experts.parameters())
+
+
+@pytest.mark.parametrize("path", ["per_expert", "padded_bmm", None])
+def test_grouped_records_the_path_that_ran(path: str | None) -> None:
+    bank = ExpertBank(E, D, H, "swiglu")
+    routing = hand_routing(**_routings()["random_top2"], num_tokens=T, num_experts=E)
+    grouped(torch.randn(T, D), routing, bank, path=path)
+    assert routing.dispatch_path in ("per_expert", "padded_bmm")
+    if path is not None:
+        assert routing.dispatch_path == path
