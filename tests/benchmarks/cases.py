@@ -41,9 +41,16 @@ SIZES: dict[str, dict[str, int]] = {
 SHAPES: dict[str, tuple[int, int]] = {"quick": (2048, 128)}
 
 
+# the default test run (benchmarks disabled) runs every case once as a smoke test on this many
+# tokens: same layers, a fraction of the work; the benchmark run times the full sizes
+SMOKE_TOKENS = 256
+SMOKE = {"on": False}  # set by conftest.py when benchmarks are disabled
+
+
 def shape(size: str) -> tuple[int, int]:
-    """(T, D) of a size."""
-    return SHAPES.get(size, (NUM_TOKENS, D_MODEL))
+    """(T, D) of a size (T = SMOKE_TOKENS in the default, non-benchmark test run)."""
+    T, D = SHAPES.get(size, (NUM_TOKENS, D_MODEL))
+    return (min(T, SMOKE_TOKENS) if SMOKE["on"] else T), D
 
 
 # `padded` needs capacity buffers; 1.25 is Switch's default (some assignments drop).

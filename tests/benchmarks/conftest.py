@@ -7,7 +7,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from . import cases
 from .cases import NUM_THREADS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Benchmarks disabled (the default run): smoke-run the cases at SMOKE_TOKENS tokens."""
+    disabled = config.getoption("benchmark_disable", False)
+    cases.SMOKE["on"] = bool(disabled and not config.getoption("benchmark_enable", False))
 
 
 @pytest.fixture

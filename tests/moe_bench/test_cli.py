@@ -27,6 +27,7 @@ memory.run = run
 """
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_multirun_goes_on_past_failures_and_resumes(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = [
@@ -70,6 +71,7 @@ def installed(module: str) -> bool:
     not installed("hydra_plugins.hydra_joblib_launcher"),
     reason="hydra-joblib-launcher not installed (pip install -e .[launchers])",
 )
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_joblib_launcher_runs_jobs_in_parallel(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = [
@@ -135,6 +137,7 @@ def test_check_writable(tmp_path: Path, capsys) -> None:
         ),
     ],
 )
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_wrong_input_gets_one_clear_message(tmp_path: Path, args, code, message) -> None:
     proc = run_cli([*args, "model=tiny", f"hydra.run.dir={tmp_path / 'out'}"][::-1], tmp_path)
     assert proc.returncode == code

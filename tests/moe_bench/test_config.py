@@ -135,6 +135,7 @@ def test_convergence_schema_is_ready(tmp_path: Path) -> None:
         ConvergenceConfig(steps=0)
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_configs_compose_and_run_from_python_without_the_cli(tmp_path: Path) -> None:
     """A script or notebook: `import moe_bench` is enough, no __main__, no register() call."""
     code = (

@@ -51,6 +51,7 @@ def v2_job(tmp_path_factory) -> tuple[str, pd.DataFrame]:
     return _ep_job(compose_cfg, out, *V2, "task.ep_size=2", "task.steps=3")
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_job_runs_on_two_gloo_ranks_and_rank0_writes_every_metric(v2_job) -> None:
     status, frame = v2_job
     assert status == "ok" and set(frame.status) == {"ok"}, frame.error.dropna().tolist()
@@ -99,6 +100,7 @@ def _rank_1_fails(rank: int, world: int, spec) -> dict | None:
     return ep_task.rank_main(rank, world, spec)
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_failing_rank_fails_the_job_with_its_message(
     compose_cfg, tmp_path: Path, monkeypatch
 ) -> None:

@@ -93,6 +93,7 @@ def start_cli(args: list[str], cwd: Path, prelude: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_sigkill_leaves_an_incomplete_job_that_resume_reruns(tmp_path: Path) -> None:
     out = tmp_path / "job"
     args = [*JOB, f"hydra.run.dir={out}"]
@@ -153,6 +154,7 @@ def test_a_sweep_folder_run_with_other_overrides_is_refused_first(tmp_path: Path
     check_same_sweep(sweep_config(tmp_path, "variant=a,b", "seed=1", overwrite=True))
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_cli_resume_with_another_seed_is_refused_before_hydra_rewrites(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", *JOB, f"hydra.sweep.dir={sweep}", "~hydra.callbacks.report"]
@@ -290,6 +292,7 @@ def test_a_helper_rank_writes_apart_and_leaves_the_folder_to_rank_0(
     assert problems == [] and results.ending(rows) == "ok"
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_a_second_multirun_on_a_held_sweep_folder_exits(tmp_path: Path, hold) -> None:
     sweep = tmp_path / "sweep"
     other = hold(sweep)
@@ -352,6 +355,7 @@ def read_only(folder: Path) -> Callable[[], None]:
     return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_allocation_failure_then_read_only_job_folder(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "variant=dense,switch", *JOB[1:], f"hydra.sweep.dir={sweep}"]

@@ -401,6 +401,7 @@ def test_param_counts_match_an_equal_shaped_variant(activation: str, shared: int
     )
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_runner_records_the_peer_as_a_failed_row_without_cuda(tmp_path) -> None:
     if torch.cuda.is_available():
         pytest.skip("checks the CPU failure row")

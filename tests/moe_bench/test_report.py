@@ -143,6 +143,7 @@ def test_not_a_sweep_is_one_clear_error(tmp_path: Path, make, capsys) -> None:
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_command_line_prints_the_report_path(tmp_path: Path) -> None:
     sweep = fx.write_sweep(tmp_path, [fx.memory_job("dense"), fx.memory_job("switch")])
     done = subprocess.run(
@@ -253,7 +254,7 @@ def test_committed_example_opens_in_headless_chromium(tmp_path: Path) -> None:
     assert_opens_cleanly(example, tmp_path / "profile")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_real_multirun_ends_with_a_report_that_opens(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     command = [

@@ -167,6 +167,7 @@ def test_cpu_sizes_are_not_refused(compose_cfg) -> None:
         assert config.gpu_sized(compose_cfg("model=small", "device=cpu", f"task={task}")) is None
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_cli_refuses_a_gpu_preset_on_cpu_in_one_line(tmp_path: Path) -> None:
     done = run_cli(["model=medium", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert done.returncode == 2
@@ -174,6 +175,7 @@ def test_cli_refuses_a_gpu_preset_on_cpu_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / results.RESULTS).exists()
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_multirun_prints_job_i_of_n_and_a_line_per_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "variant=dense,switch", "task=balance", "task.batches=1", "model=tiny",

@@ -245,11 +245,13 @@ def test_rank_receiving_nothing(two_ranks: list[dict]) -> None:
         assert [r["received"][backend] for r in two_ranks] == [[2 * B * S, 0]] * 2
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_four_ranks_equal_single_process() -> None:
     cases = _cases(train_v3=True)
     assert spawn_ranks(_parity_worker, 4, args=(cases,), timeout_s=180) == [len(cases)] * 4
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_failing_rank_ends_job_with_its_error() -> None:
     start = time.monotonic()
     with pytest.raises(RankFailed, match="rank broke on purpose"):
@@ -274,6 +276,7 @@ def test_refuses_what_it_cannot_shard() -> None:
         spawn_ranks(_failing_worker, 0)
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_collective_times_out_instead_of_hanging() -> None:
     start = time.monotonic()
     with pytest.raises(RankFailed, match=r"(?is)rank 0 failed.*timed out"):
@@ -292,6 +295,7 @@ def test_init_from_env_needs_the_launcher_variables(monkeypatch: pytest.MonkeyPa
         init_from_env("gloo")
 
 
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_init_from_env_joins_slurm_style_ranks() -> None:
     """A one-rank job started the way Slurm starts one (SLURM_* and MASTER_* only)."""
     with socket.socket() as s:
