@@ -25,7 +25,7 @@ HEALTHY_S = {
     ("coarse", "mixtral", "grouped"): 0.220,
     ("quick", "dense", "dense"): 0.010,
     ("quick", "deepseek_moe", "grouped"): 0.016,
-    ("quick", "deepseek_moe", "hf_style"): 0.050,
+    ("quick", "deepseek_moe", "hf_style"): 0.100,
 }
 HEALTHY_BYTES = {
     ("fine", "dense", "dense"): 100e6,
