@@ -197,6 +197,10 @@ class Router(nn.Module):
         # nn.Linear's default init: centroids of norm ~1 at any width.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
+    def centroid(self, expert: int) -> torch.Tensor:
+        """[D]: the input-space direction that raises `expert`'s logit most (its centroid)."""
+        return self.weight[expert]
+
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # autocast would recast this matmul to bf16: the router keeps its own dtype
         with torch.autocast(x_TD.device.type, enabled=False):

@@ -79,6 +79,11 @@ class XMoERouter(Router):
         nn.init.orthogonal_(self.weight, gain=0.32)
         self.temperature = nn.Parameter(torch.tensor(float(cfg.init_temperature)))
 
+    def centroid(self, expert: int) -> torch.Tensor:
+        """[D]: scores are cosines in the projected space, so the input direction that raises
+        `expert`'s most is its embedding brought back through the projection, proj^T e."""
+        return self.proj.T @ self.weight[expert]
+
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x_TD.device.type, enabled=False):
             h_TR = x_TD.to(self.dtype) @ self.proj.to(self.dtype).T

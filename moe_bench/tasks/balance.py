@@ -65,7 +65,7 @@ def skewed_batches(job: Job, centroid_D: torch.Tensor | None) -> list[torch.Tens
 
 def run(job: Job, recorder: Recorder) -> None:
     layer = build_layer(job).eval()
-    centroid_D = None if job.component.is_dense else layer.router.weight[0]
+    centroid_D = None if job.component.is_dense else layer.router.centroid(0)
     inputs = {**text_batches(job), "skewed": skewed_batches(job, centroid_D)}
     with torch.no_grad():
         for domain, batches in inputs.items():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moe_bench.tasks.throughput
+import variants
 from moe_bench import results, tasks
 from moe_bench.__main__ import execute
 from moe_bench.timing import LiveTensorBytes, Timing, time_steps
@@ -159,3 +160,15 @@ def test_cuda_tasks(compose_cfg, tmp_path: Path, task: str) -> None:
     if task == "memory":
         row = frame[frame.metric == "peak_memory_bytes"].iloc[0]
         assert row.value > row.resident_bytes and row.spread <= 0.05
+
+
+@pytest.mark.parametrize("variant", sorted(set(variants.names()) - {"dense"}))
+def test_balance_task_runs_for_every_routed_variant(compose_cfg, tmp_path, variant) -> None:
+    """The skewed inputs lean toward expert 0's centroid in input space, which each router
+    gives (`Router.centroid`; X-MoE's lives in its projected space)."""
+    status, frame = run_job(
+        compose_cfg, tmp_path, "task=balance", f"variant={variant}", "task.batches=1"
+    )
+    assert status == "ok", frame.error.dropna().unique()
+    skewed = frame[(frame.metric == "max_vio_global") & (frame.domain == "skewed")]
+    assert len(skewed) == 1
