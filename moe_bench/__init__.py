@@ -27,15 +27,16 @@ if TYPE_CHECKING:
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 
 
-def compose(*overrides: str) -> DictConfig:
-    """The config `python -m moe_bench OVERRIDES` would run (Hydra's compose API over sweeps/)."""
+def compose(*overrides: str, hydra: bool = False) -> DictConfig:
+    """The config `python -m moe_bench OVERRIDES` would run (Hydra's compose API over sweeps/);
+    `hydra=True` keeps the `hydra` node too (sweeper params, launcher)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from moe_bench import config  # noqa: F401  (importing it registers the schemas)
 
     with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def run_job(job: Job, out_dir: str | Path) -> str:

@@ -137,12 +137,6 @@ class MoEConfig:
             k, why = cls.fixed_top_k
             raise ValueError(f"top_k={top_k} must be {k} {why}")
 
-    def experts_per_token(self) -> float:
-        """Expert FFNs of width expert_hidden a token passes through on average: routed top_k
-        plus shared. Expert choice records its average (capacity_factor) as top_k; a variable-k
-        variant overrides this with its measured or target mean."""
-        return self.top_k + self.num_shared_experts
-
     def active_width(self) -> float:
         """Hidden units a token activates: the width of the dense FFN of equal active FLOPs
         (routed top_k experts of expert_hidden, shared experts of shared_width)."""

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import moe_bench.config  # noqa: F401  (importing it registers the schemas, as for any user)
+import moe_bench
 
-SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+SWEEPS = moe_bench.SWEEPS
 # tiny sizes on one thread (tiny ops gain nothing from two, and spin-waiting threads on a
 # busy CI machine cost seconds): every test job runs in well under a second of compute
 FAST = ["model=tiny", "device=cpu", "device.threads=1"]
@@ -32,12 +31,7 @@ def _restore_threads():
 @pytest.fixture
 def compose_cfg() -> Callable[..., DictConfig]:
     """compose_cfg(*overrides, hydra=False) -> the composed config, as the CLI would build it."""
-
-    def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
-        with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
-
-    return _compose
+    return moe_bench.compose
 
 
 ROOT = SWEEPS.parent

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
+import moe_bench
 import moe_bench.tasks.expert_parallel as ep_task
 from moe_bench import results
 from moe_bench.__main__ import execute
 from moe_bench.config import resolve
-from tests.moe_bench.conftest import FAST, SWEEPS
+from tests.moe_bench.conftest import FAST
 
 T, K = 256, 3  # model=tiny: 4 sequences of 64 tokens, 2 per rank
 V2 = [
@@ -43,12 +43,8 @@ def _rows(frame: pd.DataFrame, metric: str, **where) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def v2_job(tmp_path_factory) -> tuple[str, pd.DataFrame]:
-    def compose_cfg(*overrides: str):
-        with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
-
     out = tmp_path_factory.mktemp("ep_v2")
-    return _ep_job(compose_cfg, out, *V2, "task.ep_size=2", "task.steps=3")
+    return _ep_job(moe_bench.compose, out, *V2, "task.ep_size=2", "task.steps=3")
 
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run

@@ -92,7 +92,7 @@ def test_flops_match_dense_reference(activation: str) -> None:
     )  # fmt: skip
     dense = variants.make_config("dense", **dense_reference(cfg))
     router = 2 * 16 * 15
-    assert dense.d_ff == 8 * cfg.experts_per_token() == 32
+    assert dense.d_ff == 8 * (3 + 1) == 32  # expert_hidden x (top_k + shared)
     assert ffn_flops_per_token(cfg) - router == ffn_flops_per_token(dense)
     mats = 3 if activation == "swiglu" else 2
     assert ffn_flops_per_token(dense) == 2 * mats * 16 * 32
