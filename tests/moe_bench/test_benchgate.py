@@ -1,7 +1,8 @@
 """The benchmark gate on synthetic pytest-benchmark JSON: ratios within one run decide.
 
 The key check: a planted 2x slowdown of `grouped` (its times doubled in the JSON, the code
-untouched) must fail the gate, while the same run without it passes.
+untouched) must fail the gate, while the same run without it passes. Time rules read the
+interleaved entries (`test_gated_ratio`), built here from the same per-case seconds.
 """
 
 from __future__ import annotations
@@ -37,9 +38,38 @@ HEALTHY_BYTES = {
 }
 
 
-def fake_bench_json(seconds: dict, peak_bytes: dict, noise: float = 1.0) -> dict:
-    """The fields of a `--benchmark-json` file the gate reads (median = min * noise)."""
+def interleaved_entry(rule: Rule, fastest: float, median: float) -> dict:
+    """A `test_gated_ratio` entry of a `--benchmark-json` file (the fields the gate reads)."""
+    return {
+        "group": "gated ratios",
+        "name": f"test_gated_ratio[{rule.name}]",
+        "params": {"rule": rule.name},
+        "stats": {"min": 1.0, "median": 1.0, "mean": 1.0},
+        "extra_info": {
+            "fastest_ratio": fastest,
+            "interleaved_ratio": median,
+            "ratio_ci_halfwidth": 0.01,
+            "rounds": 7,
+        },
+    }
+
+
+def fake_bench_json(
+    seconds: dict, peak_bytes: dict, noise: float = 1.0, interleaved: dict | None = None
+) -> dict:
+    """The fields of a `--benchmark-json` file the gate reads (median = min * noise). Each time
+    rule's interleaved ratio is its cases' seconds ratio unless `interleaved` (rule name ->
+    ratio) says otherwise; a rule whose case is missing has none."""
     benchmarks = []
+    for rule in RULES:
+        num, den = (
+            seconds.get((rule.size, *rule.numerator)),
+            seconds.get((rule.size, *rule.denominator)),
+        )
+        if rule.metric != "time" or num is None or den is None:
+            continue
+        value = (interleaved or {}).get(rule.name, num / den)
+        benchmarks.append(interleaved_entry(rule, value, value * noise))
     for (size, variant, backend), s in seconds.items():
         extra = {}
         if (size, variant, backend) in peak_bytes:
@@ -121,19 +151,51 @@ def test_missing_case_fails(tmp_path: Path) -> None:
     seconds = {k: v for k, v in HEALTHY_S.items() if k != ("fine", "deepseek_moe", "hf_style")}
     run = load_run(write(tmp_path, "run.json", fake_bench_json(seconds, HEALTHY_BYTES)))
     assert failures(run) == [
-        "fine time: deepseek_moe/hf_style vs deepseek_moe/grouped: case missing from the run"
+        "fine time: deepseek_moe/hf_style vs deepseek_moe/grouped: interleaved timing missing "
+        "from the run"
     ]
 
 
-def test_stat_choice_reads_that_statistic(tmp_path: Path) -> None:
-    """Medians inflated 2x only for grouped: min passes, median fails."""
+def test_time_rules_read_the_interleaved_ratio_not_separate_cases(tmp_path: Path) -> None:
+    """Separate-case times 2x slow for grouped (a load spike while it ran alone) with a healthy
+    interleaved ratio pass; a slow interleaved ratio with healthy separate times fails."""
+    healthy = {
+        r.name: ratio(load_run(write(tmp_path, "h.json", fake_bench_json(HEALTHY_S, {}))), r)
+        for r in RULES
+        if r.metric == "time"
+    }
+    spiked = fake_bench_json(slowed(HEALTHY_S, "grouped", 2.0), HEALTHY_BYTES, interleaved=healthy)
+    assert failures(load_run(write(tmp_path, "spiked.json", spiked))) == []
+    fine = "fine time: deepseek_moe/grouped vs dense/dense"
+    slow = fake_bench_json(HEALTHY_S, HEALTHY_BYTES, interleaved={fine: 1.6})
+    assert failures(load_run(write(tmp_path, "slow.json", slow))) == [
+        f"{fine}: 1.60, must be <= 1.5"
+    ]
+
+
+def test_gate_reads_fastest_rounds_and_shows_the_median(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Fastest-round ratio inside the limit, median per-round ratio (noise) outside: passes,
+    and the table prints both."""
+    path = write(tmp_path, "run.json", fake_bench_json(HEALTHY_S, HEALTHY_BYTES, noise=1.5))
+    run = load_run(path)
+    fine = next(r for r in RULES if r.name == "fine time: deepseek_moe/grouped vs dense/dense")
+    assert run.interleaved[fine.name].median == pytest.approx(1.3 * 1.5)
+    assert failures(run) == []
+    assert main([str(path), "--baseline", str(tmp_path / "none.json")]) == 0
+    assert "1.95 +-0.01 (7)" in capsys.readouterr().out
+
+
+def test_baseline_without_interleaved_entries_shows_sequential_ratios(tmp_path: Path) -> None:
+    """A baseline recorded before interleaving: its time ratios come from the separate cases,
+    shown beside the run (never gated)."""
     data = fake_bench_json(HEALTHY_S, HEALTHY_BYTES)
-    for bench in data["benchmarks"]:
-        if bench["params"]["backend"] == "grouped":
-            bench["stats"]["median"] *= 2
-    path = write(tmp_path, "run.json", data)
-    assert failures(load_run(path, "min")) == []
-    assert failures(load_run(path, "median")) != []
+    old = {**data, "benchmarks": [b for b in data["benchmarks"] if "rule" not in b["params"]]}
+    base = load_run(write(tmp_path, "old.json", old))
+    fine = next(r for r in RULES if r.metric == "time")
+    assert ratio(base, fine) is None
+    assert ratio(base, fine, sequential=True) == pytest.approx(1.3)
 
 
 def test_foreign_benchmarks_are_ignored(tmp_path: Path) -> None:
@@ -157,6 +219,7 @@ def test_committed_baseline_passes_the_gate() -> None:
     run = load_run(baseline)
     # the quick size (issue 18) came after the committed baseline: its rules wait for a
     # re-measured one (reports/benchmarks/README.md); every rule the baseline covers holds
-    covered = [r for r in RULES if ratio(run, r) is not None]
+    covered = [r for r in RULES if ratio(run, r, sequential=True) is not None]
     assert {r.size for r in RULES} - {r.size for r in covered} <= {"quick"}
-    assert failures(run, covered) == []
+    for rule in covered:
+        assert rule.holds(ratio(run, rule, sequential=True)), rule.name
