@@ -66,13 +66,13 @@ class MoEConfig:
 
     Sizes default small (a CPU-friendly layer); routing hyperparameters default to each paper.
     `leaks_future_tokens` marks routings where a token's experts depend on later tokens of the
-    batch (expert choice): unfit for causal language models, flagged in reports.
+    batch (expert choice): unfit for causal language models, flagged in reports. It is a
+    property of the instance, since a field can decide it (expert choice's selection_scope).
     """
 
     # what the layer is: "routed" (a router picks experts) or "dense" (one FFN, the baseline);
     # the runner and reports ask this, never a name
     kind: ClassVar[str] = "routed"
-    leaks_future_tokens: ClassVar[bool] = False
     # megablocks' dropless kernels need every token to keep exactly top_k experts; a variant
     # whose routing cannot promise that says why here.
     uneven_top_k: ClassVar[str | None] = None
@@ -101,6 +101,11 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def leaks_future_tokens(self) -> bool:
+        """Whether a token's experts depend on later tokens of its own sequence."""
+        return False
 
     def validate(self) -> None:
         check_int(self, "d_model", 1)

@@ -149,7 +149,7 @@ class MoEPlusPlusLayer(MoELayer):
         check_input_dtype(x_TD, self.experts.w1)
         logits_TP = self.router.pool_logits(x_TD, gate_residual)
         if cfg.force_uniform_routing:
-            routing, losses = self.router.uniform(x_TD), {}
+            routing, losses = self.router.uniform(x_TD, num_seqs), {}
             zc = (x_TD.new_zeros(0, dtype=torch.long),) * 2 + (x_TD.new_zeros(0),)
             expert_A = routing.expert
         else:

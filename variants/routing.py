@@ -216,12 +216,15 @@ class Router(nn.Module):
         self, x_TD: torch.Tensor, num_seqs: int = 1
     ) -> tuple[Routing, dict[str, torch.Tensor]]:
         if self.cfg.force_uniform_routing:
-            return self.uniform(x_TD), {}
+            return self.uniform(x_TD, num_seqs), {}
         routing, losses = self.route(x_TD, num_seqs)
         return routing, (losses if self.training else {})
 
-    def uniform(self, x_TD: torch.Tensor) -> Routing:
+    def uniform(self, x_TD: torch.Tensor, num_seqs: int = 1) -> Routing:
         """Round-robin routing with weight 1/K, for timing kernels apart from imbalance.
+
+        `num_seqs` is for routers whose round robin follows the sequences (expert choice's
+        position scope); this one ignores it.
 
         The router's logits are still computed so its cost stays in the timing. Capacity,
         when set, is applied in token order.

@@ -113,6 +113,21 @@ def test_expert_choice_leaks_future_tokens():
     assert not torch.allclose(before[:, :16], after[:, :16], rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif("expert_choice" not in variants.names(), reason="expert_choice not registered")
+def test_expert_choice_position_scope_keeps_the_future_out():
+    cfg = LMConfig(d_model=D, n_layers=2, n_heads=4, seq_len=32)
+    fields = dict(num_experts=4, expert_hidden=16, selection_scope="position")
+    lm = build_lm("expert_choice", fields, cfg).eval()
+    idx_BS = random_tokens(4, 32)
+    changed_BS = idx_BS.clone()
+    changed_BS[:, 16:] = random_tokens(4, 16, seed=5)
+    with torch.no_grad():
+        before, after = lm(idx_BS).logits, lm(changed_BS).logits
+    # each expert picks among the sequences' tokens at one position: later positions never count
+    torch.testing.assert_close(before[:, :16], after[:, :16], rtol=0, atol=1e-6)
+    assert not torch.allclose(before[:, 16:], after[:, 16:])
+
+
 def train(lm: TinyLM, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> list[float]:
     """AdamW on `loss + aux_loss`, update_bias after every step; returns the LM losses."""
     opt = torch.optim.AdamW(lm.parameters(), lr=lr)

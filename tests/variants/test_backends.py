@@ -108,6 +108,7 @@ LAYER_CASES = [
     ("deepseek_v2", {**V2, "capacity_factor": 0.5}),  # device budget forces drops
     ("mixtral", {"num_experts": 4, "num_shared_experts": 1}),
     ("expert_choice", {"num_experts": 4, "num_shared_experts": 1}),
+    ("expert_choice", {"num_experts": 4, "selection_scope": "position"}),
     ("noisy_topk", {"num_experts": 4, "top_k": 2, "num_shared_experts": 1}),
     ("deepseek_moe", {**QWEN, "num_experts": 6, "top_k": 3, "num_shared_experts": 2}),
     ("deepseek_v2", {**QWEN, **V2, "num_shared_experts": 1}),
