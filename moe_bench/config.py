@@ -442,6 +442,8 @@ def resolve(cfg: DictConfig) -> Job:
         "params_total": total,
         "params_active": active,
         "flops_per_token": ffn_flops_per_token(layer),
+        # the layer says whether its routing sees later tokens (expert_choice, scope "batch")
+        "leaks_future_tokens": layer.leaks_future_tokens,
     }
     return Job(
         component=component,

@@ -52,7 +52,7 @@ ENV = "env.json"
 STATE = "job.json"
 # base columns left out of a job's config key: counts derived from the config by the code
 # (a change in how they are counted is a code change, not another config)
-DERIVED = ("params_total", "params_active", "flops_per_token")
+DERIVED = ("params_total", "params_active", "flops_per_token", "leaks_future_tokens")
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -30,7 +30,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from moe_bench import results, schema
+from moe_bench import components, results, schema
 from moe_bench.schema import Metric
 
 from . import figures, sections
@@ -43,7 +43,6 @@ WIDE = 32  # run metadata values longer than this get a line of their own
 
 class VariantNote(NamedTuple):
     loss: str  # the balance-loss normalisation as this suite implements it (docs/contract.md §3)
-    causal: bool = True  # False: routing looks at later tokens of the sequence
 
 
 # The one place the report states how each variant normalises its losses. Libraries differ
@@ -76,9 +75,9 @@ NOTES: dict[str, VariantNote] = {
     ),
     "expert_choice": VariantNote(
         "No balance loss: each expert picks its top tokens, so load is balanced by "
-        "construction. Non-causal: an expert's choice depends on later tokens of the "
-        "sequence, which leaks the future in a causal LM; its loss is not comparable.",
-        causal=False,
+        "construction. With selection_scope=batch (the paper's rule) an expert's choice "
+        "depends on later tokens of the sequence, which leaks the future in a causal LM; "
+        "selection_scope=position picks among the tokens at one position and does not."
     ),
     "noisy_topk": VariantNote(
         "Importance 0.1 · CV(Σ_t G_t)² and load 0.1 · CV(L)² with the smooth normal-CDF load "
@@ -361,7 +360,7 @@ def _context(
         ],
         "figures": drawn,
         "notes": [{"variant": v, "note": NOTES.get(v)} for v in in_sweep],
-        "non_causal": [v for v in in_sweep if v in NOTES and not NOTES[v].causal],
+        "non_causal": non_causal(frame),
         **_reading(frame),
     }
 
@@ -623,14 +622,55 @@ class Board(NamedTuple):
     marks: pd.DataFrame | None = None  # "best", "tie", "unknown" (☆: noise not measured), ""
 
 
+def _is_true(value: Any) -> bool:
+    """A boolean cell: True, or "true" as CSV and JSON round trips may write it."""
+    return value is True or str(value).lower() == "true"
+
+
+def _default_leak(variant: str) -> bool:
+    """Rows recorded before the `leaks_future_tokens` column: the variant's default config says."""
+    try:
+        return bool(components.lookup(variant).make_config().leaks_future_tokens)
+    except ValueError:  # a variant this install does not know
+        return False
+
+
+def _leaks(rows: pd.DataFrame) -> pd.Series:
+    """Per job: whether its layer's routing sees later tokens of its sequence (the runner's
+    column, written from the layer config's own `leaks_future_tokens`)."""
+    variant = rows.groupby("job_dir")["variant"].first()
+    recorded = column(rows, "leaks_future_tokens").groupby(rows["job_dir"]).first()
+    return pd.Series(
+        {
+            job: _default_leak(name) if pd.isna(recorded.get(job)) else _is_true(recorded[job])
+            for job, name in variant.items()
+        },
+        dtype=bool,
+    )
+
+
+def non_causal(rows: pd.DataFrame) -> list[str]:
+    """Variants with a job whose routing sees later tokens of its sequence."""
+    if rows.empty:
+        return []
+    leaks = _leaks(rows)
+    return sorted(rows.groupby("job_dir")["variant"].first()[leaks].unique())
+
+
 def _job_flags(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per job: `noisy` (a timing row flagged noisy) and `incomplete` (no `job` row while other
-    jobs of the sweep have one: it was killed or is still running)."""
-    noisy = column(rows, "noisy").map(lambda v: v is True or str(v).lower() == "true")
+    """Per job: `noisy` (a timing row flagged noisy), `incomplete` (no `job` row while other
+    jobs of the sweep have one: it was killed or is still running) and `leaks`."""
+    noisy = column(rows, "noisy").map(_is_true)
     has_end = (rows["metric"] == schema.JOB.name).groupby(rows["job_dir"]).any()
     # rows written before `job` rows existed (or hand-made ones) have none at all: not incomplete
     incomplete = ~has_end if has_end.any() else pd.Series(False, index=has_end.index)
-    return pd.DataFrame({"noisy": noisy.groupby(rows["job_dir"]).any(), "incomplete": incomplete})
+    return pd.DataFrame(
+        {
+            "noisy": noisy.groupby(rows["job_dir"]).any(),
+            "incomplete": incomplete,
+            "leaks": _leaks(rows),
+        }
+    )
 
 
 def leaderboard(task: str, rows: pd.DataFrame) -> Board:
@@ -664,6 +704,7 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
         record["runs"] = _runs_text(each)
         record["_rankable"] = not (each["failed"].any() or each["incomplete"].any())
         record["_rankable"] &= not each["noisy"].any()
+        record["_leaks"] = bool(each["leaks"].any())
         for label in specs:
             found = part[label].dropna()
             record[label] = sections.Estimate(
@@ -679,12 +720,13 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
         table.append(record)
     # Rows that share settings sit together, so the best of each block reads at a glance.
     ties = [k for k in keys if not k.startswith("variant.")]
-    table = pd.DataFrame(table, columns=["variant", *keys, *specs, "runs", "_rankable"])
+    table = pd.DataFrame(table, columns=["variant", *keys, *specs, "runs", "_rankable", "_leaks"])
     table = _ordered(table, specs, ties)
     rankable = table.pop("_rankable").astype(bool).tolist()
+    leaks = table.pop("_leaks").astype(bool).tolist()
     marks = _marks(table, specs, ties, rankable)
     agreement = _rank_agreement(table, specs, ties)
-    shown = _display(table, specs, marks, keys)
+    shown = _display(table, specs, marks, keys, leaks)
     if agreement is not None:
         shown["ranks"] = agreement
     best = (marks == "best").reindex(columns=shown.columns, fill_value=False)
@@ -784,12 +826,15 @@ def _marks(
 
 
 def _display(
-    table: pd.DataFrame, specs: dict[str, Column], marks: pd.DataFrame, keys: list[str]
+    table: pd.DataFrame,
+    specs: dict[str, Column],
+    marks: pd.DataFrame,
+    keys: list[str],
+    leaks: list[bool],
 ) -> pd.DataFrame:
     shown = table.copy()
     shown["variant"] = [
-        v + ("  ⚠ non-causal" if v in NOTES and not NOTES[v].causal else "")
-        for v in table["variant"]
+        v + ("  ⚠ non-causal" if leak else "") for v, leak in zip(table["variant"], leaks)
     ]
     for key in keys:
         shown[key] = table[key].map(lambda v: "—" if pd.isna(v) else plain(v))

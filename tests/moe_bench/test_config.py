@@ -47,6 +47,16 @@ def test_variant_fields_are_overridable(compose_cfg) -> None:
     assert dropless.layer.capacity_factor is None and dropless.layer.expert_hidden > 0
 
 
+@pytest.mark.parametrize(("scope", "leaks"), [("batch", True), ("position", False)])
+def test_rows_record_whether_the_layer_leaks_future_tokens(
+    compose_cfg, scope: str, leaks: bool
+) -> None:
+    """The report's non-causal flag reads this column; the layer config says it, not its name."""
+    run = resolve(compose_cfg("variant=expert_choice", f"variant.selection_scope={scope}"))
+    assert run.columns["leaks_future_tokens"] is leaks
+    assert resolve(compose_cfg("variant=switch")).columns["leaks_future_tokens"] is False
+
+
 @pytest.mark.parametrize("task", YAML_TASKS)
 def test_every_task_composes(compose_cfg, task: str) -> None:
     run = resolve(compose_cfg(f"task={task}", "model=tiny"))

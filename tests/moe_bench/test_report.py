@@ -221,6 +221,21 @@ def test_notes_give_loss_normalisation_and_flag_expert_choice(tmp_path: Path) ->
     assert "expert_choice  ⚠ non-causal" in html  # flagged in the leaderboard row too
 
 
+@pytest.mark.parametrize(
+    ("recorded", "flagged"),
+    [(True, True), (False, False), ("true", True), (None, True)],  # None: old rows, default config
+)
+def test_non_causal_flag_follows_each_jobs_recorded_leak(recorded: object, flagged: bool) -> None:
+    """The runner's `leaks_future_tokens` column decides (expert_choice with
+    selection_scope=position is causal); rows without it fall back to the variant's default."""
+    rows = [{**r, "leaks_future_tokens": recorded} for r in fx.convergence_job("expert_choice")]
+    frame = fx.frame([rows, fx.convergence_job("switch")])
+    assert build.non_causal(frame) == (["expert_choice"] if flagged else [])
+    board = build.leaderboard("convergence", frame)
+    assert ("expert_choice  ⚠ non-causal" in board.shown["variant"].tolist()) is flagged
+    assert "switch" in board.shown["variant"].tolist()
+
+
 def test_variant_colours_are_fixed_and_distinct() -> None:
     alone = figures.variant_colors([])
     with_extra = figures.variant_colors(["megablocks_dmoe", "switch"])
