@@ -353,8 +353,8 @@ class Result(NamedTuple):
 
 
 def jobs_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per finished ok convergence job: its config columns (the first row's), its
-    setting key, and its rows' index."""
+    """One row per finished ok convergence job (index job_dir): its config columns (the
+    first row's) and its setting key."""
     rows = frame[frame["task"] == "convergence"]
     bad = rows.loc[rows["status"] != "ok", "job_dir"].unique()
     rows = rows[~rows["job_dir"].isin(bad)]
@@ -400,27 +400,24 @@ def evaluate(frame: pd.DataFrame, claims: tuple[Claim, ...] = CLAIMS) -> list[Re
         if sides.empty:
             continue
         key = _group_key(claim, sides)
-        groups = list(sides.groupby(_key(sides[key]), sort=True))
-        varying = _varying(sides, key)
-        for _, group in groups:
-            result = _result(claim, group, by_job, varying if len(groups) > 1 else [])
-            if result is not None:
-                out.append(result)
+        groups = [g for _, g in sides.groupby(_key(sides[key]), sort=True)]
+        groups = [g for g in groups if g["_t"].any() and g["_c"].any()]
+        varying = _varying(pd.concat(groups), key) if len(groups) > 1 else []
+        out += [_result(claim, group, by_job, varying) for group in groups]
     return out
 
 
 def _varying(jobs: pd.DataFrame, key: list[str]) -> list[str]:
-    """Config columns of the pairing key that differ between groups (shown with the setting)."""
+    """Config columns of the pairing key that differ between covered groups (shown with the
+    setting when a sweep covers a claim in several)."""
     cols = [c for c in jobs.columns if c in key or c.startswith(SETTING_PREFIXES)]
     return [c for c in cols if c != "_setting" and jobs[c].map(str).nunique() > 1]
 
 
 def _result(
     claim: Claim, group: pd.DataFrame, by_job: dict[str, pd.DataFrame], varying: list[str]
-) -> Result | None:
+) -> Result:
     treated, controls = group[group["_t"]], group[group["_c"]]
-    if treated.empty or controls.empty:
-        return None
     seeds = sorted(set(treated["seed"]) | set(controls["seed"]), key=str)
 
     def per_seed(side: pd.DataFrame, measure: Measure) -> list[float]:
