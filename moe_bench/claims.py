@@ -243,7 +243,7 @@ CLAIMS = (
         "Expert choice converges faster than token choice at equal active compute",
         Source(
             "Zhou et al. 2022, Expert Choice routing (arXiv:2202.09368)",
-            "Fig. 2",
+            "abstract",
             "more than 2x faster training convergence than top-1 and top-2 gating",
         ),
         Side("expert_choice", {"variant.selection_scope": ("batch", None)}, "expert_choice"),
@@ -269,13 +269,14 @@ CLAIMS = (
         "Global-batch balance gives more domain specialisation than micro-batch balance",
         Source(
             "Qiu et al. 2025, global-batch load balance (arXiv:2501.11873)",
-            "Sec. 4",
+            "abstract",
             "global-batch balance: clearer domain specialisation of experts, lower perplexity",
         ),
         Side("deepseek_moe", {"variant.balance_scope": "global_batch"}, "global batch"),
         Side("deepseek_moe", {"variant.balance_scope": "micro_batch"}, "micro batch"),
         (Check(SPECIALISATION), Check(VAL_LOSS, "not worse")),
-        "deepseek_moe, f counted over the global batch vs each micro-batch (4 per step)",
+        "deepseek_moe, f counted over the step's global batch vs each micro-batch (gradient "
+        "accumulation: task.micro_batch_size)",
     ),
 )
 
