@@ -30,7 +30,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from moe_bench import components, results, schema
+from moe_bench import claims, components, results, schema
 from moe_bench.schema import Metric
 
 from . import figures, sections
@@ -415,6 +415,9 @@ def _reading(frame: pd.DataFrame) -> dict[str, Any]:
     spec = sections.specialisation(ok)
     return {
         "findings": _findings(frame),
+        "claims": claims.rows_for_report(frame),
+        "claims_rule": claims.RULE,
+        "claims_gaps": claims.gaps(frame),
         "what_ran": ran.to_dict("records"),
         "what_ran_columns": list(ran.columns),
         "identical": sections.identical_balance(ok),

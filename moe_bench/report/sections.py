@@ -214,10 +214,10 @@ def _js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return (kl(p) + kl(q)) / 2
 
 
-def specialisation(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and layer, the Jensen-Shannon divergence (bits) between the expert-load
-    distributions of two domains at each job's last recorded step, averaged over seeds; a
-    `mean` column averages the layers. Empty without per-domain expert_load rows."""
+def job_specialisation(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per job and MoE layer: the Jensen-Shannon divergence (bits) between the expert-load
+    distributions of two domains at the job's last recorded step (columns variant, job_dir,
+    layer, js); `attrs` name the domains and tasks. Empty without per-domain expert_load rows."""
     loads = routed(frame[frame["metric"] == schema.EXPERT_LOAD.name])
     if (loads["task"] == "convergence").any():  # trained routers specialise; untrained do not
         loads = loads[loads["task"] == "convergence"]
@@ -239,14 +239,22 @@ def specialisation(frame: pd.DataFrame) -> pd.DataFrame:
         table = table.fillna(0.0)
         js = _js_divergence(table[first].to_numpy(float), table[second].to_numpy(float))
         records.append({"variant": variant, "job_dir": job, "layer": layer, "js": js})
-    if not records:
-        return pd.DataFrame()
     per_job = pd.DataFrame(records)
+    per_job.attrs["domains"] = (first, second)
+    per_job.attrs["task"] = ", ".join(sorted(loads["task"].astype(str).unique()))
+    return per_job
+
+
+def specialisation(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and layer, `job_specialisation` averaged over seeds; a `mean` column
+    averages the layers. Empty without per-domain expert_load rows."""
+    per_job = job_specialisation(frame)
+    if per_job.empty:
+        return pd.DataFrame()
     table = per_job.pivot_table(index="variant", columns="layer", values="js", aggfunc="mean")
     table.columns = [f"layer {c}" for c in table.columns]
     table["mean"] = table.mean(axis=1)
-    table.attrs["domains"] = (first, second)
-    table.attrs["task"] = ", ".join(sorted(loads["task"].astype(str).unique()))
+    table.attrs = dict(per_job.attrs)
     return table.sort_values("mean", ascending=False)
 
 

@@ -1,0 +1,187 @@
+"""Paper claims (moe_bench/claims.py): the verdict rule on planted seeds, combined checks, the
+steps-to-dense-loss measure, the report's Claims section, and the claims presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+import variants
+from moe_bench import claims
+from moe_bench.config import resolve
+from moe_bench.report.build import build_report
+
+from . import report_fixtures as fx
+from .conftest import SWEEPS
+
+STEPS = (0, 10, 20)
+
+
+def job(variant: str, seed: int, loss: float, vio: float = 0.5, **config) -> list[dict]:
+    """A finished convergence job: val_loss falling linearly from 5.0 to `loss` over STEPS,
+    MaxVio_global `vio` at the end, and `config` as dotted columns."""
+    common = fx.base(variant, "convergence", seed, **config)
+    rows = []
+    for step in STEPS:
+        value = 5.0 + (loss - 5.0) * step / STEPS[-1]
+        rows.append(fx.row(common, "val_loss", value, step=step))
+    if variant != "dense":
+        rows.append(fx.row(common, "max_vio_global", vio, step=STEPS[-1], layer="mean"))
+    return rows
+
+
+def frame(*jobs: list[dict]):
+    return fx.frame([fx.closed(rows) for rows in jobs])
+
+
+SWITCH = {"variant.capacity_factor": 1.0}
+
+
+def test_reproduced_contradicted_inconclusive_and_one_seed() -> None:
+    lower = claims.paired_verdict([3.0, 3.1, 2.9], [3.5, 3.55, 3.45], "min")
+    assert lower.verdict == claims.REPRODUCED and lower.n == 3
+    assert lower.mean == pytest.approx(0.5)
+    assert claims.paired_verdict([3.6, 3.7, 3.5], [3.0, 3.1, 2.9], "min").verdict == (
+        claims.CONTRADICTED
+    )
+    # differences of both signs: |mean d| < 2 SE
+    noisy = claims.paired_verdict([3.0, 3.4, 3.1], [3.2, 3.1, 3.15], "min")
+    assert noisy.verdict == claims.INCONCLUSIVE
+    assert claims.paired_verdict([3.0], [3.5], "min").verdict == claims.NO_VERDICT
+    # a seed missing on one side is not paired
+    assert claims.paired_verdict([3.0, float("nan")], [3.5, 3.6], "min").verdict == (
+        claims.NO_VERDICT
+    )
+    # higher is better: the direction flips the sign of d
+    assert claims.paired_verdict([0.3, 0.31], [0.1, 0.12], "max").verdict == claims.REPRODUCED
+
+
+def test_zero_standard_error() -> None:
+    """Identical values on both sides: d = 0, SE = 0, inconclusive (not reproduced)."""
+    assert claims.paired_verdict([3.0, 3.0], [3.0, 3.0], "min").verdict == claims.INCONCLUSIVE
+    assert claims.paired_verdict([3.0, 3.0], [3.5, 3.5], "min").verdict == claims.REPRODUCED
+
+
+def test_claim_1_from_rows_with_steps_to_dense_loss() -> None:
+    rows = [job("dense", s, 4.0) for s in range(3)]
+    rows += [job("switch", s, 3.5 + 0.01 * s, **SWITCH) for s in range(3)]
+    (result,) = claims.evaluate(frame(*rows))
+    assert result.claim.id == "1a"
+    assert result.verdict == claims.REPRODUCED
+    # switch's curve 5.0 -> 3.5 is at 4.25 at step 10: reaches dense's 4.0 at step 20
+    assert result.steps == [20, 20, 20] and result.control_steps == 20
+    assert "not reached" not in claims.steps_text(result)
+
+
+def test_steps_to_loss() -> None:
+    rows = fx.frame([job("switch", 0, 3.0)])
+    assert claims.steps_to_loss(rows, 4.0) == 10  # val_loss 5.0, 4.0, 3.0 at steps 0, 10, 20
+    assert claims.steps_to_loss(rows, 5.0) == 0
+    assert claims.steps_to_loss(rows, 2.9) is None
+
+
+def test_moe_that_never_reaches_dense_is_contradicted_and_says_so() -> None:
+    rows = [job("dense", s, 3.5) for s in range(2)]
+    rows += [job("switch", s, 3.9 + 0.01 * s, **SWITCH) for s in range(2)]
+    (result,) = claims.evaluate(frame(*rows))
+    assert result.verdict == claims.CONTRADICTED
+    assert result.steps == [None, None]
+    assert "not reached" in claims.steps_text(result)
+
+
+def v3(seed: int, loss: float, vio: float, rate: float) -> list[dict]:
+    cfg = {"variant.bias_update_rate": rate, "variant.alpha": 1e-4}
+    return job("deepseek_v3", seed, loss, vio, **cfg)
+
+
+@pytest.mark.parametrize(
+    ("loss_on", "verdict"),
+    [
+        ([3.5, 3.52, 3.49], claims.REPRODUCED),  # loss within noise: not worse
+        ([3.45, 3.46, 3.44], claims.REPRODUCED),  # loss better too
+        ([3.9, 3.92, 3.91], claims.CONTRADICTED),  # balanced, but loss worse beyond noise
+    ],
+)
+def test_claim_3_combines_maxvio_with_loss_not_worse(loss_on: list[float], verdict: str) -> None:
+    loss_off = [3.5, 3.49, 3.52]
+    rows = [v3(s, loss_on[s], 0.1, 1e-3) for s in range(3)]
+    rows += [v3(s, loss_off[s], 0.8 + 0.01 * s, 0.0) for s in range(3)]
+    (result,) = claims.evaluate(frame(*rows))
+    assert result.claim.id == "3"
+    assert result.checks[0].verdict == claims.REPRODUCED  # MaxVio_global lower
+    assert result.verdict == verdict
+
+
+def test_claim_3_needs_maxvio_to_win() -> None:
+    rows = [v3(s, 3.5, 0.5 + 0.01 * s, 1e-3) for s in range(3)]
+    rows += [v3(s, 3.5, 0.5 - 0.01 * s, 0.0) for s in range(3)]
+    (result,) = claims.evaluate(frame(*rows))
+    assert result.verdict == claims.INCONCLUSIVE
+
+
+def test_same_variant_claims_pair_only_jobs_that_differ_in_the_compared_field() -> None:
+    """The loss_free preset sweeps alpha too: one result per alpha, never mixed."""
+    rows = []
+    for alpha in (1e-4, 0.0):
+        for s in range(2):
+            cfg = {"variant.alpha": alpha}
+            rows.append(
+                job("deepseek_v3", s, 3.5, 0.1, **cfg, **{"variant.bias_update_rate": 1e-3})
+            )
+            rows.append(job("deepseek_v3", s, 3.5, 0.9, **cfg, **{"variant.bias_update_rate": 0.0}))
+    results = claims.evaluate(frame(*rows))
+    assert [r.claim.id for r in results] == ["3", "3"]
+    assert all("variant.alpha=" in r.setting for r in results)
+
+
+def test_only_covered_claims_render(tmp_path: Path) -> None:
+    jobs = [job("dense", s, 4.0) for s in range(2)] + [
+        job("switch", s, 3.5, **SWITCH) for s in range(2)
+    ]
+    html = build_report(fx.write_sweep(tmp_path / "c", jobs)).read_text()
+    assert 'id="claims"' in html
+    assert "Switch (top-1) beats dense" in html
+    assert "Loss-free bias balancing" not in html and "Expert choice converges" not in html
+    assert "SE = sd(d) / sqrt(n)" in html  # the rule, under the table
+    assert "What the papers do that we do not" in html
+
+
+def test_unrelated_sweep_has_no_claims_section(tmp_path: Path) -> None:
+    jobs = [fx.throughput_job(v) for v in ("dense", "switch")]
+    html = build_report(fx.write_sweep(tmp_path / "t", jobs)).read_text()
+    assert 'id="claims"' not in html and 'href="#claims"' not in html
+
+
+def expand(cfg) -> list[list[str]]:
+    params = cfg.hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+SELECTION_SCOPE = "selection_scope" in variants.make_config("expert_choice").__dataclass_fields__
+
+
+@pytest.mark.parametrize(("preset", "jobs"), [("claims", 33), ("claims_gpu", 39)])
+def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int) -> None:
+    cfg = compose_cfg(f"+experiment={preset}", hydra=True)
+    batches = expand(cfg)
+    assert len(batches) == jobs
+    for option in {o for batch in batches for o in batch if o.startswith("+claims=")}:
+        name = option.split("=", 1)[1]
+        assert (SWEEPS / "claims" / f"{name}.yaml").is_file()
+        if name == "expert_choice_position" and not SELECTION_SCOPE:
+            continue  # variant.selection_scope arrives with expert_choice's position scope
+        run = resolve(compose_cfg(f"+experiment={preset}", option, "device=cpu"))
+        assert run.task.name == "convergence"
+
+
+def test_every_claims_job_option_is_a_claim_side() -> None:
+    """Each option of sweeps/claims/ sets a variant some claim compares."""
+    sides = {side.variant for c in claims.CLAIMS for side in (c.treatment, c.control)}
+    for path in (SWEEPS / "claims").glob("*.yaml"):
+        (override,) = OmegaConf.load(path).defaults
+        assert override["override /variant"] in sides
