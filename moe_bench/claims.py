@@ -14,8 +14,10 @@ Reads result rows only (docs/contract.md §5), never the tasks.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from moe_bench import schema
+from moe_bench import results, schema
 from moe_bench.report.figures import column, summary_rows
 from moe_bench.report.sections import job_specialisation
 
@@ -537,3 +539,47 @@ def gaps(frame: pd.DataFrame) -> list[str]:
         "Expert choice selects among all tokens of a forward, later tokens of a sequence "
         "included; its loss in this causal LM is not comparable (claim 5b measures the share).",
     ]
+
+
+# --- as markdown (README, papers): python -m moe_bench.claims SWEEP_DIR ------------------------
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """The covered claims as a markdown table (claim, source, our numbers, verdict), then the
+    rule; empty when the sweep covers no claim."""
+    rows = rows_for_report(frame)
+    if not rows:
+        return ""
+    lines = ["| claim | source | our setting | our numbers | verdict |", "|---|---|---|---|---|"]
+    for row in rows:
+        source = row["source"]
+        cells = [
+            f"{row['id']}. {row['title']}",
+            f"{source.paper}, {source.where}: {source.reports}",
+            row["setting"],
+            "<br>".join(row["numbers"]),
+            f"**{row['verdict']}**",
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join([*lines, "", f"Rule: {' '.join(RULE.split())}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_bench.claims",
+        description="Print the paper claims a sweep covers, with verdicts, as a markdown table.",
+    )
+    parser.add_argument("sweep_dir", help="a Hydra multirun directory (or a saved report's)")
+    args = parser.parse_args(argv)
+    try:
+        frame = results.load(args.sweep_dir)
+    except (OSError, ValueError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    text = markdown(frame)
+    print(text or f"{args.sweep_dir}: no claim of moe_bench/claims.py is covered by this sweep")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

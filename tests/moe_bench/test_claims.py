@@ -185,3 +185,17 @@ def test_every_claims_job_option_is_a_claim_side() -> None:
     for path in (SWEEPS / "claims").glob("*.yaml"):
         (override,) = OmegaConf.load(path).defaults
         assert override["override /variant"] in sides
+
+
+def test_markdown_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`python -m moe_bench.claims SWEEP` prints the covered claims (for the README) and the
+    rule; a sweep that covers none says so."""
+    rows = [job("dense", s, 4.0) for s in range(3)]
+    rows += [job("switch", s, 3.5 + 0.01 * s, **SWITCH) for s in range(3)]
+    text = claims.markdown(frame(*rows))
+    assert text.count("\n| 1a.") == 1 and "**reproduced**" in text and "Rule: For each seed" in text
+    assert claims.markdown(frame(*rows[:3])) == ""
+    sweep = fx.write_sweep(tmp_path / "s", [fx.convergence_job("switch")])
+    assert claims.main([str(sweep)]) == 0
+    assert "no claim" in capsys.readouterr().out
+    assert claims.main([str(tmp_path / "absent")]) == 2
