@@ -149,8 +149,10 @@ class Claim:
 
 SWITCH = Source(
     "Fedus et al. 2021, Switch Transformer (arXiv:2101.03961)",
-    "Fig. 1, Table 1",
-    "up to 7x pre-training speed-up to the same quality over the dense T5-Base",
+    "Sec. 3.1-3.2 (Figs. 4-5), Table 1",
+    "Switch-Base 64E reaches T5-Base's step-450k quality at step 60k (7.5x in steps; 1/7 the "
+    "time, Fig. 5); Table 1, 100k steps: T5-Base -1.731 vs Switch-Base cf 1.0 -1.561 "
+    "neg. log perp.",
 )
 CLAIMS = (
     Claim(
@@ -178,9 +180,9 @@ CLAIMS = (
         "Fine-grained + shared experts beat GShard top-2 at equal total and active parameters",
         Source(
             "Dai et al. 2024, DeepSeekMoE (arXiv:2401.06066)",
-            "Table 1",
-            "DeepSeekMoE 2B better than GShard 2B on Pile loss and most benchmarks (abstract: "
-            "on par with GShard 2.9B, which has 1.5x the expert parameters and compute)",
+            "Tables 1-2",
+            "Pile loss: GShard 1.867 vs DeepSeekMoE 1.808 (both 2.0B total, 0.3B active, 100B "
+            "tokens); DeepSeekMoE ahead on all 10 benchmarks; Table 2: GShard x1.5 also 1.808",
         ),
         Side("deepseek_moe", {"variant.granularity": 4, "variant.balance_scope": "micro_batch"}),
         Side("gshard"),
@@ -193,8 +195,8 @@ CLAIMS = (
         Source(
             "Dai et al. 2024, DeepSeekMoE (arXiv:2401.06066)",
             "Fig. 3",
-            "Pile loss falls as granularity m rises from 1 to 2 to 4 at fixed total and "
-            "active parameters",
+            "normalised scores on 6 benchmarks rise from 1 shared + 1/15 routed to 1+3/31 to "
+            "1+7/63 at equal total and active params (bar chart: no values, no Pile loss)",
         ),
         Side("deepseek_moe", {"variant.granularity": 4}, "deepseek_moe m=4"),
         Side("deepseek_moe", {"variant.granularity": 1}, "deepseek_moe m=1"),
@@ -206,8 +208,9 @@ CLAIMS = (
         "Loss-free bias balancing lowers MaxVio_global at equal or better loss",
         Source(
             "Wang et al. 2024, Auxiliary-Loss-Free Load Balancing (arXiv:2408.15664)",
-            "Tables 2-3",
-            "lower MaxVio_global and lower perplexity than auxiliary-loss control, 1B and 3B",
+            "Table 2",
+            "aux loss (alpha 1e-3) vs loss-free: 1B ppl 9.56 vs 9.50, MaxVio_global 0.72 vs "
+            "0.04; 3B ppl 7.97 vs 7.92, MaxVio_global 0.52 vs 0.04",
         ),
         Side("deepseek_v3", {"variant.bias_update_rate": lambda v: v > 0}, "bias update on"),
         Side("deepseek_v3", {"variant.bias_update_rate": 0.0}, "bias update off"),
@@ -220,7 +223,8 @@ CLAIMS = (
         Source(
             "Fedus et al. 2021, Switch Transformer (arXiv:2101.03961)",
             "Table 1",
-            "capacity factor 2.0 reaches better quality per step than 1.0, at a lower speed",
+            "Switch-Base at 100k steps: cf 2.0 -1.554 neg. log perp., 860 ex/s; cf 1.0 -1.561, "
+            "1000 ex/s (cf 1.25 -1.553, 910); hours to -1.50: 72.8 (cf 2.0) vs 62.8 (cf 1.0)",
         ),
         Side("switch", {"variant.capacity_factor": 2.0}, "switch cf 2.0"),
         Side("switch", {"variant.capacity_factor": 1.0}, "switch cf 1.0"),
@@ -233,7 +237,8 @@ CLAIMS = (
         Source(
             "Fedus et al. 2021, Switch Transformer (arXiv:2101.03961)",
             "Table 1",
-            "higher capacity factors reach better quality per step (dropless: the limit)",
+            "no dropless row; Switch-Base at 100k steps: cf 1.0 -1.561, cf 1.25 -1.553, cf 2.0 "
+            "-1.554 neg. log perp.; Sec. 2.2: dropped tokens 'typically < 1%'",
         ),
         Side("switch", {"variant.capacity_factor": (None,)}, "switch dropless"),
         Side("switch", {"variant.capacity_factor": 1.0}, "switch cf 1.0"),
@@ -271,8 +276,9 @@ CLAIMS = (
         "Global-batch balance gives more domain specialisation than micro-batch balance",
         Source(
             "Qiu et al. 2025, global-batch load balance (arXiv:2501.11873)",
-            "abstract",
-            "global-batch balance: clearer domain specialisation of experts, lower perplexity",
+            "Table 1, Sec. 4.2 (Fig. 1b)",
+            "3.4A0.6B, 120B tokens: Avg PPL 8.167 micro-batch LBL (Balance BSZ 4) vs 8.038 global "
+            "(512); expert selection freq. none > 0.15 (micro) vs many > 0.2 on SFT-Math (global)",
         ),
         Side("deepseek_moe", {"variant.balance_scope": "global_batch"}, "global batch"),
         Side("deepseek_moe", {"variant.balance_scope": "micro_batch"}, "micro batch"),
