@@ -17,19 +17,22 @@ zero-computation assignments.
   experts' gates are set to 0 and the K gates renormalised to sum to 1 (`norm_topk_prob`,
   default true; false keeps the raw top-K probabilities).
   Pool logits are returned as `out.extras["gate_logits"]` for the next layer to pass on.
-- Heterogeneous load balance (Eq. 7-8): `balance_coef * P * sum_i eta_i f_i P_i` over the pool,
-  f_i = assignments to i / (T K), P_i = mean_t p_i, eta_i = 1 for FFN experts and `tau` for
-  zero-computation experts (tau < 1 lets tokens favour the cheap experts); `balance_scope`
-  sets which tokens f counts.
+- Heterogeneous load balance (Sec. 3.3, Eq. 7; beta of Eq. 9 = `balance_coef`):
+  `balance_coef * sum_i eta_i f_i P_i` over the pool, f_i = (1/T) * tokens that select i
+  (= K * the share of assignments, so f sums to K), P_i = mean_t p_i, eta_i = 1 for FFN
+  experts and `tau` for zero-computation experts (tau < 1 lets tokens favour the cheap
+  experts). No factor of the pool size, unlike Switch's E * sum f P. `balance_scope` sets
+  which tokens f counts.
 - `Routing` holds the FFN assignments only (experts 0..E-1; `scores` and `logits` are the FFN
   columns of the pool), so `load`, the backends and `experts_per_token` see exactly the FFN
   work: zero-computation experts are free in FLOPs and active-parameter counts. The pool-wide
   load is `out.extras["pool_load"]` [P].
 - Dropless (capacity_factor rejected).
 
-Defaults: MoE++ 0.6B/(8+4)E: 8 FFN experts, 1 zero, 1 copy, 2 constant, top-2 (pool layout
-and top-2 as in the authors' code), tau 0.75 and balance coefficient 0.01 (paper values as read
-for this issue; the released code has no training loss to check them against).
+Defaults: MoE++ 0.6B/(8+4)E: 8 FFN experts, 1 zero, 1 copy, 2 constant, top-2 (Table 2 and
+the authors' code), tau 0.75 (Sec. 4.3) and beta 0.01 (App. B.2); the released code has no
+training loss to check them against. Eq. 8's expert capacity (gamma = 1.1) is not
+implemented: this layer is dropless.
 Departures from the released code: its router is a 2-layer tanh MLP (`moe_2layer_gate`) and it
 multiplies the expert inputs by K; here the router is linear (the paper's G = x W) and inputs
 are not scaled. Without `gate_residual` (the first layer, or a runner that does not chain
@@ -123,13 +126,13 @@ def heterogeneous_balance(
     probs_TP: torch.Tensor,
     num_seqs: int,
 ) -> torch.Tensor:
-    """P * sum_i eta_i f_i P_i, eta = 1 on FFN experts and tau on the others (Eq. 7-8);
-    f_i = assignments to i / (T K) = share of assignments, counted in `balance_scope`."""
+    """sum_i eta_i f_i P_i (Eq. 7), eta = 1 on FFN experts and tau on the others; f_i = tokens
+    selecting i / T = K * the share of assignments, counted in `balance_scope`."""
     cfg, P = router.cfg, probs_TP.shape[-1]
-    f, p = scoped_balance_inputs(router, expert_A, token_A, probs_TP, num_seqs)
+    share, p = scoped_balance_inputs(router, expert_A, token_A, probs_TP, num_seqs)
     eta_P = probs_TP.new_full((P,), cfg.tau)
     eta_P[: cfg.num_experts] = 1.0
-    return P * f_dot_p(eta_P * f, p).mean()
+    return cfg.top_k * f_dot_p(eta_P * share, p).mean()
 
 
 class MoEPlusPlusLayer(MoELayer):

@@ -4,16 +4,16 @@ with ReLU Routing", ICLR 2025, arXiv:2412.14711, Sec. 3).
 Shape legend: T tokens, D model width, E experts, K nominal experts per token, A kept
 assignments (a token keeps 0..E experts).
 
-- Router (Eq. 4): R(x) = ReLU(x W^T); an expert is active for a token where R > 0, and its
+- Router (Eq. 5): R(x) = ReLU(x W^T); an expert is active for a token where R > 0, and its
   combine weight is R itself: y = sum_e R(x)_e FFN_e(x). Fully differentiable, no top-k.
-- Sparsity control (Eq. 6-7), an L1 regulariser whose coefficient adapts:
+- Sparsity control (Sec. 3.3; L1 Eq. 9, update Eq. 7, S_i Eq. 8), an adaptive L1 regulariser:
       L_reg = mean_t sum_e f_e R(x_t)_e                       (with the balancing refinement)
       lambda_{i+1} = lambda_i * alpha ** sign(S_target - S_i),  S_target = 1 - K/E,
   S_i = 1 - (active (token, expert) pairs) / (T E) is the sparsity of step i's training
   forwards, alpha = 1.2, lambda_0 = 1e-8 (the paper's constants).
-- Load-balancing refinement (Eq. 8-9): each expert's L1 term is weighted by its (detached)
+- Load-balancing refinement (Eq. 10): each expert's L1 term is weighted by its (detached)
   load f_e = E/(K T) * #tokens with R(x_t)_e > 0, so busy experts are pushed harder towards
-  zero. `balance_refinement=False` gives the plain L1 of Eq. 6 (f_e = 1).
+  zero. `balance_refinement=False` gives the plain L1 of Eq. 9 (f_e = 1).
 - The weighted regulariser `lambda_i * L_reg` is reported as `balance` (SPEC names).
 
 State and the training loop: lambda is a buffer (`router.l1_coef`). Training forwards count

@@ -7,14 +7,19 @@ A kept assignments.
 - Dimension reduction (Sec. 3.1): h' = W h with W [R, D] (`router.proj`), R = 16 << D, so
   routing runs in a low-dimensional space and does not pull the hidden states towards the
   expert centroids (the representation collapse of the linear router).
-- L2 normalisation and cosine scores (Sec. 3.2, Eq. 6):
+- L2 normalisation and cosine scores (Sec. 3.1, Eq. 6):
       s_e = cos(W h, e_e) / tau = <W h / |W h|, e_e / |e_e|> / tau,
   e_e the expert embeddings [E, R] (`router.weight`), tau a learnable temperature
-  (`router.temperature`, init 0.07). `Routing.logits` holds s (the scores routed on).
-- Gate (Eq. 7): softmax(s) over E, top-K; the combine weight is the softmax probability, not
-  renormalised (Switch-style top-1 by default).
-- Balance loss (as in the paper's SMoE baseline): `balance_coef * E * sum_i f_i P_i`,
-  f_i = share of assignments to i (demand), P_i = mean_t softmax(s)_i; coefficient 0.01;
+  (`router.temperature`). `Routing.logits` holds s (the scores routed on). Its initial value
+  is not stated in the paper; 0.07 here (`init_temperature`) is torchscale's fixed
+  temperature constant.
+- Gate (Sec. 3.1, Eq. 7): softmax(s) over E, top-K; the combine weight is the softmax
+  probability, not renormalised (Switch-style top-1 by default).
+- Balance loss (Sec. 3.2, Eq. 8): `balance_coef * E * sum_i f_i P_i`, f_i = share of
+  assignments to i (demand), P_i = mean_t softmax(cos(W h, e) / tau0)_i with a FIXED
+  temperature tau0 (`balance_temperature`; Sec. 4.1: 0.3 for the softmax gate, 0.07 for the
+  sigmoid gate), so the loss does not pull the learnable tau. Coefficient 0.01 (the paper's
+  pre-training value is not in its main text; Table 5 sweeps 0 to 0.1 in fine-tuning);
   `balance_scope` sets which tokens f counts.
 
 Departures and SPEC note: SPEC section 2 describes `router.weight` as [E, D] centroids with
@@ -23,9 +28,9 @@ u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.w
 authors' torchscale code); torchscale also rescales e to norm 1.5 each step and leaves W h
 unnormalised, whereas this file follows the paper's formula (both sides normalised), where the
 scale of e does not matter. The temperature is clamped to >= 1e-4 (torchscale's
-`_get_gating_temperature`) so it cannot change sign. R = 16, top-1 (`Top1Gate(use_xmoe=True)`)
-and 0.07 (torchscale's `TEMPERATURE_FOR_L_UAX`) match the authors' code; torchscale computes
-the balance loss as E^2 * mean_i(me_i ce_i) = E * sum_i f_i P_i, the form used here.
+`_get_gating_temperature`) so it cannot change sign. R = 16 (Sec. 4.1: d_e = 16) and top-1
+(`Top1Gate(use_xmoe=True)`) match the paper and the authors' code; torchscale computes the
+balance loss as E^2 * mean_i(me_i ce_i) = E * sum_i f_i P_i, the form used here.
 """
 
 from __future__ import annotations
@@ -53,21 +58,20 @@ class XMoEConfig(BalanceScopeConfig):
     top_k: int = 1
     routing_dim: int = 16
     init_temperature: float = 0.07
+    balance_temperature: float = 0.3  # tau0 of Eq. 8, fixed (Sec. 4.1, softmax gate)
     balance_coef: float = 0.01
 
     def validate(self) -> None:
         super().validate()
         check_int(self, "routing_dim", 1)
         check_number(self, "init_temperature", positive=True)
+        check_number(self, "balance_temperature", positive=True)
         check_number(self, "balance_coef", minimum=0)
 
 
-def cosine_scores(
-    h_TR: torch.Tensor, emb_ER: torch.Tensor, temperature: torch.Tensor
-) -> torch.Tensor:
-    """s = cos(h, e) / tau (Eq. 6), both sides L2-normalised."""
-    cos_TE = F.normalize(h_TR, dim=-1, eps=1e-6) @ F.normalize(emb_ER, dim=-1, eps=1e-6).T
-    return cos_TE / temperature.clamp_min(1e-4)
+def cosines(h_TR: torch.Tensor, emb_ER: torch.Tensor) -> torch.Tensor:
+    """cos(h, e) (Eq. 6), both sides L2-normalised."""
+    return F.normalize(h_TR, dim=-1, eps=1e-6) @ F.normalize(emb_ER, dim=-1, eps=1e-6).T
 
 
 class XMoERouter(Router):
@@ -84,14 +88,23 @@ class XMoERouter(Router):
         `expert`'s most is its embedding brought back through the projection, proj^T e."""
         return self.proj.T @ self.weight[expert]
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def cosines(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, E] cos(W h, e_e) in the router's dtype."""
         with torch.autocast(x_TD.device.type, enabled=False):
             h_TR = x_TD.to(self.dtype) @ self.proj.to(self.dtype).T
-            return cosine_scores(h_TR, self.weight.to(self.dtype), self.temperature.to(self.dtype))
+            return cosines(h_TR, self.weight.to(self.dtype))
+
+    def scale(self, cos_TE: torch.Tensor) -> torch.Tensor:
+        """s = cos / tau (Eq. 6) with the learnable tau, kept > 0."""
+        return cos_TE / self.temperature.to(cos_TE.dtype).clamp_min(1e-4)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.cosines(x_TD))
 
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
         cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
-        logits_TE = self.logits(x_TD)
+        cos_TE = self.cosines(x_TD)
+        logits_TE = self.scale(cos_TE)
         probs_TE = F.softmax(logits_TE, dim=-1)
         weight_TK, expert_TK = probs_TE.topk(K, dim=-1)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
@@ -104,6 +117,10 @@ class XMoERouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
-            balance = scoped_balance_loss(self, demand_A[1], demand_A[0], probs_TE, num_seqs)
+            # Eq. 8: P from the fixed tau0, not the learnable tau the gate uses
+            balance_probs_TE = F.softmax(cos_TE / cfg.balance_temperature, dim=-1)
+            balance = scoped_balance_loss(
+                self, demand_A[1], demand_A[0], balance_probs_TE, num_seqs
+            )
             losses["balance"] = cfg.balance_coef * balance
         return routing, losses

@@ -100,9 +100,10 @@ def test_heterogeneous_balance_by_hand() -> None:
     layer, x = hand_layer()
     loss = layer.train()(x).losses["balance"]
     p = torch.softmax(LOGITS, -1)
-    f = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0]) / (3 * 2)
+    # Eq. 7: f_i = tokens selecting i / T (3 tokens, top-2: f sums to 2), no pool-size factor
+    f = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0]) / 3
     eta = torch.tensor([1.0, 1.0, 0.75, 0.75, 0.75])
-    expected = 0.01 * 5 * float((eta * f * p.mean(0)).sum())
+    expected = 0.01 * float((eta * f * p.mean(0)).sum())
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 

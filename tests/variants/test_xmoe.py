@@ -40,13 +40,19 @@ def test_temperature_and_projection_learn() -> None:
 
 
 def test_balance_loss_by_hand() -> None:
+    """Eq. 8: P_i from softmax(cos / tau0) with the fixed tau0 = 0.3, not the gate's tau."""
     layer = hand_layer()
     x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     out = layer.train()(x)
-    probs = out.routing.scores
+    cos = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    probs = torch.softmax(cos / 0.3, -1)
     f = torch.tensor([0.5, 0.5])  # token 0 -> expert 1, token 1 -> expert 0
-    expected = 0.01 * 2 * float((f * probs.detach().mean(0)).sum())
+    expected = 0.01 * 2 * float((f * probs.mean(0)).sum())
     assert out.losses["balance"].item() == pytest.approx(expected, rel=1e-6)
+    # the fixed tau0 keeps the balance loss from pulling the learnable temperature
+    layer.zero_grad()
+    out.losses["balance"].backward()
+    assert layer.router.temperature.grad is None or layer.router.temperature.grad.item() == 0
 
 
 def test_defaults_and_shapes() -> None:
@@ -62,6 +68,7 @@ def test_defaults_and_shapes() -> None:
     [
         ({"routing_dim": 0}, "routing_dim=0 must be >= 1"),
         ({"init_temperature": 0}, "init_temperature=0 must be > 0"),
+        ({"balance_temperature": -1}, "balance_temperature=-1 must be > 0"),
         ({"balance_coef": -0.1}, "balance_coef=-0.1 must be >= 0"),
     ],
 )
