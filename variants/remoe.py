@@ -72,7 +72,7 @@ class ReMoEConfig(MoEConfig):
 
 
 def l1_balance(gates_TE: torch.Tensor, top_k: int, refine: bool) -> torch.Tensor:
-    """L_reg = mean_t sum_e f_e R_{t,e}, f_e = E/(K T) #active tokens of e, detached (Eq. 8-9)."""
+    """L_reg = mean_t sum_e f_e R_{t,e}, f_e = E/(K T) #active tokens of e, detached (Eq. 10)."""
     T, E = gates_TE.shape
     if not refine:
         return gates_TE.sum(-1).mean()
