@@ -199,3 +199,16 @@ def test_markdown_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert claims.main([str(sweep)]) == 0
     assert "no claim" in capsys.readouterr().out
     assert claims.main([str(tmp_path / "absent")]) == 2
+
+
+def test_gaps_state_the_measured_drop_fraction() -> None:
+    """The "what the papers do" list carries the drop rate this sweep measured, per setting."""
+    rows = []
+    for seed, drop in enumerate((0.1, 0.3)):
+        rows.append(job("switch", seed, 3.5, **SWITCH))
+        rows[-1].append(fx.row(rows[-1][0], "drop_fraction", drop, step=0, layer="mean"))
+    lines = claims.gaps(frame(*rows))
+    assert any(
+        line.startswith("Measured: switch at capacity factor 1 dropped 20.0%") and "2 seeds" in line
+        for line in lines
+    ), lines
