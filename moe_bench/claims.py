@@ -518,8 +518,8 @@ def rows_for_report(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def measured_drops(frame: pd.DataFrame, jobs: pd.DataFrame) -> list[str]:
-    """One line per capacity-limited setting this sweep ran: the share of assignments it
-    dropped in training (mean over steps and seeds), beside Switch's "typically < 1%"."""
+    """One line per capacity-limited setting of this sweep that dropped assignments: the share
+    it dropped in training (mean over steps and seeds), beside Switch's "typically < 1%"."""
     found = []
     by_job = dict(tuple(frame.groupby("job_dir", sort=False)))
     cf = "variant.capacity_factor"
@@ -528,7 +528,7 @@ def measured_drops(frame: pd.DataFrame, jobs: pd.DataFrame) -> list[str]:
     for (variant, factor), part in jobs.dropna(subset=[cf]).groupby(["variant", cf]):
         drops = [mean_drop_fraction(by_job[j]) for j in part.index]
         drops = [d for d in drops if not math.isnan(d)]
-        if drops:
+        if drops and max(drops) > 0:  # expert choice's capacity drops nothing by construction
             found.append(
                 f"Measured: {variant} at capacity factor {factor:g} dropped "
                 f"{100 * float(np.mean(drops)):.1f}% of its assignments in training (mean over "
