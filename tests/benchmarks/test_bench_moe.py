@@ -9,16 +9,13 @@ times every case on its own (the table people read, and peak memory).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from moe_bench.benchgate import RULES
 from moe_bench.isocompute import ffn_flops_per_token
 from moe_bench.metrics import load_entropy
-from moe_bench.timing import median_ci_halfwidth, time_pair
 
+from . import gated
 from .cases import (
     CASES,
     SMOKE,
@@ -35,52 +32,26 @@ ROUNDS = {"dense": 5, "grouped": 5}
 OTHER_ROUNDS, WARMUP_ROUNDS = 3, 1
 # forward+backward costs about three forwards (two GEMMs in backward per GEMM in forward)
 FWD_BWD_FLOPS_PER_FWD = 3
-TIME_RULES = {rule.name: rule for rule in RULES if rule.metric == "time"}
-RATIO_PRECISION = 0.03  # `<=` rules: rounds until the median ratio is known within +-3%
 
 
-@pytest.mark.parametrize("rule", list(TIME_RULES))
+@pytest.mark.parametrize("rule", list(gated.TIME_RULES))
 def test_gated_ratio(benchmark, bench_threads: int, rule: str) -> None:
     """The rule's two layers timed interleaved (A B, B A, ...), so a load or clock change mid-run
-    hits both alike; the gate reads fastest over fastest round (moe_bench/benchgate.py says why)
-    and shows the median per-round ratio with its confidence interval."""
-    spec = TIME_RULES[rule]
-    steps = []
-    for variant, backend in (spec.numerator, spec.denominator):
-        x_TD, grad_TD = make_inputs(spec.size)
-        steps.append(training_step(build_layer(Case(spec.size, variant, backend)), x_TD, grad_TD))
-    rounds, most = (1, 1) if SMOKE["on"] else spec.rounds
+    hits both alike, in a process of its own (`tests/benchmarks/gated.py` says why); the gate
+    reads fastest over fastest round (moe_bench/benchgate.py says why) and shows the median
+    per-round ratio with its confidence interval. The default test run smoke-runs it here."""
+    smoke = SMOKE["on"]
     benchmark.group = "gated ratios"
-    pair = benchmark.pedantic(
-        lambda: time_pair(
-            *steps,
-            torch.device("cpu"),
-            warmup=0 if SMOKE["on"] else WARMUP_ROUNDS,
-            repeats=rounds,
-            max_repeats=most,
-            precision=RATIO_PRECISION,
-            desc=rule,
-        ),
+    info = benchmark.pedantic(
+        lambda: gated.measure(rule, smoke=True) if smoke else gated.in_fresh_process(rule),
         rounds=1,
         iterations=1,
     )
-    ratios = pair.ratio.samples_ms
-    halfwidth = median_ci_halfwidth(ratios)
-    assert len(ratios) >= rounds and all(r > 0 for r in ratios)
-    benchmark.extra_info.update(
-        {
-            "rule": rule,
-            "num_threads": bench_threads,
-            "fastest_ratio": pair.a.min_ms / pair.b.min_ms,  # what the gate reads
-            "interleaved_ratio": pair.ratio.median_ms,
-            # infinite below 6 rounds: JSON has no infinity, so null
-            "ratio_ci_halfwidth": halfwidth if math.isfinite(halfwidth) else None,
-            "rounds": len(ratios),
-            "ratios": ratios,
-            "numerator_ms": pair.a.median_ms,
-            "denominator_ms": pair.b.median_ms,
-        }
+    assert info["rule"] == rule and info["rounds"] >= (
+        1 if smoke else gated.TIME_RULES[rule].rounds[0]
     )
+    assert all(r > 0 for r in info["ratios"]) and info["num_threads"] == bench_threads
+    benchmark.extra_info.update(info)
 
 
 @pytest.mark.parametrize(

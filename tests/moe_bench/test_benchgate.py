@@ -166,11 +166,29 @@ def test_time_rules_read_the_interleaved_ratio_not_separate_cases(tmp_path: Path
     }
     spiked = fake_bench_json(slowed(HEALTHY_S, "grouped", 2.0), HEALTHY_BYTES, interleaved=healthy)
     assert failures(load_run(write(tmp_path, "spiked.json", spiked))) == []
-    fine = "fine time: deepseek_moe/grouped vs dense/dense"
-    slow = fake_bench_json(HEALTHY_S, HEALTHY_BYTES, interleaved={fine: 1.6})
+    fine = next(r for r in RULES if r.name == "fine time: deepseek_moe/grouped vs dense/dense")
+    slow = fake_bench_json(HEALTHY_S, HEALTHY_BYTES, interleaved={fine.name: fine.limit + 0.1})
     assert failures(load_run(write(tmp_path, "slow.json", slow))) == [
-        f"{fine}: 1.60, must be <= 1.5"
+        f"{fine.name}: {fine.limit + 0.1:.2f}, must be <= {fine.limit:g}"
     ]
+
+
+def test_goal_is_reported_apart_from_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A ratio between a rule's goal and its limit passes the gate and reads 'not met'."""
+    fine = next(r for r in RULES if r.name == "fine time: deepseek_moe/grouped vs dense/dense")
+    assert fine.goal is not None and fine.goal < fine.limit
+    between = (fine.goal + fine.limit) / 2
+    path = write(
+        tmp_path,
+        "run.json",
+        fake_bench_json(HEALTHY_S, HEALTHY_BYTES, interleaved={fine.name: between}),
+    )
+    assert main([str(path), "--baseline", str(tmp_path / "none.json")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(fine.name))
+    assert line.endswith(f"ok       <= {fine.goal:g}: not met")
+    assert fine.meets_goal(fine.goal) and not fine.meets_goal(between)
 
 
 def test_gate_reads_fastest_rounds_and_shows_the_median(
