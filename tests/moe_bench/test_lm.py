@@ -88,12 +88,25 @@ def test_trains_under_bf16_autocast(variant, backend):
 # sequence's drops can depend on earlier sequences. B = 1 isolates causality proper. gshard is
 # left out: its first choices of *all* tokens fill capacity before any second choice, so a later
 # token can evict an earlier token's second choice.
-@pytest.mark.parametrize("variant", ["dense", "switch", "deepseek_moe", "deepseek_v3"])
-def test_future_tokens_do_not_change_earlier_logits(variant):
-    lm = tiny_lm(variant).eval()
-    idx_BS = random_tokens(1, 24)
+# expert_choice with selection_scope=position picks among the B sequences' tokens at one
+# position (B = 4, so the choice is a real one), so later positions never count.
+# (variant, layer fields, B)
+CAUSAL = [
+    ("dense", {}, 1),
+    ("switch", {}, 1),
+    ("deepseek_moe", {}, 1),
+    ("deepseek_v3", {}, 1),
+    ("expert_choice", {"num_experts": 4, "expert_hidden": 16, "selection_scope": "position"}, 4),
+]
+
+
+@pytest.mark.parametrize(("variant", "fields", "B"), CAUSAL, ids=[v for v, _, _ in CAUSAL])
+def test_future_tokens_do_not_change_earlier_logits(variant: str, fields: dict, B: int) -> None:
+    cfg = LMConfig(d_model=D, n_layers=2, n_heads=4, seq_len=32)
+    lm = build_lm(variant, {**TINY.get(variant, {}), "backend": "loop", **fields}, cfg).eval()
+    idx_BS = random_tokens(B, 24)
     changed_BS = idx_BS.clone()
-    changed_BS[:, 12:] = random_tokens(1, 12, seed=5)
+    changed_BS[:, 12:] = random_tokens(B, 12, seed=5)
     with torch.no_grad():
         before, after = lm(idx_BS).logits, lm(changed_BS).logits
     torch.testing.assert_close(before[:, :12], after[:, :12], rtol=0, atol=1e-6)
@@ -111,21 +124,6 @@ def test_expert_choice_leaks_future_tokens():
         before, after = lm(idx_BS).logits, lm(changed_BS).logits
     # each expert picks its top tokens over the whole batch, future positions included
     assert not torch.allclose(before[:, :16], after[:, :16], rtol=0, atol=1e-6)
-
-
-@pytest.mark.skipif("expert_choice" not in variants.names(), reason="expert_choice not registered")
-def test_expert_choice_position_scope_keeps_the_future_out():
-    cfg = LMConfig(d_model=D, n_layers=2, n_heads=4, seq_len=32)
-    fields = dict(num_experts=4, expert_hidden=16, selection_scope="position")
-    lm = build_lm("expert_choice", fields, cfg).eval()
-    idx_BS = random_tokens(4, 32)
-    changed_BS = idx_BS.clone()
-    changed_BS[:, 16:] = random_tokens(4, 16, seed=5)
-    with torch.no_grad():
-        before, after = lm(idx_BS).logits, lm(changed_BS).logits
-    # each expert picks among the sequences' tokens at one position: later positions never count
-    torch.testing.assert_close(before[:, :16], after[:, :16], rtol=0, atol=1e-6)
-    assert not torch.allclose(before[:, 16:], after[:, 16:])
 
 
 def train(lm: TinyLM, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> list[float]:
