@@ -165,7 +165,7 @@ def expand(cfg) -> list[list[str]]:
 SELECTION_SCOPE = "selection_scope" in variants.make_config("expert_choice").__dataclass_fields__
 
 
-@pytest.mark.parametrize(("preset", "jobs"), [("claims", 33), ("claims_gpu", 39)])
+@pytest.mark.parametrize(("preset", "jobs"), [("claims", 36), ("claims_gpu", 39)])
 def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int) -> None:
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     batches = expand(cfg)
