@@ -32,12 +32,10 @@ from .config import BalanceScopeConfig, SharedExpertConfig, check_divides, check
 from .routing import (
     Router,
     Routing,
-    drop_over_capacity,
     f_dot_p,
-    flatten_topk,
-    make_routing,
     norm_topk,
     scoped_balance_loss,
+    token_order_routing,
 )
 
 
@@ -74,24 +72,18 @@ def device_balance(f_E: torch.Tensor, p_E: torch.Tensor, num_devices: int) -> to
 
 class DeepSeekMoERouter(Router):
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
-        cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
+        cfg, T, K = self.cfg, x_TD.shape[0], self.cfg.top_k
         logits_TE = self.logits(x_TD)
         scores_TE = F.softmax(logits_TE, dim=-1)
         weight_TK, expert_TK = scores_TE.topk(K, dim=-1)
         weight_TK = norm_topk(weight_TK, cfg.norm_topk_prob)
-        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
-        demand_A = (token_A, expert_A)  # before drops: f counts demand
-        demand_E = torch.bincount(expert_A, minlength=E)
-        capacity = cfg.capacity(T)
-        token_A, expert_A, weight_A = drop_over_capacity(
-            token_A, expert_A, weight_A, torch.arange(T * K, device=x_TD.device), capacity, E
-        )
-        routing = make_routing(
-            token_A, expert_A, weight_A, scores_TE, logits_TE, demand_E, capacity
+        # demand_A: before drops (f counts demand)
+        routing, demand_A = token_order_routing(
+            expert_TK, weight_TK, scores_TE, logits_TE, cfg.capacity(T)
         )
         losses = {}
         if self.training:
-            f_E, p_E = expert_fraction(demand_E, T, K), scores_TE.mean(0)
+            f_E, p_E = expert_fraction(routing.demand, T, K), scores_TE.mean(0)
             # E/(K T) * count = E * share: the scoped share, times E (Eq. 13)
             balance = scoped_balance_loss(self, demand_A[1], demand_A[0], scores_TE, num_seqs)
             losses["balance"] = cfg.alpha1 * balance

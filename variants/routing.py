@@ -126,6 +126,25 @@ def drop_over_capacity(
     return token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
 
 
+def token_order_routing(
+    expert_TK: torch.Tensor,
+    weight_TK: torch.Tensor,
+    scores_TE: torch.Tensor,
+    logits_TE: torch.Tensor,
+    capacity: int | None,
+) -> tuple[Routing, tuple[torch.Tensor, torch.Tensor]]:
+    """[T, K] choices as a Routing, over-capacity assignments dropped in token order (earlier
+    tokens, then a token's earlier choices, first; None keeps all). Also returns the demand
+    (token_A, expert_A) before drops, which the balance losses' f counts."""
+    T, K = expert_TK.shape
+    E = scores_TE.shape[-1]
+    token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
+    demand_E = torch.bincount(expert_A, minlength=E)
+    priority_A = torch.arange(T * K, device=expert_TK.device)
+    kept = drop_over_capacity(token_A, expert_A, weight_A, priority_A, capacity, E)
+    return make_routing(*kept, scores_TE, logits_TE, demand_E, capacity), (token_A, expert_A)
+
+
 def uniform_choice(num_tokens: int, num_experts: int, k: int, device: torch.device) -> torch.Tensor:
     """Round-robin `expert_TK`: token t's j-th choice is (t*K + j) mod E (distinct when K <= E)."""
     t_T1 = torch.arange(num_tokens, device=device)[:, None]
@@ -235,13 +254,7 @@ class Router(nn.Module):
         T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
         expert_TK = uniform_choice(T, E, K, x_TD.device)
         weight_TK = torch.full((T, K), 1.0 / K, dtype=scores_TE.dtype, device=x_TD.device)
-        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
-        demand_E = torch.bincount(expert_A, minlength=E)
-        capacity = cfg.capacity(T)
-        token_A, expert_A, weight_A = drop_over_capacity(
-            token_A, expert_A, weight_A, torch.arange(T * K, device=x_TD.device), capacity, E
-        )
-        return make_routing(token_A, expert_A, weight_A, scores_TE, logits_TE, demand_E, capacity)
+        return token_order_routing(expert_TK, weight_TK, scores_TE, logits_TE, cfg.capacity(T))[0]
 
     def update_bias(self) -> None:
         """Loss-free balancing hook (DeepSeek-V3); a no-op for routers without a bias."""

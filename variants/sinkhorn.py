@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MoEConfig, check_int, check_number
-from .routing import Router, Routing, drop_over_capacity, flatten_topk, make_routing
+from .routing import Router, Routing, token_order_routing
 
 
 @dataclass
@@ -74,7 +74,7 @@ class SinkhornRouter(Router):
         return F.softmax(logits_TE, dim=-1)
 
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
-        cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
+        cfg, T, K = self.cfg, x_TD.shape[0], self.cfg.top_k
         logits_TE = self.logits(x_TD)
         scores_TE = self.score(logits_TE)
         if self.training:
@@ -83,13 +83,8 @@ class SinkhornRouter(Router):
             expert_TK = plan_TE.topk(K, dim=-1).indices
         else:
             expert_TK = scores_TE.detach().topk(K, dim=-1).indices
-        token_A, expert_A, weight_A = flatten_topk(expert_TK, scores_TE.gather(1, expert_TK))
-        demand_E = torch.bincount(expert_A, minlength=E)
-        capacity = cfg.capacity(T)
-        token_A, expert_A, weight_A = drop_over_capacity(
-            token_A, expert_A, weight_A, torch.arange(T * K, device=x_TD.device), capacity, E
-        )
-        routing = make_routing(
-            token_A, expert_A, weight_A, scores_TE, logits_TE, demand_E, capacity
+        weight_TK = scores_TE.gather(1, expert_TK)
+        routing, _ = token_order_routing(
+            expert_TK, weight_TK, scores_TE, logits_TE, cfg.capacity(T)
         )
         return routing, {}

@@ -45,10 +45,8 @@ from .config import BalanceScopeConfig, check_int, check_number
 from .routing import (
     Router,
     Routing,
-    drop_over_capacity,
-    flatten_topk,
-    make_routing,
     scoped_balance_loss,
+    token_order_routing,
 )
 
 
@@ -102,19 +100,14 @@ class XMoERouter(Router):
         return self.scale(self.cosines(x_TD))
 
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
-        cfg, T, E, K = self.cfg, x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
+        cfg, T, K = self.cfg, x_TD.shape[0], self.cfg.top_k
         cos_TE = self.cosines(x_TD)
         logits_TE = self.scale(cos_TE)
         probs_TE = F.softmax(logits_TE, dim=-1)
         weight_TK, expert_TK = probs_TE.topk(K, dim=-1)
-        token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
-        demand_A = (token_A, expert_A)
-        demand_E = torch.bincount(expert_A, minlength=E)
-        capacity = cfg.capacity(T)
-        token_A, expert_A, weight_A = drop_over_capacity(
-            token_A, expert_A, weight_A, torch.arange(T * K, device=x_TD.device), capacity, E
+        routing, demand_A = token_order_routing(
+            expert_TK, weight_TK, probs_TE, logits_TE, cfg.capacity(T)
         )
-        routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
             # Eq. 8: P from the fixed tau0, not the learnable tau the gate uses
