@@ -22,11 +22,10 @@ import torch
 from moe_bench.benchgate import RULES
 from moe_bench.timing import median_ci_halfwidth, time_pair
 
-from .cases import NUM_THREADS, Case, build_layer, make_inputs, training_step
+from .cases import NUM_THREADS, WARMUP_ROUNDS, Case, build_layer, make_inputs, training_step
 
 TIME_RULES = {rule.name: rule for rule in RULES if rule.metric == "time"}
 RATIO_PRECISION = 0.03  # `<=` rules: rounds until the median ratio is known within +-3%
-WARMUP_ROUNDS = 1
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -19,6 +19,7 @@ from . import gated
 from .cases import (
     CASES,
     SMOKE,
+    WARMUP_ROUNDS,
     Case,
     build_layer,
     make_inputs,
@@ -29,7 +30,7 @@ from .cases import (
 
 # the gated ratios' own cases get more rounds; slow baselines (seconds per step) fewer
 ROUNDS = {"dense": 5, "grouped": 5}
-OTHER_ROUNDS, WARMUP_ROUNDS = 3, 1
+OTHER_ROUNDS = 3
 # forward+backward costs about three forwards (two GEMMs in backward per GEMM in forward)
 FWD_BWD_FLOPS_PER_FWD = 3
 
