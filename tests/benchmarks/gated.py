@@ -52,8 +52,8 @@ def measure(rule: str, smoke: bool = False) -> dict[str, Any]:
     return {
         "rule": rule,
         "num_threads": torch.get_num_threads(),
-        "fastest_ratio": pair.a.min_ms / pair.b.min_ms,  # what the gate reads
-        "interleaved_ratio": pair.ratio.median_ms,
+        "fastest_ratio": pair.a.min_ms / pair.b.min_ms,
+        "interleaved_ratio": pair.ratio.median_ms,  # what the gate reads
         # infinite below 6 rounds: JSON has no infinity, so null
         "ratio_ci_halfwidth": halfwidth if math.isfinite(halfwidth) else None,
         "rounds": len(ratios),

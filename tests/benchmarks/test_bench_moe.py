@@ -39,8 +39,8 @@ FWD_BWD_FLOPS_PER_FWD = 3
 def test_gated_ratio(benchmark, bench_threads: int, rule: str) -> None:
     """The rule's two layers timed interleaved (A B, B A, ...), so a load or clock change mid-run
     hits both alike, in a process of its own (`tests/benchmarks/gated.py` says why); the gate
-    reads fastest over fastest round (moe_bench/benchgate.py says why) and shows the median
-    per-round ratio with its confidence interval. The default test run smoke-runs it here."""
+    reads the median per-round ratio and shows its confidence interval and the fastest-rounds
+    ratio (moe_bench/benchgate.py says why). The default test run smoke-runs it here."""
     smoke = SMOKE["on"]
     benchmark.group = "gated ratios"
     info = benchmark.pedantic(
