@@ -25,6 +25,7 @@ for reading; it gates only memory, which is deterministic.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import operator
@@ -56,6 +57,9 @@ class Rule:
     limit: float
     metric: str = "time"  # "time" or "memory"
     goal: float | None = None
+    # a package one of its layers needs (an optional peer): where it is not installed the rule
+    # is skipped with that reason; where it is, a missing measurement fails like any other
+    requires: str | None = None
 
     @property
     def name(self) -> str:
@@ -68,6 +72,12 @@ class Rule:
     def meets_goal(self, ratio: float) -> bool:
         return {"<=": operator.le, ">=": operator.ge}[self.op](ratio, self.goal or self.limit)
 
+    def skipped(self) -> str | None:
+        """Why the rule cannot be measured here (its `requires` is not installed), else None."""
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            return f"skipped: {self.requires} is not installed"
+        return None
+
     @property
     def rounds(self) -> tuple[int, int]:
         """(rounds, most rounds) of its interleaved timing: "at least" rules have wide margins
@@ -77,29 +87,29 @@ class Rule:
 
 DENSE = ("dense", "dense")
 FINE, COARSE = ("deepseek_moe", "grouped"), ("mixtral", "grouped")
-# Goals of issue 7 (forward+backward, T=4096, D=512, float32, 2 threads).
+HF = ("hf_deepseek_v2", "grouped_mm")  # HF transformers' DeepSeek-V2 MoE block (tests/benchmarks)
+# Forward+backward, float32, 2 threads, SwiGLU experts; fine and coarse at T=4096, D=512 (issue 7),
+# quick at the quick sweep's size T=2048, D=128, E=64, H=32, K=8, 1 shared (issue 18). Median
+# ratios, interleaved, a fresh process each, on the 2-core dev box: see reports/benchmarks/
+# README.md for the runs behind each limit. Where an issue's goal sits inside the noise of a CI
+# machine (or is not reached), the limit sits above the highest measurement: it catches a
+# regression, and the table says whether each run met the goal.
 RULES: tuple[Rule, ...] = (
-    # dropless grouped dispatch near the dense FFN with the same active FLOPs. Median ratios,
-    # interleaved, a fresh process each, on the idle 2-core dev box (2026-11-29, six runs):
-    # fine 1.35-1.59, coarse 1.03-1.15. The goals (1.5, 1.2) are met only in some runs, so the
-    # limits sit about 10-15% above the highest measurement: they catch a regression, and the
-    # table says whether each run met the goal.
-    Rule("fine", FINE, DENSE, "<=", 1.75, goal=1.5),
-    Rule("coarse", COARSE, DENSE, "<=", 1.35, goal=1.2),
-    # the HuggingFace DeepseekMoE training path (boolean mask per expert) at E=64
+    # dropless grouped dispatch near the dense FFN with the same active FLOPs (issues 7, 18)
+    Rule("fine", FINE, DENSE, "<=", 1.75, goal=1.25),
+    Rule("coarse", COARSE, DENSE, "<=", 1.2, goal=1.05),
+    Rule("quick", FINE, DENSE, "<=", 3.2, goal=1.6),
+    # at least 1.5x faster than HF transformers' grouped_mm experts (issue 18): ours / HF
+    Rule("fine", FINE, HF, "<=", 0.85, goal=1 / 1.5, requires="transformers"),
+    Rule("quick", FINE, HF, "<=", 0.85, goal=1 / 1.5, requires="transformers"),
+    # HF's old DeepseekMoE training path (boolean mask per expert) at E=64
     Rule("fine", ("deepseek_moe", "hf_style"), FINE, ">=", 10.0),
+    Rule("quick", ("deepseek_moe", "hf_style"), FINE, ">=", 1.5),
     # the plain per-expert reference must stay behind the fast path it is the reference for
     Rule("fine", ("deepseek_moe", "loop"), FINE, ">=", 1.3),
     # peak tensor memory of a training step above parameters and gradients
     Rule("fine", FINE, DENSE, "<=", 1.5, metric="memory"),
     Rule("coarse", COARSE, DENSE, "<=", 1.5, metric="memory"),
-    # Issue 18: the quick sweep's size (T=2048, D=128, E=64, H=32, K=8, 1 shared), where the
-    # per-expert dispatch overhead dominates. The issue's goal (1.6x) is not reached: median
-    # ratios 2.52-3.54x interleaved in a fresh process on the idle 2-core dev box (2026-11-29,
-    # eight runs; 2.83x in a standalone script, 3.12x for the code before issue 18); the limit
-    # sits about 13% above the highest.
-    Rule("quick", FINE, DENSE, "<=", 4.0, goal=1.6),
-    Rule("quick", ("deepseek_moe", "hf_style"), FINE, ">=", 1.5),
     Rule("quick", FINE, DENSE, "<=", 1.5, metric="memory"),
 )
 
@@ -181,6 +191,8 @@ def failures(run: Run, rules: Sequence[Rule] = RULES) -> list[str]:
     out = []
     for rule in rules:
         value = ratio(run, rule)
+        if value is None and rule.skipped():
+            continue
         if value is None:
             what = "interleaved timing" if rule.metric == "time" else "case"
             out.append(f"{rule.name}: {what} missing from the run")
@@ -223,6 +235,8 @@ def table(run: Run, baseline: Run | None, rules: Sequence[Rule] = RULES) -> str:
         base = ratio(baseline, rule, sequential=True) if baseline is not None else None
         change = f"{value / base - 1:+.0%}" if value is not None and base else "-"
         verdict = "missing" if value is None else ("ok" if rule.holds(value) else "FAIL")
+        if value is None and rule.skipped():
+            verdict = rule.skipped()
         limit = f"{rule.op} {rule.limit:g}"
         line = (
             f"{rule.name:<48} {limit:>8} {_fmt(value):>7} {_spread(run, rule):>28} "

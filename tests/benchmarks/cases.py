@@ -8,11 +8,14 @@ The sizes are the two shapes issue 7 sets goals for (T=4096, D=512, float32, 2 t
 - `coarse`: Mixtral-like, E=8, H=1024, K=2 (dense reference: width 2048).
 and the quick sweep's size (issue 18): `quick`, T=2048, D=128, E=64, H=32, K=8, 1 shared expert
 (dense reference: width 288), where per-expert dispatch overhead, not GEMM FLOPs, dominates.
-The HF transformers peer (`hf_grouped_mm`) runs only where transformers is installed (an
-optional dev dependency); elsewhere it is skipped with the reason, and `hf_style` (HF's
-DeepseekMoE training path re-implemented here) stands in.
-The dense reference of each size is the FFN with the same active expert FLOPs
-(`moe_bench.isocompute.dense_reference`).
+Every expert is SwiGLU, as in DeepSeekMoE and Mixtral (and in HF's peer, whose experts are
+always gated). The dense reference of each size is the SwiGLU FFN with the same active expert
+FLOPs (`moe_bench.isocompute.dense_reference`).
+
+Peers: `hf_style` re-implements HF's old DeepseekMoE training path (a boolean mask per
+expert); `hf_deepseek_v2/grouped_mm` is HF transformers' own DeepSeek-V2 MoE block with its
+`grouped_mm` experts (`hf_peer.py`) at the fine-grained sizes, where transformers is installed
+(the dev extra); elsewhere it is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ from moe_bench.timing import peak_memory
 from variants.experts import ExpertBank
 from variants.routing import Routing
 
+from . import hf_peer
+
 NUM_TOKENS, D_MODEL = 4096, 512
 NUM_THREADS = 2  # the CI machine's cores; the goals are stated for 2 threads
 WARMUP_ROUNDS = 1  # untimed steps of each layer before timing (allocator growth, caches)
-SIZES: dict[str, dict[str, int]] = {
+SIZES: dict[str, dict[str, Any]] = {
     "fine": {"num_experts": 64, "expert_hidden": 128, "top_k": 8},
     "coarse": {"num_experts": 8, "expert_hidden": 1024, "top_k": 2},
     "quick": {"num_experts": 64, "expert_hidden": 32, "top_k": 8, "num_shared_experts": 1},
 }
+ACTIVATION = "swiglu"
 # (tokens, model width) of a size where not the default
 SHAPES: dict[str, tuple[int, int]] = {"quick": (2048, 128)}
 
@@ -57,6 +63,8 @@ def shape(size: str) -> tuple[int, int]:
 # `padded` needs capacity buffers; 1.25 is Switch's default (some assignments drop).
 PADDED_CAPACITY_FACTOR = 1.25
 HF_STYLE = "hf_style"  # the fake backend below, benchmarked next to the real ones
+HF_PEER = ("hf_deepseek_v2", "grouped_mm")  # (variant, backend) of HF transformers' block
+HF_SIZES = ("quick", "fine")  # its fine-grained sizes
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ def _cases() -> list[Case]:
         out.append(Case(size, "dense", "dense"))
         for backend in ("grouped", "loop", HF_STYLE, "padded"):
             out.append(Case(size, "deepseek_moe", backend))
+        if size in HF_SIZES:
+            out.append(Case(size, *HF_PEER))
         if size == "quick":  # the quick sweep's fine-grained layer only
             continue
         # mixtral is dropless only: no padded; its HF path is not the repeat_interleave one
@@ -107,7 +117,12 @@ def hf_style(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Te
 
 def moe_fields(case: Case) -> dict[str, Any]:
     size = SIZES[case.size]
-    fields: dict[str, Any] = {"d_model": shape(case.size)[1], "num_shared_experts": 0, **size}
+    fields: dict[str, Any] = {
+        "d_model": shape(case.size)[1],
+        "num_shared_experts": 0,
+        "activation": ACTIVATION,
+        **size,
+    }
     if case.variant == "mixtral":
         fields.pop("num_shared_experts")
     if case.backend == "padded":
@@ -118,6 +133,16 @@ def moe_fields(case: Case) -> dict[str, Any]:
 def build_layer(case: Case) -> nn.Module:
     """The layer a case times, with fixed initial weights (seeded)."""
     torch.manual_seed(0)
+    if (case.variant, case.backend) == HF_PEER:
+        f = moe_fields(case)
+        return hf_peer.HFDeepseekV2MoE(
+            f["d_model"],
+            f["num_experts"],
+            f["expert_hidden"],
+            f["top_k"],
+            f["num_shared_experts"],
+            implementation=case.backend,
+        )
     if case.variant == "dense":
         moe_cfg = variants.make_config("deepseek_moe", **moe_fields(Case(case.size, "", "")))
         return variants.build("dense", **dense_reference(moe_cfg))

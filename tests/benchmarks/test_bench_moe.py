@@ -15,9 +15,10 @@ import torch
 from moe_bench.isocompute import ffn_flops_per_token
 from moe_bench.metrics import load_entropy
 
-from . import gated
+from . import gated, hf_peer
 from .cases import (
     CASES,
+    HF_PEER,
     SMOKE,
     WARMUP_ROUNDS,
     Case,
@@ -42,6 +43,9 @@ def test_gated_ratio(benchmark, bench_threads: int, rule: str) -> None:
     reads the median per-round ratio and shows its confidence interval and the fastest-rounds
     ratio (moe_bench/benchgate.py says why). The default test run smoke-runs it here."""
     smoke = SMOKE["on"]
+    spec = gated.TIME_RULES[rule]
+    if HF_PEER in (spec.numerator, spec.denominator) and hf_peer.available():
+        pytest.skip(hf_peer.available())
     benchmark.group = "gated ratios"
     info = benchmark.pedantic(
         lambda: gated.measure(rule, smoke=True) if smoke else gated.in_fresh_process(rule),
@@ -69,6 +73,8 @@ def test_fwd_bwd(
     backend: str,
 ) -> None:
     case = Case(size, variant, backend)
+    if (variant, backend) == HF_PEER and hf_peer.available():
+        pytest.skip(hf_peer.available())
     layer = build_layer(case)
     x_TD, grad_TD = make_inputs(size)
     num_tokens = shape(size)[0]
@@ -79,13 +85,15 @@ def test_fwd_bwd(
         warmup_rounds=WARMUP_ROUNDS,
     )
     assert out.y.shape == x_TD.shape and torch.isfinite(out.y).all()
+    # the peer computes what deepseek_moe/grouped of its size computes
+    cfg = build_layer(Case(size, "deepseek_moe", "grouped")).cfg if out.routing is None else None
     info = {
         "size": size,
         "variant": variant,
         "backend": backend,
         "num_threads": bench_threads,
-        "active_flops": FWD_BWD_FLOPS_PER_FWD * num_tokens * ffn_flops_per_token(layer.cfg),
-        "load_entropy": load_entropy(out.routing.load),
+        "active_flops": FWD_BWD_FLOPS_PER_FWD * num_tokens * ffn_flops_per_token(cfg or layer.cfg),
+        "load_entropy": load_entropy(out.routing.load) if out.routing is not None else None,
         # which expert-compute path the layer's backend ran (grouped: per_expert, padded_bmm)
         "dispatch_path": getattr(out.routing, "dispatch_path", None),
     }
@@ -99,13 +107,3 @@ def test_fwd_bwd(
         if size in dense_seconds:
             info["ratio_to_dense"] = seconds / dense_seconds[size]
     benchmark.extra_info.update(info)
-
-
-def test_hf_transformers_peer() -> None:
-    """HF transformers' MoE (`grouped_mm` experts) at the fine-grained sizes, where installed."""
-    pytest.importorskip(
-        "transformers",
-        reason="transformers is not installed (optional dev dependency: pip install "
-        "'transformers>=5.24'); hf_style stands in for HF's DeepseekMoE training path",
-    )
-    pytest.skip("transformers is installed but its MoE peer is not wired into this suite yet")

@@ -22,11 +22,13 @@ HEALTHY_S = {
     ("fine", "deepseek_moe", "grouped"): 0.130,
     ("fine", "deepseek_moe", "loop"): 0.250,
     ("fine", "deepseek_moe", "hf_style"): 2.000,
+    ("fine", "hf_deepseek_v2", "grouped_mm"): 0.260,
     ("coarse", "dense", "dense"): 0.200,
     ("coarse", "mixtral", "grouped"): 0.220,
     ("quick", "dense", "dense"): 0.010,
     ("quick", "deepseek_moe", "grouped"): 0.016,
     ("quick", "deepseek_moe", "hf_style"): 0.100,
+    ("quick", "hf_deepseek_v2", "grouped_mm"): 0.040,
 }
 HEALTHY_BYTES = {
     ("fine", "dense", "dense"): 100e6,
@@ -140,12 +142,19 @@ def test_equal_slowdown_of_everything_passes(tmp_path: Path) -> None:
 def test_each_rule_flips_at_its_limit(
     tmp_path: Path, rule: Rule, side: float, should_hold: bool
 ) -> None:
-    """Set the rule's numerator to just inside / just outside its limit; only that rule moves."""
+    """Set the rule's ratio to just inside / just outside its limit by moving the side no other
+    rule of its metric reads; only that rule moves."""
     seconds, peaks = dict(HEALTHY_S), dict(HEALTHY_BYTES)
     table = seconds if rule.metric == "time" else peaks
     num_key, den_key = (rule.size, *rule.numerator), (rule.size, *rule.denominator)
     inside = side if rule.op == "<=" else 2 - side  # ">=": 1.01 is inside, 0.99 outside
-    table[num_key] = table[den_key] * rule.limit * inside
+    readers = [
+        {(r.size, *r.numerator), (r.size, *r.denominator)} for r in RULES if r.metric == rule.metric
+    ]
+    if sum(num_key in keys for keys in readers) == 1:
+        table[num_key] = table[den_key] * rule.limit * inside
+    else:
+        table[den_key] = table[num_key] / (rule.limit * inside)
     run = load_run(write(tmp_path, "run.json", fake_bench_json(seconds, peaks)))
     assert ratio(run, rule) == pytest.approx(rule.limit * inside)
     assert rule.holds(ratio(run, rule)) is should_hold
@@ -242,3 +251,16 @@ def test_committed_baseline_passes_the_gate() -> None:
         pytest.skip(f"{benchgate.DEFAULT_BASELINE} not recorded yet (reports/benchmarks/README.md)")
     run = load_run(baseline)
     assert failures(run) == []  # every rule present, interleaved time ratios included
+
+
+@pytest.mark.parametrize(("package", "fails"), [("json", True), ("no_such_package_here", False)])
+def test_a_rule_whose_peer_is_not_installed_is_skipped_not_passed(
+    tmp_path: Path, package: str, fails: bool
+) -> None:
+    """A missing measurement fails unless the rule's `requires` is not installed here; then the
+    table says it was skipped and why."""
+    rule = Rule("quick", ("deepseek_moe", "grouped"), ("peer", "x"), "<=", 1.0, requires=package)
+    run = load_run(write(tmp_path, "run.json", fake_bench_json(HEALTHY_S, HEALTHY_BYTES)))
+    assert bool(failures(run, [rule])) is fails
+    expected = "missing" if fails else f"skipped: {package} is not installed"
+    assert expected in benchgate.table(run, None, [rule])
