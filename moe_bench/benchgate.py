@@ -98,7 +98,7 @@ RULES: tuple[Rule, ...] = (
     # dropless grouped dispatch near the dense FFN with the same active FLOPs (issues 7, 18)
     Rule("fine", FINE, DENSE, "<=", 1.75, goal=1.25),
     Rule("coarse", COARSE, DENSE, "<=", 1.2, goal=1.05),
-    Rule("quick", FINE, DENSE, "<=", 3.2, goal=1.6),
+    Rule("quick", FINE, DENSE, "<=", 4.0, goal=1.6),
     # at least 1.5x faster than HF transformers' grouped_mm experts (issue 18): ours / HF
     Rule("fine", FINE, HF, "<=", 0.85, goal=1 / 1.5, requires="transformers"),
     Rule("quick", FINE, HF, "<=", 0.85, goal=1 / 1.5, requires="transformers"),

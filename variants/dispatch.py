@@ -18,15 +18,16 @@ The layout (`ExpertRows`, planned by `plan_chunks` from the per-expert loads):
   expert has no padding at all ("per_expert", which `path` can force).
 Why this shape, from torch.profiler on 2 AMD EPYC threads (issue 18, T=2048, D=128, E=64, K=8,
 H=32, fwd+bwd): one `mm` per expert spent most of the step in per-op dispatch (524 `mm` calls a
-step at 24 us each) and in gathers, scatters and activations too small to use both threads;
-chunks of 2-3 experts padded to the largest load of all 64 did 29% pad work and still ran
-~20 small chunks. Chunks sized by bytes run every elementwise op on both threads, and the
-sorted loads keep the padding to a few percent.
+step at 24 us each, swiglu) and in gathers, scatters and activations on a few hundred rows;
+the earlier padded path (experts in id order, 2-3 per group, all padded to the largest load of
+all 64) did 29% pad work (gelu: 21184 rows for 16384 assignments). Sorted by load, the same
+routing needs 16560 rows (1% pad) in 19 chunks of 3-4 experts.
 
 Other choices, each measured on the same box:
 - No [A, D] copies: a chunk gathers its N rows of x right before its GEMM and again in
   backward; only the [R, P*H] first projection is saved, as a dense FFN saves its hidden
-  activations; the activation and its weighted copy are recomputed per chunk in backward.
+  activations; the activation and its weighted copy are recomputed in backward. Activations
+  run per block of consecutive chunks (`blocks`), so 64 small experts are not 64 small ops.
 - swiglu's w1 and w3 of a chunk are concatenated ([G, D, 2H]) so the first projection, its
   input gradient and its weight gradient are one GEMM each, 2H wide instead of two H wide:
   at H=32 a bmm 64 wide ran 15-25% faster than two 32 wide.
@@ -46,17 +47,30 @@ PER_EXPERT, PADDED_BMM = "per_expert", "padded_bmm"
 PATHS = (PER_EXPERT, PADDED_BMM)
 
 # The chunking rule's constants, measured on 2 AMD EPYC threads, fp32, forward+backward
-# (issue 18): one more chunk costs about CHUNK_SECONDS of op dispatch (its ~20 gathers, GEMM
-# calls, activations and scatters), and a pad row costs the GEMM FLOPs of a real row
-# (3 GEMMs per projection in fwd+bwd) at about FLOP_SECONDS each.
+# (issue 18): one more chunk costs about CHUNK_SECONDS in its ~50 op calls (gathers, GEMMs,
+# activations, weight slices, scatters; at the quick size 64 one-expert chunks took 67.5 ms a
+# step against 39.7 ms for 9 chunks, about 0.5 ms per chunk on a busy box), and a pad row costs
+# the GEMM FLOPs of a real row (3 GEMMs per projection in fwd+bwd) at FLOP_SECONDS each (`bmm`
+# at these shapes ran at 70-90 GFLOP/s).
 CHUNK_SECONDS = 400e-6
 FLOP_SECONDS = 1 / 70e9
-# [N, D] bytes of one chunk's gathered rows: its temporaries live next to the saved activations,
-# so this bounds the memory the chunking adds (quick size: 2048 rows; T=4096, D=512: 512).
-CHUNK_BYTES = 1 << 19
+# [N, D] bytes of one chunk's gathered rows (D=128: up to 896 rows; D=512: 224, so every expert
+# of the T=4096 sizes is a chunk of its own). Its temporaries live next to the saved
+# activations: 448 KiB is the largest multiple of 64 KiB at which the step's peak memory stayed
+# at or below the code before this layout at every benchmark size (quick sweep, E=63, H=64,
+# gelu: 15.3 MiB both; 512 KiB: 15.6); at 1 MiB the quick step ran 5-6% faster with 13% more.
+CHUNK_BYTES = 7 << 16
 # swiglu's w1 and w3 are concatenated per chunk up to this hidden width: at H=32 one bmm 64
 # wide ran 15-25% faster than two 32 wide; at H=128 the gain no longer paid for the copies
 FUSE_MAX_HIDDEN = 64
+# Activations run per block of consecutive chunks (`blocks`): [M, H] bytes of one block's
+# activation tensors, at most BLOCK_BYTES and 1/BLOCK_FRACTION of the saved first projection
+# (so a block's ~6 [M, H] temporaries stay small next to what the layer saves anyway). At T=4096,
+# D=512, H=128 (64 one-expert chunks) 1 MiB blocks ran the step 3-4% faster than per-chunk
+# activations (+5 MiB peak, still below the code before this layout); at the quick size the
+# fraction keeps blocks to single chunks (1 MiB blocks there added 5 MiB to a 15 MiB peak).
+BLOCK_BYTES = 1 << 20
+BLOCK_FRACTION = 16
 
 
 @dataclass(frozen=True)
@@ -237,64 +251,106 @@ def _baddbmm_(out_NY: torch.Tensor, a_NX: torch.Tensor, w_GXY: torch.Tensor) -> 
     out_NY.view(G, -1, out_NY.shape[-1]).baddbmm_(a_NX.view(G, -1, a_NX.shape[-1]), w_GXY)
 
 
-def _act_forward(activation: str, h_NPH: torch.Tensor, H: int):
-    """(act [N, H], silu(h1) for swiglu else None) from the first projection's rows."""
-    if activation == "gelu":
-        return torch.nn.functional.gelu(h_NPH), None
-    s = torch.nn.functional.silu(h_NPH[:, :H])
-    return s * h_NPH[:, H:], s
+def _split(parts: list[torch.Tensor], H: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h1, h3) rows of the first projection: h3 is None for gelu; a fused [N, 2H] is split
+    into column views, an unfused pair is returned as it is."""
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    h = parts[0]
+    return (h[:, :H], h[:, H:]) if h.shape[1] == 2 * H else (h, None)
 
 
-def _act_backward(activation, grad_act_NH, h_NPH, silu_NH, H: int) -> torch.Tensor:
-    """Gradient of the first projection's rows [N, P*H] (aten's backward kernels)."""
+def _act_forward(activation: str, h1_NH: torch.Tensor, h3_NH: torch.Tensor | None):
+    """(act [N, H], silu(h1) for swiglu else None)."""
     if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad_act_NH, h_NPH)
-    grad_NPH = h_NPH.new_empty(h_NPH.shape)
-    torch.mul(grad_act_NH, silu_NH, out=grad_NPH[:, H:])  # d/dh3 = silu(h1)
-    torch.ops.aten.silu_backward.grad_input(
-        grad_act_NH.mul_(h_NPH[:, H:]), h_NPH[:, :H], grad_input=grad_NPH[:, :H]
-    )
-    return grad_NPH
+        return torch.nn.functional.gelu(h1_NH), None
+    s = torch.nn.functional.silu(h1_NH)
+    return s * h3_NH, s
+
+
+def _act_backward(
+    activation: str, grad_act_NH: torch.Tensor, parts: list[torch.Tensor], silu_NH, H: int
+) -> list[torch.Tensor]:
+    """Gradients of the first projection's rows, laid out like `parts` (aten's backward
+    kernels; a fused [N, 2H] gradient has its halves written in place)."""
+    h1, h3 = _split(parts, H)
+    if activation == "gelu":
+        return [torch.ops.aten.gelu_backward(grad_act_NH, h1)]
+    grads = [p.new_empty(p.shape) for p in parts]
+    g1, g3 = _split(grads, H)
+    torch.mul(grad_act_NH, silu_NH, out=g3)  # d/dh3 = silu(h1)
+    torch.ops.aten.silu_backward.grad_input(grad_act_NH.mul_(h3), h1, grad_input=g1)
+    return grads
 
 
 def _first_weights(rows: ExpertRows, i: int, w_in: tuple[torch.Tensor, ...]):
-    """Chunk i's first-projection weights: one [G, D, P*H] tensor when fused, else P views."""
+    """Chunk i's first-projection weights, aligned with the hidden parts: [w1|w3] when fused,
+    else one per weight."""
     parts = [rows.weights(i, w) for w in w_in]
     return [torch.cat(parts, dim=-1)] if len(parts) > 1 and rows.fused else parts
+
+
+def _hidden(h_store: torch.Tensor, a: int, b: int) -> list[torch.Tensor]:
+    """Rows a..b of the saved first projection: [h] ([R, P*H] store) or [h1, h3] ([2, R, H])."""
+    return [h_store[a:b]] if h_store.dim() == 2 else [h_store[0, a:b], h_store[1, a:b]]
+
+
+def blocks(chunks: tuple[Chunk, ...], row_bytes: int) -> list[tuple[int, int]]:
+    """Runs of consecutive chunks (first, end) whose [rows, H] activations (`row_bytes` a row)
+    fit the block budget, at least one chunk each: the activation, its gradient and the combine
+    weight's gradient run once per block instead of once per chunk."""
+    rows = chunks[-1].stop if chunks else 0
+    budget = min(BLOCK_BYTES, rows * row_bytes // BLOCK_FRACTION)
+    out: list[tuple[int, int]] = []
+    for i, chunk in enumerate(chunks):
+        if out and (chunk.stop - chunks[out[-1][0]].start) * row_bytes <= budget:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 class ExpertFFN(torch.autograd.Function):
     """The routed FFN of every chunk in one Function (see the module docstring).
 
-    Only the [R, P*H] first projection is saved; every other [N, *] temporary lives for one
-    chunk, and backward keeps at most one [N, D] temporary at a time. Activations: "gelu"
-    (exact erf) and "swiglu".
+    Only the first projection is saved ([R, P*H], or w1's and w3's rows as two contiguous
+    [R, H] when not fused). GEMMs, gathers and scatters run per chunk; activations and their
+    gradients per block of chunks (`blocks`). Backward keeps at most one [N, D] temporary at a
+    time. Activations: "gelu" (exact erf), "swiglu".
     """
 
     @staticmethod
     def forward(ctx, x_TD, weight_R, rows, activation, w1_EDH, w2_EHD, w3_EDH):  # type: ignore[override]
-        H = w1_EDH.shape[-1]
+        H, R = w1_EDH.shape[-1], rows.token_R.numel()
         w_in = (w1_EDH,) if w3_EDH is None else (w1_EDH, w3_EDH)
-        h_RPH = x_TD.new_empty(rows.token_R.numel(), len(w_in) * H)
+        if len(w_in) == 2 and not rows.fused:
+            h_store = x_TD.new_empty(2, R, H)
+        else:
+            h_store = x_TD.new_empty(R, len(w_in) * H)
         weight_R1 = weight_R[:, None]
         y_TD = x_TD.new_zeros(rows.num_tokens, w2_EHD.shape[-1])
-        for i, (chunk, token_N) in enumerate(zip(rows.chunks, rows.tokens)):
-            a, b = chunk.start, chunk.stop
-            x_ND = x_TD.index_select(0, token_N)
-            w_first = _first_weights(rows, i, w_in)
-            width = h_RPH.shape[1] // len(w_first)
-            for p, w in enumerate(w_first):
-                _bmm(x_ND, w, h_RPH[a:b, p * width : (p + 1) * width])
-            del x_ND
-            act_NH = _act_forward(activation, h_RPH[a:b], H)[0].mul_(weight_R1[a:b])
-            y_TD.index_add_(0, token_N, _bmm(act_NH, rows.weights(i, w2_EHD)))
-        ctx.save_for_backward(x_TD, weight_R, w1_EDH, w2_EHD, w3_EDH, h_RPH)
+        for first, end in blocks(rows.chunks, H * x_TD.element_size()):
+            A, B = rows.chunks[first].start, rows.chunks[end - 1].stop
+            for i in range(first, end):
+                chunk, token_N = rows.chunks[i], rows.tokens[i]
+                x_ND = x_TD.index_select(0, token_N)
+                parts = _hidden(h_store, chunk.start, chunk.stop)
+                for w, h in zip(_first_weights(rows, i, w_in), parts):
+                    _bmm(x_ND, w, h)
+                del x_ND
+            parts = _hidden(h_store, A, B)
+            aw_MH = _act_forward(activation, *_split(parts, H))[0].mul_(weight_R1[A:B])
+            for i in range(first, end):
+                a, b = rows.chunks[i].start - A, rows.chunks[i].stop - A
+                out_ND = _bmm(aw_MH[a:b], rows.weights(i, w2_EHD))
+                y_TD.index_add_(0, rows.tokens[i], out_ND)
+        ctx.save_for_backward(x_TD, weight_R, w1_EDH, w2_EHD, w3_EDH, h_store)
         ctx.rows, ctx.activation = rows, activation
         return y_TD
 
     @staticmethod
     def backward(ctx, grad_y_TD):  # type: ignore[override]
-        x_TD, weight_R, w1_EDH, w2_EHD, w3_EDH, h_RPH = ctx.saved_tensors
+        x_TD, weight_R, w1_EDH, w2_EHD, w3_EDH, h_store = ctx.saved_tensors
         rows: ExpertRows = ctx.rows
         need_x, need_weight, _, _, need_w1, need_w2, need_w3 = ctx.needs_input_grad
         H = w1_EDH.shape[-1]
@@ -306,43 +362,47 @@ class ExpertFFN(torch.autograd.Function):
         needs_in = (need_w1, need_w3)
         grads_in = [rows.grad_buffer(w) if need else None for w, need in zip(w_in, needs_in)]
         grad_w2 = rows.grad_buffer(w2_EHD) if need_w2 else None
-        for i, (chunk, token_N) in enumerate(zip(rows.chunks, rows.tokens)):
-            a, b, G = chunk.start, chunk.stop, len(chunk.experts)
-            h_NPH = h_RPH[a:b]
-            act_NH, silu_NH = _act_forward(ctx.activation, h_NPH, H)
-            grad_y_ND = grad_y_TD.index_select(0, token_N)
-            w2_GHD = rows.weights(i, w2_EHD)
-            if need_w2:
-                _weight_grad(rows, i, grad_w2, act_NH * weight_R1[a:b], grad_y_ND)
-            grad_aw_NH = _bmm(grad_y_ND, w2_GHD.transpose(1, 2))
-            del grad_y_ND  # at most one [N, D] temporary at a time from here
+        for first, end in blocks(rows.chunks, H * x_TD.element_size()):
+            A, B = rows.chunks[first].start, rows.chunks[end - 1].stop
+            parts = _hidden(h_store, A, B)
+            act_MH, silu_MH = _act_forward(ctx.activation, *_split(parts, H))
+            aw_MH = act_MH * weight_R1[A:B] if need_w2 else None
+            grad_aw_MH = act_MH.new_empty(act_MH.shape)
+            for i in range(first, end):
+                a, b = rows.chunks[i].start - A, rows.chunks[i].stop - A
+                grad_y_ND = grad_y_TD.index_select(0, rows.tokens[i])
+                if need_w2:
+                    _weight_grad(rows, i, grad_w2, aw_MH[a:b], grad_y_ND)
+                _bmm(grad_y_ND, rows.weights(i, w2_EHD).transpose(1, 2), grad_aw_MH[a:b])
+            del grad_y_ND, aw_MH  # at most one [N, D] temporary at a time from here
             if need_weight:
-                torch.linalg.vecdot(grad_aw_NH, act_NH, out=grad_weight_R[a:b])
-            del act_NH
-            grad_h_NPH = _act_backward(
-                ctx.activation, grad_aw_NH.mul_(weight_R1[a:b]), h_NPH, silu_NH, H
-            )
-            del grad_aw_NH, silu_NH
-            if any(g is not None for g in grads_in):
-                x_ND = x_TD.index_select(0, token_N)
-                if len(grads_in) > 1 and rows.fused:
-                    grad_GDPH = _bmm_tn(x_ND, grad_h_NPH, G)
-                    for p, grad in enumerate(grads_in):
-                        if grad is not None:
-                            rows.put_grad(i, grad, grad_GDPH[..., p * H : (p + 1) * H])
-                else:
-                    for p, grad in enumerate(grads_in):
-                        if grad is not None:
-                            _weight_grad(rows, i, grad, x_ND, grad_h_NPH[:, p * H : (p + 1) * H])
-                del x_ND
-            if need_x:
-                w_first = _first_weights(rows, i, w_in)
-                width = grad_h_NPH.shape[1] // len(w_first)
-                grad_x_ND = _bmm(grad_h_NPH[:, :width], w_first[0].transpose(1, 2))
-                for p in range(1, len(w_first)):
-                    g_NH = grad_h_NPH[:, p * width : (p + 1) * width]
-                    _baddbmm_(grad_x_ND, g_NH, w_first[p].transpose(1, 2))
-                grad_x_TD.index_add_(0, token_N, grad_x_ND)
+                torch.linalg.vecdot(grad_aw_MH, act_MH, out=grad_weight_R[A:B])
+            del act_MH
+            grad_act_MH = grad_aw_MH.mul_(weight_R1[A:B])
+            grad_parts = _act_backward(ctx.activation, grad_act_MH, parts, silu_MH, H)
+            del grad_aw_MH, grad_act_MH, silu_MH
+            for i in range(first, end):
+                chunk, token_N = rows.chunks[i], rows.tokens[i]
+                a, b, G = chunk.start - A, chunk.stop - A, len(chunk.experts)
+                grads_N = [g[a:b] for g in grad_parts]
+                if any(g is not None for g in grads_in):
+                    x_ND = x_TD.index_select(0, token_N)
+                    if len(grads_in) == 2 and rows.fused:
+                        grad_GDPH = _bmm_tn(x_ND, grads_N[0], G)
+                        for p, grad in enumerate(grads_in):
+                            if grad is not None:
+                                rows.put_grad(i, grad, grad_GDPH[..., p * H : (p + 1) * H])
+                    else:
+                        for grad, g_NH in zip(grads_in, grads_N):
+                            if grad is not None:
+                                _weight_grad(rows, i, grad, x_ND, g_NH)
+                    del x_ND
+                if need_x:
+                    w_first = _first_weights(rows, i, w_in)
+                    grad_x_ND = _bmm(grads_N[0], w_first[0].transpose(1, 2))
+                    for g_NH, w in zip(grads_N[1:], w_first[1:]):
+                        _baddbmm_(grad_x_ND, g_NH, w.transpose(1, 2))
+                    grad_x_TD.index_add_(0, token_N, grad_x_ND)
         grad_w1, grad_w3 = grads_in if len(grads_in) == 2 else (grads_in[0], None)
         return grad_x_TD, grad_weight_R, None, None, grad_w1, grad_w2, grad_w3
 

@@ -60,8 +60,13 @@ def _run(backend: str, bank: ExpertBank, x_TD: torch.Tensor, spec: dict):
 
 
 # chunks of 2 experts (sorted by load, so their weights are gathered), swiglu's w1 and w3 fused
-# per chunk (H <= FUSE_MAX_HIDDEN) and not
-CHUNKED = ["grouped_padded_bmm_chunks", "grouped_padded_bmm_chunks_unfused", "grouped_unfused"]
+# per chunk (H <= FUSE_MAX_HIDDEN) and not, one-expert chunks whose activations run as blocks
+CHUNKED = [
+    "grouped_padded_bmm_chunks",
+    "grouped_padded_bmm_chunks_unfused",
+    "grouped_unfused",
+    "grouped_per_expert_blocks",
+]
 
 
 @pytest.mark.parametrize("backend", [*FAST, "grouped_mm", *PATHS, *CHUNKED])
@@ -71,6 +76,9 @@ def test_backend_matches_loop_on_hand_routings(
     backend: str, activation: str, case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = _routings()[case]
+    if backend.endswith("_blocks"):  # every chunk's activations in one block
+        monkeypatch.setattr("variants.dispatch.BLOCK_FRACTION", 1)
+        backend = backend.removesuffix("_blocks")
     if backend.endswith("unfused"):
         monkeypatch.setattr("variants.dispatch.FUSE_MAX_HIDDEN", 0)
         backend = backend.removesuffix("_unfused")

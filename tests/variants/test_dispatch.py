@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from variants import dispatch
-from variants.dispatch import PADDED_BMM, PER_EXPERT, Chunk, ExpertRows, plan_chunks, sort_by_expert
+from variants.dispatch import (
+    PADDED_BMM,
+    PER_EXPERT,
+    Chunk,
+    ExpertRows,
+    blocks,
+    plan_chunks,
+    sort_by_expert,
+)
 
 # loads of 5 experts: sorted largest first (ties by id) they are 2, 3, 0, 4; expert 1 is empty
 COUNTS = [5, 0, 7, 7, 1]
@@ -79,3 +87,16 @@ def test_sort_by_expert_is_the_stable_argsort(num_experts: int, A: int) -> None:
     expert_A = torch.randint(0, num_experts, (A,), generator=g)
     got = sort_by_expert(expert_A, num_experts)
     assert torch.equal(got, torch.argsort(expert_A, stable=True))
+
+
+def test_blocks_join_consecutive_chunks_within_both_budgets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chunks = (Chunk((2,), 7, 0), Chunk((3,), 7, 7), Chunk((0,), 5, 14), Chunk((4,), 1, 19))
+    monkeypatch.setattr(dispatch, "BLOCK_BYTES", 14 * ROW_BYTES)  # 14 of the 20 rows
+    monkeypatch.setattr(dispatch, "BLOCK_FRACTION", 1)
+    assert blocks(chunks, ROW_BYTES) == [(0, 2), (2, 4)]
+    # a fraction of all rows bounds it too: 20 // 3 = 6 rows, so one chunk of 7 per block,
+    # then 5 + 1 rows
+    monkeypatch.setattr(dispatch, "BLOCK_FRACTION", 3)
+    assert blocks(chunks, ROW_BYTES) == [(0, 1), (1, 2), (2, 4)]
