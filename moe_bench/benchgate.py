@@ -101,7 +101,7 @@ RULES: tuple[Rule, ...] = (
     Rule("quick", FINE, DENSE, "<=", 4.0, goal=1.6),
     # at least 1.5x faster than HF transformers' grouped_mm experts (issue 18): ours / HF
     Rule("fine", FINE, HF, "<=", 0.85, goal=1 / 1.5, requires="transformers"),
-    Rule("quick", FINE, HF, "<=", 0.85, goal=1 / 1.5, requires="transformers"),
+    Rule("quick", FINE, HF, "<=", 0.95, goal=1 / 1.5, requires="transformers"),
     # HF's old DeepseekMoE training path (boolean mask per expert) at E=64
     Rule("fine", ("deepseek_moe", "hf_style"), FINE, ">=", 10.0),
     Rule("quick", ("deepseek_moe", "hf_style"), FINE, ">=", 1.5),

@@ -16,13 +16,19 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
 from .dispatch import (
+    FLOP_SECONDS,
+    GROUP_ROWS,
+    OP_SECONDS,
+    PADDED_BMM,
     PATHS,
+    PER_EXPERT,
+    PER_EXPERT_OPS,
     ExpertFFN,
     ExpertRows,
-    plan_chunks,
-    sort_by_expert,
+    GatherMM,
+    WeightedMMScatter,
+    expert_order,
 )
 from .experts import ExpertBank, ExpertWeights
 from .routing import Routing, rank_in_expert
@@ -51,34 +57,53 @@ def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor
     return y_TD
 
 
+def padded_rows_cheaper(counts: list[int], d_model: int, hidden: int, projections: int) -> bool:
+    """The measured rule of `dispatch_layout`: pad every expert to the largest load when the
+    GEMM work on the pad rows costs less than the per-expert dispatch it saves.
+
+    A pad row costs a real row's forward+backward FLOPs (3 GEMMs per projection); an expert on
+    the per-expert path costs `PER_EXPERT_OPS` ops of dispatch; the padded path runs
+    `ceil(E / per_group)` groups (constants and their measurement: `variants.dispatch`).
+    """
+    busy = sum(1 for n in counts if n)
+    if not busy:
+        return False
+    E, C = len(counts), max(counts)
+    pad_rows = E * C - sum(counts)
+    pad_seconds = pad_rows * 2 * d_model * hidden * projections * 3 * FLOP_SECONDS
+    per_group = max(1, GROUP_ROWS // C)
+    saved_ops = (busy - -(-E // per_group)) * PER_EXPERT_OPS
+    return pad_seconds < saved_ops * OP_SECONDS
+
+
 def dispatch_layout(
     routing: Routing, weight_A: torch.Tensor, bank: ExpertBank, path: str | None = None
 ) -> tuple[ExpertRows, torch.Tensor]:
-    """(rows, weight_R): the chunked layout of `routing` (`variants.dispatch`) and the combine
-    weight of each row. `path` forces "per_expert" or "padded_bmm"; None chooses by the cost
-    rule of `plan_chunks`. The counts cross to the host once (`.tolist()`); the sort and the
-    row bookkeeping run once per call.
+    """(rows, weight_R): the dispatch layout of `routing` and the combine weight of each row.
+
+    `path` forces "per_expert" or "padded_bmm"; None chooses by `padded_rows_cheaper`. The
+    sort, the counts (one `.tolist()`) and the gathers run once per call.
     """
-    if path is not None and path not in PATHS:
+    counts = routing.load.tolist()
+    if path is None:
+        projections = 2 if bank.w3 is None else 3
+        cheaper = padded_rows_cheaper(counts, bank.d_model, bank.hidden, projections)
+        path = PADDED_BMM if cheaper else PER_EXPERT
+    if path not in PATHS:
         raise ValueError(f"path={path!r} is not one of {PATHS}")
-    projections = 2 if bank.w3 is None else 3
-    D, H = bank.d_model, bank.hidden
-    chunks = plan_chunks(
-        routing.load.tolist(),
-        row_bytes=D * weight_A.element_size(),
-        row_flops=2 * D * H * projections * 3,
-        path=path,
-    )
-    order_A = sort_by_expert(routing.expert, bank.num_experts)
-    return ExpertRows.build(
-        routing.expert[order_A],
-        routing.token[order_A],
-        weight_A[order_A],
-        chunks,
-        bank.num_experts,
-        routing.num_tokens,
-        fused=bank.w3 is not None and H <= dispatch.FUSE_MAX_HIDDEN,
-    )
+    order_A = expert_order(routing.expert, len(counts))
+    token_A, weight_A = routing.token[order_A], weight_A[order_A]
+    A, E = token_A.numel(), len(counts)
+    if path == PER_EXPERT or not A:
+        return ExpertRows.from_counts(token_A, counts, routing.num_tokens), weight_A
+    C = max(counts)
+    expert_A = routing.expert[order_A]
+    start_E = torch.cumsum(routing.load, 0) - routing.load
+    slot_A = expert_A * C + (torch.arange(A, device=token_A.device) - start_E[expert_A])
+    # pad rows: token 0, weight 0 (they add exact zeros to y and every gradient)
+    token_R = token_A.new_zeros(E * C).index_put_((slot_A,), token_A)
+    weight_R = weight_A.new_zeros(E * C).index_put((slot_A,), weight_A)
+    return ExpertRows.padded(token_R, E, C, routing.num_tokens), weight_R
 
 
 def grouped(
@@ -88,15 +113,15 @@ def grouped(
     use_grouped_mm: bool | None = None,
     path: str | None = None,
 ) -> torch.Tensor:
-    """Dropless: assignments grouped by expert, GEMMs per expert or per chunk of experts.
+    """Dropless: assignments grouped by expert, GEMMs per expert (or per group of experts).
 
     On CUDA (with 16-byte aligned rows) one `grouped_mm` kernel per projection; elsewhere
-    `ExpertFFN` (`variants.dispatch`, with the CPU profile behind it): experts sorted by load in
-    chunks, one `bmm` per chunk and projection on its rows padded to the chunk's largest load,
-    no [A, D] copies; a chunk of one expert is a plain `mm` without padding ("per_expert").
-    `use_grouped_mm` and `path` force the choice (tests check every path on CPU). The path
-    that ran is recorded in `routing.dispatch_path` ("grouped_mm", "per_expert" or
-    "padded_bmm"), which the layer returns in `MoEOutput.routing`.
+    GEMMs on row slices with no [A, D] copies (`variants.dispatch` has the CPU profile behind
+    it), either one `mm` per expert or, when `padded_rows_cheaper` says so, one `bmm` per
+    group of experts padded to the largest load. `use_grouped_mm` and `path` force the choice
+    (tests check every path on CPU). The path that ran is recorded in `routing.dispatch_path`
+    ("grouped_mm", "per_expert" or "padded_bmm"), which the layer returns in
+    `MoEOutput.routing`.
 
     Every GEMM runs in one dtype: autocast's where it is on (it does not reach into the
     custom autograd Functions), else the input's.
@@ -114,9 +139,15 @@ def grouped(
             return y_TD.to(out_dtype)
         rows, weight_R = dispatch_layout(routing, weight_A, bank, path)
         routing.dispatch_path = rows.path
-        y_TD = ExpertFFN.apply(
-            x_TD, weight_R, rows, bank.activation, weights.w1, weights.w2, weights.w3
-        )
+        if rows.path == PADDED_BMM:
+            y_TD = ExpertFFN.apply(
+                x_TD, weight_R, rows, bank.activation, weights.w1, weights.w2, weights.w3
+            )
+        else:
+            w_in = (weights.w1,) if weights.w3 is None else (weights.w1, weights.w3)
+            h_RH = GatherMM.apply(x_TD, rows, *w_in)
+            act_RH = bank.act(h_RH[0], h_RH[1] if weights.w3 is not None else None)
+            y_TD = WeightedMMScatter.apply(act_RH, weight_R, weights.w2, rows)
     return y_TD.to(out_dtype)  # like loop and padded: the input's dtype
 
 
@@ -138,7 +169,7 @@ def _grouped_mm(
 ) -> torch.Tensor:
     """One `torch.nn.functional.grouped_mm` per projection over the [A, D] rows sorted by
     expert (jagged groups given by cumulative offsets), weighed and scattered back."""
-    order_A = sort_by_expert(routing.expert, weights.w1.shape[0])
+    order_A = expert_order(routing.expert, weights.w1.shape[0])
     token_A = routing.token[order_A]
     offs_E = torch.cumsum(routing.load, 0).to(torch.int32)
     x_AD = x_TD[token_A]

@@ -59,32 +59,16 @@ def _run(backend: str, bank: ExpertBank, x_TD: torch.Tensor, spec: dict):
     return y_TD.detach(), grads
 
 
-# chunks of 2 experts (sorted by load, so their weights are gathered), swiglu's w1 and w3 fused
-# per chunk (H <= FUSE_MAX_HIDDEN) and not, one-expert chunks whose activations run as blocks
-CHUNKED = [
-    "grouped_padded_bmm_chunks",
-    "grouped_padded_bmm_chunks_unfused",
-    "grouped_unfused",
-    "grouped_per_expert_blocks",
-]
-
-
-@pytest.mark.parametrize("backend", [*FAST, "grouped_mm", *PATHS, *CHUNKED])
+@pytest.mark.parametrize("backend", [*FAST, "grouped_mm", *PATHS, "grouped_padded_bmm_groups"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("case", list(_routings()))
 def test_backend_matches_loop_on_hand_routings(
     backend: str, activation: str, case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = _routings()[case]
-    if backend.endswith("_blocks"):  # every chunk's activations in one block
-        monkeypatch.setattr("variants.dispatch.BLOCK_FRACTION", 1)
-        backend = backend.removesuffix("_blocks")
-    if backend.endswith("unfused"):
-        monkeypatch.setattr("variants.dispatch.FUSE_MAX_HIDDEN", 0)
-        backend = backend.removesuffix("_unfused")
-    if backend == "grouped_padded_bmm_chunks":
+    if backend == "grouped_padded_bmm_groups":  # bmm groups of 3 experts: [0, 3), [3, 4)
         largest = max(spec["expert"].count(e) for e in range(E)) if spec["expert"] else 1
-        monkeypatch.setattr("variants.dispatch.CHUNK_BYTES", 2 * largest * D * 4)
+        monkeypatch.setattr("variants.dispatch.GROUP_ROWS", 3 * largest)
         backend = "grouped_padded_bmm"
     bank = ExpertBank(E, D, H, activation)
     x_TD = torch.randn(T, D)
