@@ -102,8 +102,9 @@ RULES: tuple[Rule, ...] = (
     # at least 1.5x faster than HF transformers' grouped_mm experts (issue 18): ours / HF
     Rule("fine", FINE, HF, "<=", 0.85, goal=1 / 1.5, requires="transformers"),
     Rule("quick", FINE, HF, "<=", 0.95, goal=1 / 1.5, requires="transformers"),
-    # HF's old DeepseekMoE training path (boolean mask per expert) at E=64
-    Rule("fine", ("deepseek_moe", "hf_style"), FINE, ">=", 10.0),
+    # HF's old DeepseekMoE training path (boolean mask per expert) at E=64: 10.5-13.2x in the
+    # SwiGLU runs (12-16.6x with gelu experts), so the limit keeps a margin below that
+    Rule("fine", ("deepseek_moe", "hf_style"), FINE, ">=", 8.0),
     Rule("quick", ("deepseek_moe", "hf_style"), FINE, ">=", 1.5),
     # the plain per-expert reference must stay behind the fast path it is the reference for
     Rule("fine", ("deepseek_moe", "loop"), FINE, ">=", 1.3),
