@@ -40,6 +40,7 @@ STATS = ("min", "median", "mean")
 
 # (size, variant, backend): the params of one `tests/benchmarks` case
 Key = tuple[str, str, str]
+COMPARE = {"<=": operator.le, ">=": operator.ge}
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,10 @@ class Rule:
         return f"{self.size} {self.metric}: {num} vs {den}"
 
     def holds(self, ratio: float) -> bool:
-        return {"<=": operator.le, ">=": operator.ge}[self.op](ratio, self.limit)
+        return COMPARE[self.op](ratio, self.limit)
 
     def meets_goal(self, ratio: float) -> bool:
-        return {"<=": operator.le, ">=": operator.ge}[self.op](ratio, self.goal or self.limit)
+        return COMPARE[self.op](ratio, self.goal or self.limit)
 
     def skipped(self) -> str | None:
         """Why the rule cannot be measured here (its `requires` is not installed), else None."""
@@ -235,9 +236,10 @@ def table(run: Run, baseline: Run | None, rules: Sequence[Rule] = RULES) -> str:
         value = ratio(run, rule)
         base = ratio(baseline, rule, sequential=True) if baseline is not None else None
         change = f"{value / base - 1:+.0%}" if value is not None and base else "-"
-        verdict = "missing" if value is None else ("ok" if rule.holds(value) else "FAIL")
-        if value is None and rule.skipped():
-            verdict = rule.skipped()
+        if value is None:
+            verdict = rule.skipped() or "missing"
+        else:
+            verdict = "ok" if rule.holds(value) else "FAIL"
         limit = f"{rule.op} {rule.limit:g}"
         line = (
             f"{rule.name:<48} {limit:>8} {_fmt(value):>7} {_spread(run, rule):>28} "

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import variants  # noqa: E402
+from moe_bench.isocompute import dense_reference  # noqa: E402
 from moe_bench.timing import median_ci_halfwidth, time_pair  # noqa: E402
 from tests.benchmarks import hf_peer  # noqa: E402
 from tests.benchmarks.cases import training_step  # noqa: E402
@@ -50,7 +51,8 @@ def layers(size: str, names: tuple[str, ...] = LAYERS) -> dict[str, torch.nn.Mod
     for name in names:
         torch.manual_seed(0)
         if name == "dense":
-            out[name] = variants.build("dense", d_model=D, d_ff=(K + S) * H, activation="swiglu")
+            cfg = variants.make_config(variant, **fields)
+            out[name] = variants.build("dense", **dense_reference(cfg))
         elif name == "ours":
             out[name] = variants.build(variant, backend="grouped", **fields).train()
         else:

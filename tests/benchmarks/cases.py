@@ -130,6 +130,12 @@ def moe_fields(case: Case) -> dict[str, Any]:
     return fields
 
 
+def moe_config(size: str) -> variants.MoEConfig:
+    """The fine-grained layer's config of a size: what the dense reference matches in active
+    FLOPs, and what the HF peer computes."""
+    return variants.make_config("deepseek_moe", **moe_fields(Case(size, "", "")))
+
+
 def build_layer(case: Case) -> nn.Module:
     """The layer a case times, with fixed initial weights (seeded)."""
     torch.manual_seed(0)
@@ -144,8 +150,7 @@ def build_layer(case: Case) -> nn.Module:
             implementation=case.backend,
         )
     if case.variant == "dense":
-        moe_cfg = variants.make_config("deepseek_moe", **moe_fields(Case(case.size, "", "")))
-        return variants.build("dense", **dense_reference(moe_cfg))
+        return variants.build("dense", **dense_reference(moe_config(case.size)))
     backend = "grouped" if case.backend == HF_STYLE else case.backend
     layer = variants.build(case.variant, backend=backend, **moe_fields(case))
     if case.backend == HF_STYLE:

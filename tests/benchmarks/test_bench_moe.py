@@ -24,6 +24,7 @@ from .cases import (
     Case,
     build_layer,
     make_inputs,
+    moe_config,
     shape,
     step_peak_bytes,
     training_step,
@@ -44,8 +45,8 @@ def test_gated_ratio(benchmark, bench_threads: int, rule: str) -> None:
     ratio (moe_bench/benchgate.py says why). The default test run smoke-runs it here."""
     smoke = SMOKE["on"]
     spec = gated.TIME_RULES[rule]
-    if HF_PEER in (spec.numerator, spec.denominator) and hf_peer.available():
-        pytest.skip(hf_peer.available())
+    if HF_PEER in (spec.numerator, spec.denominator) and (reason := hf_peer.available()):
+        pytest.skip(reason)
     benchmark.group = "gated ratios"
     info = benchmark.pedantic(
         lambda: gated.measure(rule, smoke=True) if smoke else gated.in_fresh_process(rule),
@@ -73,8 +74,8 @@ def test_fwd_bwd(
     backend: str,
 ) -> None:
     case = Case(size, variant, backend)
-    if (variant, backend) == HF_PEER and hf_peer.available():
-        pytest.skip(hf_peer.available())
+    if (variant, backend) == HF_PEER and (reason := hf_peer.available()):
+        pytest.skip(reason)
     layer = build_layer(case)
     x_TD, grad_TD = make_inputs(size)
     num_tokens = shape(size)[0]
@@ -85,14 +86,14 @@ def test_fwd_bwd(
         warmup_rounds=WARMUP_ROUNDS,
     )
     assert out.y.shape == x_TD.shape and torch.isfinite(out.y).all()
-    # the peer computes what deepseek_moe/grouped of its size computes
-    cfg = build_layer(Case(size, "deepseek_moe", "grouped")).cfg if out.routing is None else None
+    # the peer has no config of ours: it computes what the size's deepseek_moe layer computes
+    cfg = moe_config(size) if (variant, backend) == HF_PEER else layer.cfg
     info = {
         "size": size,
         "variant": variant,
         "backend": backend,
         "num_threads": bench_threads,
-        "active_flops": FWD_BWD_FLOPS_PER_FWD * num_tokens * ffn_flops_per_token(cfg or layer.cfg),
+        "active_flops": FWD_BWD_FLOPS_PER_FWD * num_tokens * ffn_flops_per_token(cfg),
         "load_entropy": load_entropy(out.routing.load) if out.routing is not None else None,
         # which expert-compute path the layer's backend ran (grouped: per_expert, padded_bmm)
         "dispatch_path": getattr(out.routing, "dispatch_path", None),
