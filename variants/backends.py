@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from .dispatch import (
     FLOP_SECONDS,
-    GROUP_ROWS,
     OP_SECONDS,
     PADDED_BMM,
     PATHS,
@@ -29,6 +28,7 @@ from .dispatch import (
     GatherMM,
     WeightedMMScatter,
     expert_order,
+    padded_groups,
 )
 from .experts import ExpertBank, ExpertWeights
 from .routing import Routing, rank_in_expert
@@ -58,21 +58,21 @@ def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor
 
 
 def padded_rows_cheaper(counts: list[int], d_model: int, hidden: int, projections: int) -> bool:
-    """The measured rule of `dispatch_layout`: pad every expert to the largest load when the
-    GEMM work on the pad rows costs less than the per-expert dispatch it saves.
+    """The measured rule of `dispatch_layout`: pad every expert to its group's largest load
+    when the GEMM work on the pad rows costs less than the per-expert dispatch it saves.
 
     A pad row costs a real row's forward+backward FLOPs (3 GEMMs per projection); an expert on
-    the per-expert path costs `PER_EXPERT_OPS` ops of dispatch; the padded path runs
-    `ceil(E / per_group)` groups (constants and their measurement: `variants.dispatch`).
+    the per-expert path costs `PER_EXPERT_OPS` ops of dispatch; the padded path runs one bmm
+    per non-empty group of `padded_groups` (constants and their measurement:
+    `variants.dispatch`).
     """
     busy = sum(1 for n in counts if n)
     if not busy:
         return False
-    E, C = len(counts), max(counts)
-    pad_rows = E * C - sum(counts)
+    groups = padded_groups(counts)
+    pad_rows = sum((e1 - e0) * C for e0, e1, C in groups) - sum(counts)
     pad_seconds = pad_rows * 2 * d_model * hidden * projections * 3 * FLOP_SECONDS
-    per_group = max(1, GROUP_ROWS // C)
-    saved_ops = (busy - -(-E // per_group)) * PER_EXPERT_OPS
+    saved_ops = (busy - sum(1 for *_, C in groups if C)) * PER_EXPERT_OPS
     return pad_seconds < saved_ops * OP_SECONDS
 
 
@@ -93,17 +93,22 @@ def dispatch_layout(
         raise ValueError(f"path={path!r} is not one of {PATHS}")
     order_A = expert_order(routing.expert, len(counts))
     token_A, weight_A = routing.token[order_A], weight_A[order_A]
-    A, E = token_A.numel(), len(counts)
+    A = token_A.numel()
     if path == PER_EXPERT or not A:
         return ExpertRows.from_counts(token_A, counts, routing.num_tokens), weight_A
-    C = max(counts)
+    groups = padded_groups(counts)
+    row_E, R = [], 0  # each expert's first row in the layout
+    for e0, e1, C in groups:
+        row_E += range(R, R + (e1 - e0) * C, C) if C else [R] * (e1 - e0)
+        R += (e1 - e0) * C
     expert_A = routing.expert[order_A]
-    start_E = torch.cumsum(routing.load, 0) - routing.load
-    slot_A = expert_A * C + (torch.arange(A, device=token_A.device) - start_E[expert_A])
+    first_E = torch.cumsum(routing.load, 0) - routing.load  # each expert's first sorted index
+    rank_A = torch.arange(A, device=token_A.device) - first_E[expert_A]
+    slot_A = torch.tensor(row_E, device=token_A.device)[expert_A] + rank_A
     # pad rows: token 0, weight 0 (they add exact zeros to y and every gradient)
-    token_R = token_A.new_zeros(E * C).index_put_((slot_A,), token_A)
-    weight_R = weight_A.new_zeros(E * C).index_put((slot_A,), weight_A)
-    return ExpertRows.padded(token_R, E, C, routing.num_tokens), weight_R
+    token_R = token_A.new_zeros(R).index_put_((slot_A,), token_A)
+    weight_R = weight_A.new_zeros(R).index_put((slot_A,), weight_A)
+    return ExpertRows.padded(token_R, groups, routing.num_tokens), weight_R
 
 
 def grouped(
@@ -118,10 +123,10 @@ def grouped(
     On CUDA (with 16-byte aligned rows) one `grouped_mm` kernel per projection; elsewhere
     GEMMs on row slices with no [A, D] copies (`variants.dispatch` has the CPU profile behind
     it), either one `mm` per expert or, when `padded_rows_cheaper` says so, one `bmm` per
-    group of experts padded to the largest load. `use_grouped_mm` and `path` force the choice
-    (tests check every path on CPU). The path that ran is recorded in `routing.dispatch_path`
-    ("grouped_mm", "per_expert" or "padded_bmm"), which the layer returns in
-    `MoEOutput.routing`.
+    group of experts padded to the group's largest load. `use_grouped_mm` and `path` force
+    the choice (tests check every path on CPU). The path that ran is recorded in
+    `routing.dispatch_path` ("grouped_mm", "per_expert" or "padded_bmm"), which the layer
+    returns in `MoEOutput.routing`.
 
     Every GEMM runs in one dtype: autocast's where it is on (it does not reach into the
     custom autograd Functions), else the input's.
