@@ -110,8 +110,9 @@ class ExpertRows:
 
 def padded_groups(counts: list[int]) -> list[tuple[int, int, int]]:
     """(first expert, end expert, rows per expert C) of each bmm group of the padded layout:
-    consecutive experts, G = GROUP_ROWS // (largest load) of them a group (so no group's
-    temporaries pass GROUP_ROWS rows), each padded to the largest load within the group."""
+    consecutive experts, G = GROUP_ROWS // (largest load) of them a group (at least 1; so no
+    group's temporaries pass GROUP_ROWS rows unless one expert's load alone does), each padded
+    to the largest load within the group."""
     E = len(counts)
     per_group = max(1, GROUP_ROWS // max(max(counts, default=0), 1))
     return [
