@@ -26,8 +26,10 @@ from .dispatch import (
     ExpertFFN,
     ExpertRows,
     GatherMM,
+    Group,
     WeightedMMScatter,
     expert_order,
+    group_rows,
     padded_groups,
 )
 from .experts import ExpertBank, ExpertWeights
@@ -57,19 +59,20 @@ def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor
     return y_TD
 
 
-def padded_rows_cheaper(counts: list[int], d_model: int, hidden: int, projections: int) -> bool:
+def padded_rows_cheaper(
+    counts: list[int], groups: list[Group], d_model: int, hidden: int, projections: int
+) -> bool:
     """The measured rule of `dispatch_layout`: pad every expert to its group's largest load
-    when the GEMM work on the pad rows costs less than the per-expert dispatch it saves.
+    (`groups` from `padded_groups`) when the GEMM work on the pad rows costs less than the
+    per-expert dispatch it saves.
 
     A pad row costs a real row's forward+backward FLOPs (3 GEMMs per projection); an expert on
     the per-expert path costs `PER_EXPERT_OPS` ops of dispatch; the padded path runs one bmm
-    per non-empty group of `padded_groups` (constants and their measurement:
-    `variants.dispatch`).
+    per non-empty group (constants and their measurement: `variants.dispatch`).
     """
     busy = sum(1 for n in counts if n)
     if not busy:
         return False
-    groups = padded_groups(counts)
     pad_rows = sum((e1 - e0) * C for e0, e1, C in groups) - sum(counts)
     pad_seconds = pad_rows * 2 * d_model * hidden * projections * 3 * FLOP_SECONDS
     saved_ops = (busy - sum(1 for *_, C in groups if C)) * PER_EXPERT_OPS
@@ -85,9 +88,10 @@ def dispatch_layout(
     sort, the counts (one `.tolist()`) and the gathers run once per call.
     """
     counts = routing.load.tolist()
+    groups = padded_groups(counts)
     if path is None:
         projections = 2 if bank.w3 is None else 3
-        cheaper = padded_rows_cheaper(counts, bank.d_model, bank.hidden, projections)
+        cheaper = padded_rows_cheaper(counts, groups, bank.d_model, bank.hidden, projections)
         path = PADDED_BMM if cheaper else PER_EXPERT
     if path not in PATHS:
         raise ValueError(f"path={path!r} is not one of {PATHS}")
@@ -96,11 +100,7 @@ def dispatch_layout(
     A = token_A.numel()
     if path == PER_EXPERT or not A:
         return ExpertRows.from_counts(token_A, counts, routing.num_tokens), weight_A
-    groups = padded_groups(counts)
-    row_E, R = [], 0  # each expert's first row in the layout
-    for e0, e1, C in groups:
-        row_E += range(R, R + (e1 - e0) * C, C) if C else [R] * (e1 - e0)
-        R += (e1 - e0) * C
+    bounds, row_E, R = group_rows(groups)
     expert_A = routing.expert[order_A]
     first_E = torch.cumsum(routing.load, 0) - routing.load  # each expert's first sorted index
     rank_A = torch.arange(A, device=token_A.device) - first_E[expert_A]
@@ -108,7 +108,7 @@ def dispatch_layout(
     # pad rows: token 0, weight 0 (they add exact zeros to y and every gradient)
     token_R = token_A.new_zeros(R).index_put_((slot_A,), token_A)
     weight_R = weight_A.new_zeros(R).index_put((slot_A,), weight_A)
-    return ExpertRows.padded(token_R, groups, routing.num_tokens), weight_R
+    return ExpertRows.from_groups(token_R, bounds, routing.num_tokens, PADDED_BMM), weight_R
 
 
 def grouped(

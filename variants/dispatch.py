@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 
 PER_EXPERT, PADDED_BMM = "per_expert", "padded_bmm"
+Group = tuple[int, int, int]  # (first expert, end expert, rows per expert C)
+Bounds = tuple[int, int, int, int]  # (first expert, end expert, start row, stop row)
 PATHS = (PER_EXPERT, PADDED_BMM)
 
 # The selection rule, measured on 2 AMD EPYC threads, fp32, forward+backward (issue 18,
@@ -67,34 +69,25 @@ class ExpertRows:
     """
 
     token_R: torch.Tensor  # [R] long, token of each row
-    groups: tuple[tuple[int, int, int, int], ...]
+    groups: tuple[Bounds, ...]
     tokens: tuple[torch.Tensor, ...]  # token_R[start:stop] of each group
     num_tokens: int
     path: str = PER_EXPERT
 
     @classmethod
-    def from_counts(cls, token_A: torch.Tensor, counts: list[int], num_tokens: int) -> ExpertRows:
-        """Per-expert layout from assignments sorted by expert and the load of each expert."""
-        groups, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                groups.append((e, e + 1, start, start + n))
-            start += n
-        tokens = tuple(token_A[a:b] for _, _, a, b in groups)
-        return cls(token_A, tuple(groups), tokens, num_tokens)
+    def from_groups(
+        cls, token_R: torch.Tensor, groups: list[Bounds], num_tokens: int, path: str
+    ) -> ExpertRows:
+        """The layout of rows `token_R` cut into `groups` (the bounds of `group_rows`)."""
+        tokens = tuple(token_R[a:b] for _, _, a, b in groups)
+        return cls(token_R, tuple(groups), tokens, num_tokens, path)
 
     @classmethod
-    def padded(
-        cls, token_R: torch.Tensor, groups: list[tuple[int, int, int]], num_tokens: int
-    ) -> ExpertRows:
-        """Padded layout from `padded_groups`: group (e0, e1, C) owns (e1 - e0) * C rows."""
-        bounds, start = [], 0
-        for e0, e1, C in groups:
-            if C:
-                bounds.append((e0, e1, start, start + (e1 - e0) * C))
-            start += (e1 - e0) * C
-        tokens = tuple(token_R[a:b] for _, _, a, b in bounds)
-        return cls(token_R, tuple(bounds), tokens, num_tokens, PADDED_BMM)
+    def from_counts(cls, token_A: torch.Tensor, counts: list[int], num_tokens: int) -> ExpertRows:
+        """Per-expert layout from assignments sorted by expert and the load of each expert:
+        each expert a group of its own, owning exactly its load."""
+        bounds, _, _ = group_rows([(e, e + 1, n) for e, n in enumerate(counts)])
+        return cls.from_groups(token_A, bounds, num_tokens, PER_EXPERT)
 
     def weight_grad(self, w_EXY: torch.Tensor) -> torch.Tensor:
         """A weight-gradient buffer: the loops write each grouped expert; zero the rest."""
@@ -108,7 +101,7 @@ class ExpertRows:
         return grad_EXY
 
 
-def padded_groups(counts: list[int]) -> list[tuple[int, int, int]]:
+def padded_groups(counts: list[int]) -> list[Group]:
     """(first expert, end expert, rows per expert C) of each bmm group of the padded layout:
     consecutive experts, G = GROUP_ROWS // (largest load) of them a group (at least 1; so no
     group's temporaries pass GROUP_ROWS rows unless one expert's load alone does), each padded
@@ -119,6 +112,19 @@ def padded_groups(counts: list[int]) -> list[tuple[int, int, int]]:
         (e0, min(e0 + per_group, E), max(counts[e0 : e0 + per_group]))
         for e0 in range(0, E, per_group)
     ]
+
+
+def group_rows(groups: list[Group]) -> tuple[list[Bounds], list[int], int]:
+    """Groups (first expert, end expert, rows per expert C) laid out one after another, each
+    expert owning C rows: (bounds (first expert, end expert, start row, stop row) of every
+    non-empty group, each expert's first row, all rows R)."""
+    bounds, row_E, R = [], [], 0
+    for e0, e1, C in groups:
+        row_E += range(R, R + (e1 - e0) * C, C) if C else [R] * (e1 - e0)
+        if C:
+            bounds.append((e0, e1, R, R + (e1 - e0) * C))
+        R += (e1 - e0) * C
+    return bounds, row_E, R
 
 
 # torch's CPU sort of an integer tensor switches to a radix sort at this many elements; below

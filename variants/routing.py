@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ROUTER_DTYPES, MoEConfig
+from .dispatch import expert_order
 
 
 @dataclass
@@ -95,7 +96,7 @@ def rank_in_expert(
     A = expert_A.numel()
     order_A = torch.argsort(priority_A, stable=True)
     # a stable sort by expert keeps the priority order inside each expert's group
-    by_expert_A = order_A[torch.argsort(expert_A[order_A], stable=True)]
+    by_expert_A = order_A[expert_order(expert_A[order_A], num_experts)]
     counts_E = torch.bincount(expert_A, minlength=num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted_A = torch.arange(A, device=expert_A.device) - starts_E[expert_A[by_expert_A]]
