@@ -26,9 +26,7 @@ Reading never raises on a bad file: `read_rows` returns the rows it could read a
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -45,14 +43,12 @@ import pandas as pd
 import torch
 
 from moe_bench import locks, schema
+from moe_bench.identity import config_hash, config_key, json_value
 from moe_bench.schema import CORE_COLUMNS, REQUIRED_COLUMNS, ROW_STATUSES, STATUSES, Metric
 
 RESULTS = "results.jsonl"
 ENV = "env.json"
 STATE = "job.json"
-# base columns left out of a job's config key: counts derived from the config by the code
-# (a change in how they are counted is a code change, not another config)
-DERIVED = ("params_total", "params_active", "flops_per_token", "leaks_future_tokens")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -61,15 +57,6 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _json_value(value: Any) -> Any:
-    """JSON-ready cell: non-finite floats become null, tensors and numpy scalars Python."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class Recorder:
@@ -85,7 +72,7 @@ class Recorder:
         """Add one row of a schema metric (its unit from the schema); columns: step, layer, ..."""
         row = {**self.base, **schema.row(metric, value, **columns)}
         row.update(status="running", error=None)  # until finish() says how the job ended
-        self.rows.append({k: _json_value(v) for k, v in row.items()})
+        self.rows.append({k: json_value(v) for k, v in row.items()})
 
     def flush(self) -> None:
         """Rewrite results.jsonl atomically with every row so far."""
@@ -163,17 +150,6 @@ def ending(rows: list[dict[str, Any]]) -> str | None:
 
 
 # --- the job's state file and config key ----------------------------------------------------
-
-
-def config_key(columns: dict[str, Any]) -> dict[str, Any]:
-    """The values that identify a job's results: its base columns minus derived counts."""
-    return {k: _json_value(v) for k, v in columns.items() if k not in DERIVED}
-
-
-def config_hash(key: dict[str, Any]) -> str:
-    """A stable hash of a config key: sha256 of its sorted JSON."""
-    text = json.dumps(key, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
