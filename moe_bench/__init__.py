@@ -33,7 +33,7 @@ def compose(*overrides: str, hydra: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from moe_bench import config  # noqa: F401  (importing it registers the schemas)
+    from moe_bench import config, registry  # noqa: F401  (importing them registers the schemas)
 
     with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)

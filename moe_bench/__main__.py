@@ -1,7 +1,8 @@
 """`python -m moe_bench`: the Hydra application over `sweeps/` (docs/contract.md, sections 5-6).
 
-One job = one composed config: refuse it if it is GPU-sized and would run on a CPU
-(`config.gpu_sized`; `allow_cpu=true` overrides), announce it ('job i/N' in a multirun, and a
+One job = one composed config: resolve it once (a single run takes the resolution its folder
+check made), refuse it if it is GPU-sized and would run on a CPU (`config.gpu_sized` with its
+task's `cost_tflop`; `allow_cpu=true` overrides), announce it ('job i/N' in a multirun, and a
 warning when a parallel launcher times jobs at once), resolve and validate it, lock its
 directory, skip it if the directory already holds ok results of the same config (resume;
 `moe_bench.runner` says what a different config, a held lock or an unwritable folder do), run
@@ -22,21 +23,34 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from moe_bench import config, progress
-from moe_bench.runner import execute
+from moe_bench import callbacks, config, progress, registry
+from moe_bench.runner import Resolved, execute, resolve
 
 __all__ = ["execute", "main"]
 
 
-def announce(cfg: DictConfig, hc: DictConfig, label: str) -> None:
+def gpu_refusal(cfg: DictConfig, resolved: Resolved) -> str | None:
+    """The one-line refusal of a GPU-sized job on a CPU (None: it fits, or it does not resolve
+    and fails as a job)."""
+    job = resolved.job
+    if job is None:
+        return None
+    task = registry.lookup(job.task.name)
+    tflop = task.cost_tflop(job) if task.cost_tflop else None
+    return config.gpu_sized(job, tflop, bool(cfg.allow_cpu))
+
+
+def announce(cfg: DictConfig, hc: DictConfig, label: str, resolved: Resolved) -> None:
     """Refuse a GPU-sized job on a CPU (exit 2); print 'job i/N' and any concurrency warning."""
-    refusal = config.gpu_sized(cfg)
+    refusal = gpu_refusal(cfg, resolved)
     if refusal:
         print(refusal, file=sys.stderr)
         raise SystemExit(2)
     if hc.mode == RunMode.MULTIRUN:
         print(f"{progress.sweep_position(hc.job.num, hc.sweep.dir)}  {label}", flush=True)
-    warning = progress.concurrency_warning(cfg.task.name, hc.launcher)
+    name = cfg.task.name
+    timed = name in registry.names() and registry.lookup(name).timed
+    warning = progress.concurrency_warning(name, timed, hc.launcher)
     if warning:
         print(warning, file=sys.stderr)
 
@@ -45,8 +59,9 @@ def announce(cfg: DictConfig, hc: DictConfig, label: str) -> None:
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     label = " ".join(hc.overrides.task) or f"variant={cfg.variant.name} task={cfg.task.name}"
-    announce(cfg, hc, label)
-    status = execute(cfg, Path(hc.runtime.output_dir), label)
+    resolved = callbacks.take_resolved() or resolve(cfg)
+    announce(cfg, hc, label, resolved)
+    status = execute(cfg, Path(hc.runtime.output_dir), label, resolved)
     if status in ("failed", "refused", "busy") and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)
 

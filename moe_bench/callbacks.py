@@ -7,7 +7,9 @@
   exit 2) unless `overwrite=true`: before Hydra rewrites the folder's multirun.yaml. A single
   run into a folder of another config is refused the same way (exit 1) before Hydra rewrites
   its .hydra/. Each job still checks its own folder's config under its lock
-  (moe_bench.runner), which also catches edited YAML in a multirun.
+  (moe_bench.runner), which also catches edited YAML in a multirun. A single run's config is
+  resolved here, once: the app takes that resolution (`take_resolved`) instead of resolving
+  again.
 - `ReportCallback`: when a multirun ends, build its HTML report. A missing or failing report
   module prints a one-line warning: results are on disk already and the sweep succeeded.
 """
@@ -23,7 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from moe_bench import locks
+from moe_bench import locks, runner
 
 
 def check_writable(directory: str) -> None:
@@ -103,24 +105,35 @@ def lock_sweep(sweep_dir: str) -> None:
         _error(f"cannot lock sweep folder {sweep_dir}: {e.strerror or e}")
 
 
-def check_same_job(config: DictConfig) -> None:
+def check_same_job(config: DictConfig, resolved: runner.Resolved) -> None:
     """A single run into a folder of another config: one line and exit 1 before Hydra rewrites
     the folder's .hydra/ (the runner would refuse it too, after that rewrite)."""
-    from moe_bench import runner  # the runner imports torch and the tasks: only when needed
-
     out_dir = Path(config.hydra.run.dir)
     if OmegaConf.select(config, "overwrite", default=False) or not out_dir.is_dir():
         return
-    diff = runner.mismatch(out_dir, runner.job_key(config))
+    diff = runner.mismatch(out_dir, resolved.key)
     if diff is not None:
         print(f"moe_bench: error: {runner.refusal(out_dir, diff)}", file=sys.stderr)
         raise SystemExit(1)
 
 
+_resolved: runner.Resolved | None = None  # a single run's config, resolved by its check
+
+
+def take_resolved() -> runner.Resolved | None:
+    """The resolution `OutputCheck` made of this single run's config (once; None in a
+    multirun, or when the callback is not configured)."""
+    global _resolved
+    resolved, _resolved = _resolved, None
+    return resolved
+
+
 class OutputCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _resolved
         check_writable(config.hydra.run.dir)
-        check_same_job(config)
+        _resolved = runner.resolve(config)
+        check_same_job(config, _resolved)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_writable(config.hydra.sweep.dir)

@@ -12,13 +12,15 @@ Groups:
   The size fields `num_experts`, `expert_hidden`, `top_k` (and dense's `d_ff`) default to null:
   `moe_bench.isocompute` derives them from the `model` group so that every variant of a sweep
   activates the same expert FLOPs per token. `granularity` (or a fixed `top_k`) says how.
-- `task/<name>.yaml`: one schema per task.
+- `task/<name>.yaml`: one schema per task: the config dataclass of its `Task` object
+  (`moe_bench/tasks/<name>.py`), put in the ConfigStore by `moe_bench.registry`.
 - `model/<size>.yaml`: widths and token counts; `device/<kind>.yaml`; `data` (convergence).
 
 `resolve(cfg)` turns a composed config into a `Job`, once, in the runner; tasks receive the Job
 (`run(job, recorder)`) and never see the DictConfig, so they can be called from Python without
-Hydra. Importing this module registers the schemas, so `moe_bench.compose(...)` (or Hydra's
-compose API over `sweeps/`) works from scripts and notebooks.
+Hydra. Importing this module registers the run and variant schemas, importing
+`moe_bench.registry` the task schemas; `moe_bench.compose(...)` does both, so it (or Hydra's
+compose API over `sweeps/`) works from scripts and notebooks. This module names no task.
 """
 
 from __future__ import annotations
@@ -35,15 +37,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from moe_bench import components
 from moe_bench.components import Component
 from moe_bench.data import DataConfig
+from moe_bench.identity import SIZE_FIELDS
 from moe_bench.isocompute import ffn_flops_per_token, iso_fields
 from variants import MoEConfig
-from variants.config import check_choice, check_divides, check_int, check_number
+from variants.config import check_choice, check_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-PASSES = ("fwd", "fwd_bwd")
-# variant fields derived from the model group unless a value is given
-SIZE_FIELDS = ("num_experts", "expert_hidden", "top_k", "d_ff")
 # variant fields set once for the whole run (model.d_model, the top-level backend)
 RUN_FIELDS = ("d_model", "backend")
 
@@ -88,133 +88,16 @@ class DeviceConfig:
 
 @dataclass
 class TaskConfig:
+    """The base of every task's config dataclass (each defined in its task's module,
+    `moe_bench/tasks/<name>.py`, and registered by `moe_bench.registry`)."""
+
     name: str = MISSING
-
-
-@dataclass
-class ThroughputConfig(TaskConfig):
-    name: str = "throughput"
-    warmup: int = 3  # untimed steps first: allocator, caches, lazy init
-    repeats: int = 30  # timed rounds (layer and twin) at least; medians, IQR, ratios over them
-    # more rounds, up to max_repeats, until the 95% confidence interval of the median ratio is
-    # within +-precision of it (a loaded machine needs more rounds for the same certainty)
-    max_repeats: int = 100
-    precision: float = 0.02
-    passes: list[str] = field(default_factory=lambda: list(PASSES))
-
-    def __post_init__(self) -> None:
-        check_int(self, "warmup", 0)
-        check_int(self, "repeats", 1)
-        check_int(self, "max_repeats", 1)
-        check_number(self, "precision", minimum=0)
-        if self.max_repeats < self.repeats:
-            self.max_repeats = self.repeats  # repeats alone: a fixed number of rounds
-        if not self.passes or any(p not in PASSES for p in self.passes):
-            raise ValueError(
-                f"passes={list(self.passes)} must be a non-empty list of {', '.join(PASSES)}"
-            )
-
-
-@dataclass
-class MemoryConfig(TaskConfig):
-    name: str = "memory"
-    warmup: int = 1
-    repeats: int = 3  # the median peak is reported; the spread shows repeatability
-
-    def __post_init__(self) -> None:
-        check_int(self, "warmup", 0)
-        check_int(self, "repeats", 1)
-
-
-@dataclass
-class BalanceConfig(TaskConfig):
-    name: str = "balance"
-    batches: int = 4  # forwards of model.tokens tokens per input kind
-    skew: float = 4.0  # adversarial inputs: skew * (a unit vector toward expert 0) + N(0, 1)
-
-    def __post_init__(self) -> None:
-        check_int(self, "batches", 1)
-        check_number(self, "skew", minimum=0)
-
-
-@dataclass
-class ConvergenceConfig(TaskConfig):
-    name: str = "convergence"
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 30
-    eval_every: int = 100
-    eval_batches: int = 8
-    n_layers: int = 4
-    n_heads: int = 4
-    moe_every: int = 1
-    grad_clip: float = 1.0
-    weight_decay: float = 0.1
-    log_every: int = 1  # training rows: the mean over this many steps
-    # gradient accumulation: each optimizer step runs batch_size / micro_batch_size forwards
-    # (null: one); micro and global batches then differ (balance_scope=global_batch)
-    micro_batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
-            check_int(self, name, 1)
-        for name in ("n_layers", "n_heads", "moe_every"):
-            check_int(self, name, 1)
-        check_int(self, "warmup_steps", 0)
-        check_number(self, "lr", positive=True)
-        check_number(self, "grad_clip", positive=True)
-        check_number(self, "weight_decay", minimum=0)
-        if self.micro_batch_size is not None:
-            check_int(self, "micro_batch_size", 1)
-            check_divides(self, "micro_batch_size", "batch_size")
-
-
-EP_BACKENDS = ("auto", "gloo", "nccl")
-EP_LAUNCHERS = ("spawn", "env")
-
-
-@dataclass
-class ExpertParallelConfig(TaskConfig):
-    """task=expert_parallel (moe_bench/tasks/expert_parallel.py, docs/expert_parallel.md)."""
-
-    name: str = "expert_parallel"
-    ep_size: int = 2  # P ranks; model.tokens is the global batch, split over them by sequence
-    warmup: int = 2  # untimed forwards first
-    repeats: int = 5  # timed steps; medians over them
-    steps: int = 20  # short training run: rank_imbalance per step (comm-balance loss at work)
-    lr: float = 1e-2  # Adam, for the training run
-    skew: float = 2.0  # training inputs: skew * (unit centroid of rank 0's experts) + N(0, 1)
-    backend: str = "auto"  # collectives: auto = gloo on CPU, nccl on CUDA
-    launcher: str = "spawn"  # spawn: the job starts its ranks; env: ranks from a launcher
-    timeout_s: float = 600.0  # the whole rank job, and each collective
-
-    def __post_init__(self) -> None:
-        check_int(self, "ep_size", 1)
-        check_int(self, "warmup", 0)
-        check_int(self, "repeats", 1)
-        check_int(self, "steps", 0)
-        check_number(self, "lr", positive=True)
-        check_number(self, "skew", minimum=0)
-        check_number(self, "timeout_s", positive=True)
-        check_choice(self, "backend", EP_BACKENDS)
-        check_choice(self, "launcher", EP_LAUNCHERS)
-
-
-TASK_SCHEMAS: dict[str, type[TaskConfig]] = {
-    "throughput": ThroughputConfig,
-    "memory": MemoryConfig,
-    "balance": BalanceConfig,
-    "convergence": ConvergenceConfig,
-    "expert_parallel": ExpertParallelConfig,
-}
 
 
 @dataclass
 class RunConfig:
     variant: Any = MISSING  # typed by the variant's own schema (variant_schema)
-    task: Any = MISSING  # typed by the task's schema (TASK_SCHEMAS)
+    task: Any = MISSING  # typed by the task's schema (its Task's config, moe_bench.registry)
     model: ModelConfig = MISSING
     device: DeviceConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,7 +133,8 @@ def variant_schema(name: str) -> type:
 
 
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent; call before composing).
+    """Put the run and variant schemas in Hydra's ConfigStore (idempotent; call before
+    composing; the task schemas are `moe_bench.registry.register`'s).
 
     Schemas sit under `schema/` so that `variant=...` and `task=...` list only the YAML options.
     """
@@ -258,8 +142,6 @@ def register() -> None:
     cs.store(name="run_schema", node=RunConfig)
     for name in components.names():
         cs.store(group="schema/variant", name=name, node=variant_schema(name))
-    for name, schema in TASK_SCHEMAS.items():
-        cs.store(group="schema/task", name=name, node=schema)
 
 
 # expert compute a CPU job may take (forward and backward FLOPs of the FFNs, layer and dense
@@ -267,40 +149,18 @@ def register() -> None:
 CPU_TFLOP_BUDGET = 5.0
 
 
-def expert_tflop(cfg: DictConfig) -> float | None:
-    """Estimated expert FFN work of the job in TFLOP (from the model group: `active` dense FFNs
-    of width d_ff per token, SwiGLU, backward = 2 forwards); None for a task it does not know."""
-    m, t = cfg.model, cfg.task
-    per_token = m.active * 6 * m.d_model * m.d_ff
-    if t.name == "throughput":  # layer and twin, warm-up and repeats, 1 (fwd) or 3 (fwd_bwd)
-        passes = sum(1 if p == "fwd" else 3 for p in t.passes)
-        tokens = 2 * (t.warmup + t.repeats) * m.tokens * passes
-    elif t.name == "memory":
-        tokens = 2 * (t.warmup + t.repeats) * m.tokens * 3
-    elif t.name == "balance":  # two corpus domains and the skewed inputs
-        tokens = t.batches * 3 * m.tokens
-    elif t.name == "convergence":  # every block's FFN has the same active FLOPs
-        tokens = t.steps * t.batch_size * t.seq_len * t.n_layers * 3
-    else:
-        return None
-    return per_token * tokens / 1e12
-
-
-def gpu_sized(cfg: DictConfig) -> str | None:
+def gpu_sized(job: Job, tflop: float | None, allow_cpu: bool = False) -> str | None:
     """The one-line refusal of a job too big for the CPU it would run on (None: it fits).
 
-    `+experiment=paper_table`, `+experiment=convergence` and model=medium/large are GPU sizes;
-    `allow_cpu=true` runs them on a CPU anyway.
+    `tflop` is the task's estimate of the job's expert work (`Task.cost_tflop`; None: not
+    estimated). `+experiment=paper_table`, `+experiment=convergence` and model=medium/large are
+    GPU sizes; `allow_cpu=true` runs them on a CPU anyway.
     """
-    on_cpu = cfg.device.name == "cpu" or (
-        cfg.device.name == "auto" and not torch.cuda.is_available()
-    )
-    tflop = expert_tflop(cfg)
-    if cfg.allow_cpu or not on_cpu or tflop is None or tflop <= CPU_TFLOP_BUDGET:
+    if allow_cpu or job.device.type != "cpu" or tflop is None or tflop <= CPU_TFLOP_BUDGET:
         return None
-    steps = ", fewer task.steps" if cfg.task.name == "convergence" else ""
+    steps = ", fewer task.steps" if hasattr(job.task, "steps") else ""
     return (
-        f"moe_bench: error: task={cfg.task.name} at model.d_model={cfg.model.d_model} is "
+        f"moe_bench: error: task={job.task.name} at model.d_model={job.model.d_model} is "
         f"GPU-sized: ~{tflop:.0f} TFLOP of expert compute, more than a CPU job's "
         f"{CPU_TFLOP_BUDGET:.0f}; run it on a GPU, scale it down (model=small{steps}), or "
         "add allow_cpu=true to run it on this CPU anyway"

@@ -1,5 +1,6 @@
 """What a job tells the terminal: where it stands in its sweep, a warning when a parallel
-launcher times jobs at once, and one line at its end with its key metrics.
+launcher times jobs at once, and one line at its end with its key metrics (its task's
+`summary`, `moe_bench.task`). Names no task.
 
 Progress bars (tqdm, with rate and ETA) live where the work is: the timing rounds
 (`moe_bench.timing`) and the convergence steps; like these lines' callers, tqdm stays quiet
@@ -14,8 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# tasks whose numbers are wall-clock times (throughput's rows, convergence's tokens_per_s)
-TIMED_TASKS = ("throughput", "convergence")
+Rows = list[dict[str, Any]]
 MULTIRUN_YAML = "multirun.yaml"
 
 
@@ -51,10 +51,11 @@ def parallel_jobs(launcher: DictConfig) -> int:
     return n_jobs if n_jobs > 0 else os.cpu_count() or 2  # joblib: -1 = one job per core
 
 
-def concurrency_warning(task: str, launcher: DictConfig) -> str | None:
-    """One line when a timed task runs beside other jobs of a parallel launcher."""
+def concurrency_warning(task: str, timed: bool, launcher: DictConfig) -> str | None:
+    """One line when a timed task (`Task.timed`) runs beside other jobs of a parallel
+    launcher."""
     n = parallel_jobs(launcher)
-    if n == 1 or task not in TIMED_TASKS:
+    if n == 1 or not timed:
         return None
     return (
         f"moe_bench: warning: the launcher runs up to {n} jobs at once; "
@@ -63,7 +64,8 @@ def concurrency_warning(task: str, launcher: DictConfig) -> str | None:
     )
 
 
-def _row(rows: list[dict[str, Any]], metric: str, **where: Any) -> dict[str, Any] | None:
+def find_row(rows: Rows, metric: str, **where: Any) -> dict[str, Any] | None:
+    """The last row of `metric` whose columns match `where` (a task's summary reads it)."""
     found = [
         r for r in rows
         if r.get("metric") == metric and all(r.get(k) == v for k, v in where.items())
@@ -71,58 +73,10 @@ def _row(rows: list[dict[str, Any]], metric: str, **where: Any) -> dict[str, Any
     return found[-1] if found else None
 
 
-def _throughput(rows: list[dict[str, Any]]) -> str | None:
-    for pass_, metric in (("fwd_bwd", "fwd_bwd_ms"), ("fwd", "fwd_ms")):
-        time_row = _row(rows, metric, **{"pass": pass_})
-        ratio_row = _row(rows, "ratio_to_dense", **{"pass": pass_})
-        if time_row is None or ratio_row is None:
-            continue
-        ms, iqr = time_row["value"], time_row.get("iqr_ms") or 0.0
-        shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
-        text = f"{pass_} {shown} ms (x{ratio_row['value']:.2f} dense, iqr {iqr / ms:.0%})"
-        if time_row.get("noisy") or ratio_row.get("noisy"):
-            text += " NOISY"
-        if time_row.get("load_avg") is not None:
-            text += f", load {time_row['load_avg']:.1f}"
-        return text
-    return None
-
-
-def _memory(rows: list[dict[str, Any]]) -> str | None:
-    peak, ratio = _row(rows, "peak_memory_bytes"), _row(rows, "ratio_to_dense")
-    if peak is None or ratio is None:
-        return None
-    return f"peak {peak['value'] / 2**20:.3g} MiB (x{ratio['value']:.2f} dense)"
-
-
-def _convergence(rows: list[dict[str, Any]]) -> str | None:
-    val = _row(rows, "val_loss")
-    if val is None:
-        return None
-    return f"val_loss {val['value']:.4f} at step {val['step']}"
-
-
-def _balance(rows: list[dict[str, Any]]) -> str | None:
-    parts = [
-        f"{r['domain']} {r['value']:.2f}"
-        for r in rows
-        if r.get("metric") == "max_vio_global" and r.get("domain")
-    ]
-    return "max_vio_global " + ", ".join(parts) if parts else None
-
-
-SUMMARIES = {
-    "throughput": _throughput,
-    "memory": _memory,
-    "convergence": _convergence,
-    "balance": _balance,
-}
-
-
-def job_summary(task: str, rows: list[dict[str, Any]]) -> str:
-    """The job's key metrics in a few words, then its row count and wall time."""
-    key = SUMMARIES[task](rows) if task in SUMMARIES else None
-    job = _row(rows, "job")
+def job_summary(key: str | None, rows: Rows) -> str:
+    """The job's key metrics (its task's `summary`, when it has one), then its row count and
+    wall time."""
+    job = find_row(rows, "job")
     seconds = f" in {job['value']:.1f} s" if job else ""
     tail = f"{len(rows)} rows{seconds}"
     return f"{key} [{tail}]" if key else tail

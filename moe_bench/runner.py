@@ -1,7 +1,11 @@
 """Run one job: resolve its config once, run its task, record how it ended.
 
-`execute(cfg, out_dir, label)` is what the Hydra app calls per job; `run_resolved(job, out_dir)`
-runs an already resolved Job (from Python: `moe_bench.run_job`). A job that fails writes a
+`resolve(cfg)` resolves a composed config once (`Resolved`: the Job, or the error and the
+columns as given); `execute(cfg, out_dir, label, resolved)` is what the Hydra app calls per job
+(a single run passes the resolution its folder check made); `run_resolved(job, out_dir)` runs
+an already resolved Job (from Python: `moe_bench.run_job`). The task is the registry's object
+of the job's `task` name (`moe_bench.registry`); its closing `job` row carries the run card
+(`moe_bench.recorder`). A job that fails writes a
 `failed` row with its error; expected problems (bad values, impossible combinations, out of
 memory, an allocation the machine cannot give) print one line and keep their traceback in the
 job's log file only; anything else (a bug) also prints its traceback.
@@ -24,15 +28,15 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
 
-from moe_bench import config, locks, results
+from moe_bench import components, config, locks, registry, results
 from moe_bench.config import Job
 from moe_bench.progress import job_summary
-from moe_bench.tasks import get_task
+from moe_bench.recorder import Recorder, load_average, update_env, write_env
 from variants.megablocks import Unavailable
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ EXPECTED = (ValueError, FloatingPointError, torch.OutOfMemoryError, Unavailable)
 # torch's CPU allocator raises a plain RuntimeError when malloc fails ("DefaultCPUAllocator:
 # can't allocate memory", "not enough memory"): as expected as torch.OutOfMemoryError
 ALLOCATION = re.compile(r"can't allocate memory|not enough memory|out of memory", re.IGNORECASE)
-Body = Callable[[results.Recorder], None]
+Body = Callable[[Recorder], None]
 
 
 def expected(error: BaseException) -> bool:
@@ -73,7 +77,7 @@ def _traceback_to_log_file(error: BaseException) -> None:
             handler.handle(record)
 
 
-def _failed(recorder: results.Recorder, error: Exception, label: str) -> str:
+def _failed(recorder: Recorder, error: Exception, label: str) -> str:
     text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
     if expected(error):
         _traceback_to_log_file(error)
@@ -102,13 +106,27 @@ def refusal(out_dir: Path, diff: str) -> str:
     )
 
 
-def job_key(cfg: DictConfig) -> dict[str, Any]:
-    """The config key a composed config will run with (its base columns as resolved, or as
-    given when it does not resolve: that job fails, keyed by what was asked)."""
+class Resolved(NamedTuple):
+    """A composed config, resolved once: its Job and base columns, or (when it does not
+    resolve: that job fails, keyed by what was asked) the error and the columns as given."""
+
+    job: Job | None
+    columns: dict[str, Any]
+    error: Exception | None = None
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """The config key the job runs with (resume compares it with its folder's)."""
+        return results.config_key(self.columns)
+
+
+def resolve(cfg: DictConfig) -> Resolved:
+    """Resolve `cfg` once; a config that does not resolve is kept with its error."""
     try:
-        return results.config_key(config.resolve(cfg).columns)
-    except Exception:
-        return results.config_key(config.config_columns(cfg))
+        job = config.resolve(cfg)
+    except Exception as e:
+        return Resolved(None, config.config_columns(cfg), e)
+    return Resolved(job, job.columns)
 
 
 def _resume_check(out_dir: Path, label: str, key: dict[str, Any], overwrite: bool) -> str | None:
@@ -137,11 +155,37 @@ def _kept_note(out_dir: Path, key: dict[str, Any]) -> str:
     if not (out_dir / results.ENV).is_file():
         try:
             device = torch.device(str(key.get("device", "cpu")))
-            results.write_env(out_dir, device, rebuilt="on resume: describes the resuming run")
+            write_env(out_dir, device, rebuilt="on resume: describes the resuming run")
             notes.append("env.json was missing: rebuilt and marked `rebuilt`")
         except (OSError, RuntimeError) as e:
             notes.append(f"env.json is missing and could not be rebuilt: {e}")
     return f" ({'; '.join(notes)})" if notes else ""
+
+
+def run_card(columns: dict[str, Any]) -> dict[str, Any]:
+    """The `card.*` columns of a job (docs/contract.md §5): what its task asks (the task
+    object's `report`) and its variant's loss note, found by name so that a job that failed to
+    resolve carries them too."""
+    card: dict[str, Any] = {}
+    if columns.get("task") in registry.names():
+        card.update(registry.lookup(columns["task"]).report.card())
+    if columns.get("variant") in components.names():
+        config_cls = components.lookup(columns["variant"]).config
+        card["card.variant_note"] = getattr(config_cls, "note", "")
+    return card
+
+
+def recorder_for(out_dir: Path, columns: dict[str, Any]) -> Recorder:
+    """The job's Recorder: its base columns, run card, and its task's metrics only."""
+    task = columns.get("task")
+    metrics = registry.lookup(task).metric_names if task in registry.names() else None
+    return Recorder(out_dir, columns, card=run_card(columns), metrics=metrics)
+
+
+def _summary(columns: dict[str, Any], recorder: Recorder) -> str:
+    task = registry.lookup(columns["task"])
+    key = task.summary(recorder.rows) if task.summary else None
+    return job_summary(key, recorder.rows)
 
 
 def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
@@ -151,7 +195,7 @@ def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
     # OSError here: an unwritable folder, the caller says so
     results.write_state(out_dir, "running", key, started=started)
     (out_dir / results.RESULTS).unlink(missing_ok=True)  # never append to an old run's rows
-    recorder = results.Recorder(out_dir, columns)
+    recorder = recorder_for(out_dir, columns)
     try:
         body(recorder)
     except Exception as e:
@@ -159,8 +203,7 @@ def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
     else:
         recorder.finish("ok")
         status = "ok"
-        task = columns.get("task", "")
-        say("ok", label, f"{job_summary(task, recorder.rows)} -> {out_dir}")
+        say("ok", label, f"{_summary(columns, recorder)} -> {out_dir}")
     results.write_state(out_dir, status, key, started=started)
     return status
 
@@ -178,7 +221,7 @@ def launcher_rank() -> int:
 def _helper_rank(out_dir: Path, label: str, columns: dict[str, Any], body: Body, rank: int) -> str:
     """Rank > 0 of a multi-process job: rank 0 owns the folder (lock, state file, resume,
     results.jsonl); this rank writes only its own results.rank<N>.jsonl."""
-    recorder = results.Recorder(out_dir, columns)
+    recorder = recorder_for(out_dir, columns)
     recorder.path = out_dir / f"results.rank{rank}.jsonl"
     try:
         body(recorder)
@@ -216,13 +259,13 @@ def guarded(
 
 
 def _task_body(job: Job, out_dir: Path, label: str) -> Body:
-    def body(recorder: results.Recorder) -> None:
-        task = get_task(job.task.name)
+    def body(recorder: Recorder) -> None:
+        task = registry.lookup(job.task.name)
         if job.threads is not None:
             torch.set_num_threads(job.threads)
-        results.write_env(out_dir, job.device, overrides=label)
-        task(job, recorder)
-        results.update_env(out_dir, load_avg_after=results.load_average())
+        write_env(out_dir, job.device, overrides=label)
+        task.run(job, recorder)
+        update_env(out_dir, load_avg_after=load_average())
 
     return body
 
@@ -234,16 +277,16 @@ def run_resolved(job: Job, out_dir: Path, label: str = "", overwrite: bool = Fal
     return guarded(out_dir, label, job.columns, _task_body(job, out_dir, label), overwrite)
 
 
-def execute(cfg: DictConfig, out_dir: Path, label: str) -> str:
-    """Run one composed job into out_dir; returns its outcome (see `guarded`)."""
+def execute(cfg: DictConfig, out_dir: Path, label: str, resolved: Resolved | None = None) -> str:
+    """Run one composed job into out_dir; returns its outcome (see `guarded`). `resolved`:
+    `cfg` already resolved (by the single run's folder check), else it is resolved here."""
     overwrite = bool(cfg.get("overwrite", False))
-    try:
-        job = config.resolve(cfg)
-    except Exception as e:
-        error = e
+    resolved = resolved or resolve(cfg)
+    if resolved.job is None:
+        error = resolved.error
 
-        def refuse(recorder: results.Recorder) -> None:
+        def refuse(recorder: Recorder) -> None:
             raise error
 
-        return guarded(out_dir, label, config.config_columns(cfg), refuse, overwrite)
-    return run_resolved(job, out_dir, label, overwrite)
+        return guarded(out_dir, label, resolved.columns, refuse, overwrite)
+    return run_resolved(resolved.job, out_dir, label, overwrite)

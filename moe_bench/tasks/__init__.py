@@ -1,17 +1,14 @@
-"""Task registry and the pieces several tasks share: the layer, its dense twin, inputs, steps.
+"""The tasks, one module each (`TASK`, a `moe_bench.task.Task`: found by `moe_bench.registry`),
+and the pieces several tasks share: the layer, its dense twin, inputs, steps.
 
 Shape legend: B sequences, S sequence length, D model width.
 
-Each task module exposes `run(job: Job, recorder: Recorder) -> None`: the runner resolves the
-config once (`moe_bench.config.resolve`) and the task reads the typed, immutable Job. `TASKS`
-maps a task name to its module, imported on first use so a task's dependencies load only when
-it runs.
+Every module of this package is one task, named as its file; the runner resolves the config
+once (`moe_bench.config.resolve`) and the task's `run(job, recorder)` reads the typed,
+immutable Job.
 """
 
 from __future__ import annotations
-
-import importlib
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,29 +16,6 @@ from torch import nn
 from moe_bench import components
 from moe_bench.config import Job
 from moe_bench.isocompute import dense_reference
-from moe_bench.results import Recorder
-
-TASKS: dict[str, str] = {
-    "throughput": "moe_bench.tasks.throughput",
-    "memory": "moe_bench.tasks.memory",
-    "balance": "moe_bench.tasks.balance",
-    "convergence": "moe_bench.tasks.convergence",
-    "expert_parallel": "moe_bench.tasks.expert_parallel",
-}
-
-TaskFn = Callable[[Job, Recorder], None]
-
-
-def get_task(name: str) -> TaskFn:
-    if name not in TASKS:
-        raise ValueError(f"task={name!r} is not one of {', '.join(map(repr, TASKS))}")
-    try:
-        module = importlib.import_module(TASKS[name])
-    except ModuleNotFoundError as e:
-        if e.name != TASKS[name]:
-            raise
-        raise ValueError(f"task={name!r} is registered but {TASKS[name]} is not installed") from e
-    return module.run
 
 
 def build_layer(job: Job) -> nn.Module:

@@ -16,14 +16,31 @@ expert's share of the kept assignments (column `expert`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moe_bench import data, schema
-from moe_bench.config import BalanceConfig, Job
+from moe_bench.config import Job, TaskConfig
+from moe_bench.isocompute import ffn_flops_per_token
 from moe_bench.metrics import max_vio, window_stats
-from moe_bench.results import Recorder
+from moe_bench.progress import Rows
+from moe_bench.recorder import Recorder
+from moe_bench.task import Answer, Asks, Task
 from moe_bench.tasks import build_layer
+from variants.config import check_int, check_number
 from variants.routing import experts_per_token
+
+
+@dataclass
+class BalanceConfig(TaskConfig):
+    name: str = "balance"
+    batches: int = 4  # forwards of model.tokens tokens per input kind
+    skew: float = 4.0  # adversarial inputs: skew * (a unit vector toward expert 0) + N(0, 1)
+
+    def __post_init__(self) -> None:
+        check_int(self, "batches", 1)
+        check_number(self, "skew", minimum=0)
 
 
 def text_batches(job: Job) -> dict[str, list[torch.Tensor]]:
@@ -88,3 +105,47 @@ def run(job: Job, recorder: Recorder) -> None:
             for expert, share in enumerate((load_E / load_E.sum()).tolist()):
                 recorder.log(schema.EXPERT_LOAD, share, domain=domain, layer=0, expert=expert)
     recorder.flush()
+
+
+def cost_tflop(job: Job) -> float:
+    """Forwards of the corpus domains and the skewed inputs."""
+    task: BalanceConfig = job.task
+    tokens = task.batches * (len(data.DOMAINS) + 1) * job.model.tokens
+    return ffn_flops_per_token(job.layer) * tokens / 1e12
+
+
+def summary(rows: Rows) -> str | None:
+    """'max_vio_global prose 0.12, code 0.34, skewed 1.50'."""
+    parts = [
+        f"{r['domain']} {r['value']:.2f}"
+        for r in rows
+        if r.get("metric") == "max_vio_global" and r.get("domain")
+    ]
+    return "max_vio_global " + ", ".join(parts) if parts else None
+
+
+METRICS = (
+        schema.MAX_VIO_BATCH, schema.MAX_VIO_GLOBAL, schema.LOAD_ENTROPY, schema.LOAD_CV,
+        schema.DROP_FRACTION, schema.UNROUTED_FRACTION, schema.DEAD_EXPERTS,
+        schema.ROUTER_ENTROPY, schema.EXPERTS_PER_TOKEN, schema.EXPERT_LOAD,
+    )  # fmt: skip
+TASK = Task(
+    name="balance",
+    config=BalanceConfig,
+    run=run,
+    metrics=METRICS,
+    cost_tflop=cost_tflop,
+    summary=summary,
+    report=Asks(
+        order=2,
+        ask="How evenly does an untrained router spread tokens?",
+        measure=(
+            "Untrained routing: freshly initialised routers (no training step) on real text "
+            "and on skewed inputs (pushed toward expert 0). Measure: MaxVio_global (0 = perfect "
+            "balance), load entropy (1 = uniform) and drop fraction, per input kind. Variants "
+            "whose untrained routers are the same give identical rows here; training is what "
+            "tells their balancing methods apart (see convergence)."
+        ),
+        answers=(Answer("most balanced untrained", schema.MAX_VIO_GLOBAL, "MaxVio_global"),),
+    ),
+)

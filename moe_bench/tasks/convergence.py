@@ -52,13 +52,51 @@ import torch
 from tqdm import tqdm
 
 from moe_bench import data, schema
-from moe_bench.config import ConvergenceConfig, Job
-from moe_bench.isocompute import count_params
+from moe_bench.config import Job, TaskConfig
+from moe_bench.isocompute import BACKWARD_FACTOR, count_params, ffn_flops_per_token
 from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
 from moe_bench.metrics import drop_fraction, load_entropy, max_vio
-from moe_bench.results import Recorder
+from moe_bench.progress import Rows, find_row
+from moe_bench.recorder import Recorder
+from moe_bench.task import Answer, Asks, Task
 from moe_bench.timing import synchronize
+from variants.config import check_divides, check_int, check_number
 from variants.routing import Routing, experts_per_token_stats, make_routing
+
+
+@dataclass
+class ConvergenceConfig(TaskConfig):
+    name: str = "convergence"
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    eval_every: int = 100
+    eval_batches: int = 8
+    n_layers: int = 4
+    n_heads: int = 4
+    moe_every: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.1
+    log_every: int = 1  # training rows: the mean over this many steps
+    # gradient accumulation: each optimizer step runs batch_size / micro_batch_size forwards
+    # (null: one); micro and global batches then differ (balance_scope=global_batch)
+    micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
+            check_int(self, name, 1)
+        for name in ("n_layers", "n_heads", "moe_every"):
+            check_int(self, name, 1)
+        check_int(self, "warmup_steps", 0)
+        check_number(self, "lr", positive=True)
+        check_number(self, "grad_clip", positive=True)
+        check_number(self, "weight_decay", minimum=0)
+        if self.micro_batch_size is not None:
+            check_int(self, "micro_batch_size", 1)
+            check_divides(self, "micro_batch_size", "batch_size")
+
 
 BETAS = (0.9, 0.95)  # DeepSeek-V3 Sec. 4.2, as GPT-3
 MIN_LR_RATIO = 0.1  # cosine decays to 10% of the peak learning rate
@@ -368,3 +406,46 @@ def run(job: Job, recorder: Recorder) -> None:
             val_loss, loads = evaluate(lm, val, task.batch_size, ctx, job.device)
             log_eval(log, step, train_log.wall_s, val_loss, loads, unigram)
             recorder.flush()
+
+
+def cost_tflop(job: Job) -> float:
+    """Training steps of every block's FFN (each has the layer's active FLOPs)."""
+    task: ConvergenceConfig = job.task
+    tokens = task.steps * task.batch_size * task.seq_len * task.n_layers * (1 + BACKWARD_FACTOR)
+    return ffn_flops_per_token(job.layer) * tokens / 1e12
+
+
+def summary(rows: Rows) -> str | None:
+    """'val_loss 3.1416 at step 300'."""
+    val = find_row(rows, "val_loss")
+    return None if val is None else f"val_loss {val['value']:.4f} at step {val['step']}"
+
+
+METRICS = (
+        schema.TRAIN_LOSS, schema.AUX_LOSS, schema.TOKENS_PER_S, schema.LOAD_ENTROPY,
+        schema.MAX_VIO_BATCH, schema.DROP_FRACTION, schema.EXPERTS_PER_TOKEN, schema.VAL_LOSS,
+        schema.VAL_PPL, schema.MAX_VIO_GLOBAL, schema.EXPERT_LOAD,
+    )  # fmt: skip
+TASK = Task(
+    name="convergence",
+    config=ConvergenceConfig,
+    run=run,
+    metrics=METRICS,
+    cost_tflop=cost_tflop,
+    summary=summary,
+    timed=True,
+    report=Asks(
+        order=3,
+        ask="How well and how fast does a small LM train with the layer?",
+        measure=(
+            "Measure: final validation loss of a small byte-level LM trained with each layer, "
+            "in nats and in bits per byte (bits = nats / ln 2), lower is better; tokens/s is "
+            "the mean over the run's logged training steps (forward, backward, optimizer); "
+            "balance columns are after training. Baseline: the dense row (same active FLOPs)."
+        ),
+        answers=(
+            Answer("most balanced after training", schema.MAX_VIO_GLOBAL, "MaxVio_global"),
+            Answer("best quality", schema.VAL_LOSS, "validation bits per byte", unit="bits/byte"),
+        ),
+    ),
+)

@@ -46,11 +46,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_bench import components, schema
-from moe_bench.config import ExpertParallelConfig, Job, ModelConfig
-from moe_bench.results import Recorder
+from moe_bench.config import Job, ModelConfig, TaskConfig
+from moe_bench.recorder import Recorder
+from moe_bench.task import Asks, Task
 from moe_bench.tasks import STEPS
 from moe_bench.timing import time_steps
 from variants import MoEConfig
+from variants.config import check_choice, check_int, check_number
 from variants.expert_parallel import (
     LOCAL_BACKENDS,
     EPPlan,
@@ -63,6 +65,40 @@ from variants.expert_parallel import (
 
 PASSES = ("fwd", "fwd_bwd")
 PARTS = ("route_ms", "dispatch_ms", "expert_ms", "combine_ms")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+LAUNCHERS = ("spawn", "env")
+
+
+@dataclass
+class ExpertParallelConfig(TaskConfig):
+    """task=expert_parallel (docs/expert_parallel.md).
+
+    `dist_backend` is torch.distributed's collective backend; the top-level `backend` stays the
+    expert compute of each rank's local experts (a name of its own: the two were once both
+    `backend`, one top-level and one under task).
+    """
+
+    name: str = "expert_parallel"
+    ep_size: int = 2  # P ranks; model.tokens is the global batch, split over them by sequence
+    warmup: int = 2  # untimed forwards first
+    repeats: int = 5  # timed steps; medians over them
+    steps: int = 20  # short training run: rank_imbalance per step (comm-balance loss at work)
+    lr: float = 1e-2  # Adam, for the training run
+    skew: float = 2.0  # training inputs: skew * (unit centroid of rank 0's experts) + N(0, 1)
+    dist_backend: str = "auto"  # collectives: auto = gloo on CPU, nccl on CUDA
+    launcher: str = "spawn"  # spawn: the job starts its ranks; env: ranks from a launcher
+    timeout_s: float = 600.0  # the whole rank job, and each collective
+
+    def __post_init__(self) -> None:
+        check_int(self, "ep_size", 1)
+        check_int(self, "warmup", 0)
+        check_int(self, "repeats", 1)
+        check_int(self, "steps", 0)
+        check_number(self, "lr", positive=True)
+        check_number(self, "skew", minimum=0)
+        check_number(self, "timeout_s", positive=True)
+        check_choice(self, "dist_backend", DIST_BACKENDS)
+        check_choice(self, "launcher", LAUNCHERS)
 
 
 @dataclass(frozen=True)
@@ -85,13 +121,13 @@ class RankSpec:
 
 def collective_backend(task: ExpertParallelConfig, device: torch.device) -> str:
     """gloo on CPU, nccl on CUDA for `auto`; a mismatch is refused before any rank starts."""
-    backend = task.backend
+    backend = task.dist_backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if (backend == "nccl") != (device.type == "cuda"):
         raise ValueError(
-            f"task.backend={task.backend!r} with device {device.type}: nccl needs CUDA tensors "
-            "and gloo runs here on CPU (use task.backend=auto)"
+            f"task.dist_backend={task.dist_backend!r} with device {device.type}: nccl needs "
+            "CUDA tensors and gloo runs here on CPU (use task.dist_backend=auto)"
         )
     return backend
 
@@ -385,3 +421,19 @@ def run(job: Job, recorder: Recorder) -> None:
     if numbers is not None:
         log_rows(recorder, numbers)
     recorder.flush()
+
+
+METRICS = (
+        schema.DEVICES_PER_TOKEN, schema.BYTES_PER_TOKEN, schema.REMOTE_FRACTION,
+        schema.RANK_IMBALANCE, schema.A2A_MS, schema.RANK_TOKENS, schema.TOKENS_PER_S,
+        schema.SPEEDUP_VS_EP1,
+    )  # fmt: skip
+TASK = Task(
+    name="expert_parallel",
+    config=ExpertParallelConfig,
+    run=run,
+    metrics=METRICS,
+    # after the tasks the report orders by name; no leaderboard question of its own: its
+    # traffic columns join the leaderboard, and its section is the expert-parallel figures
+    report=Asks(order=4),
+)

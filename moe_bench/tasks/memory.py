@@ -10,14 +10,30 @@ dense FFN with the same active expert FLOPs per token (column `dense_bytes`).
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 from torch import nn
 
 from moe_bench import schema
-from moe_bench.config import Job, MemoryConfig
-from moe_bench.results import Recorder
+from moe_bench.config import Job, TaskConfig
+from moe_bench.isocompute import BACKWARD_FACTOR, ffn_flops_per_token
+from moe_bench.progress import Rows, find_row
+from moe_bench.recorder import Recorder
+from moe_bench.task import Asks, Task
 from moe_bench.tasks import TrainStep, build_dense, build_layer, random_input
 from moe_bench.timing import peak_memory
+from variants.config import check_int
+
+
+@dataclass
+class MemoryConfig(TaskConfig):
+    name: str = "memory"
+    warmup: int = 1
+    repeats: int = 3  # the median peak is reported; the spread shows repeatability
+
+    def __post_init__(self) -> None:
+        check_int(self, "warmup", 0)
+        check_int(self, "repeats", 1)
 
 
 def measure(layer: nn.Module, job: Job) -> tuple[list[int], int]:
@@ -46,3 +62,36 @@ def run(job: Job, recorder: Recorder) -> None:
     )  # fmt: skip
     recorder.log(schema.RATIO_TO_DENSE, peak / dense_peak, dense_bytes=dense_peak, **keys)
     recorder.flush()
+
+
+def cost_tflop(job: Job) -> float:
+    """Expert work of the layer's and the dense FFN's training steps, warm-up and repeats."""
+    task: MemoryConfig = job.task
+    tokens = 2 * (task.warmup + task.repeats) * job.model.tokens * (1 + BACKWARD_FACTOR)
+    return ffn_flops_per_token(job.layer) * tokens / 1e12
+
+
+def summary(rows: Rows) -> str | None:
+    """'peak 1.23 MiB (x1.10 dense)'."""
+    peak, ratio = find_row(rows, "peak_memory_bytes"), find_row(rows, "ratio_to_dense")
+    if peak is None or ratio is None:
+        return None
+    return f"peak {peak['value'] / 2**20:.3g} MiB (x{ratio['value']:.2f} dense)"
+
+
+TASK = Task(
+    name="memory",
+    config=MemoryConfig,
+    run=run,
+    metrics=(schema.PEAK_MEMORY_BYTES, schema.RATIO_TO_DENSE),
+    cost_tflop=cost_tflop,
+    summary=summary,
+    report=Asks(
+        order=1,
+        ask="How much memory does one training step of the layer take?",
+        measure=(
+            "Measure: peak memory of one forward + backward step of the layer; ratio: that "
+            "peak / the peak of a dense FFN with the same active FLOPs, measured in the same job."
+        ),
+    ),
+)

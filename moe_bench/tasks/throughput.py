@@ -21,18 +21,47 @@ Every row also carries `load_avg` (the 1-minute load average before the job's ti
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from moe_bench import schema
-from moe_bench.config import Job, ThroughputConfig
+from moe_bench.config import Job, TaskConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, ffn_flops_per_token
-from moe_bench.results import Recorder, load_average
+from moe_bench.progress import Rows, find_row
+from moe_bench.recorder import Recorder, load_average
+from moe_bench.task import Answer, Asks, Task
 from moe_bench.tasks import STEPS, build_dense, build_layer, random_input
 from moe_bench.timing import PairTiming, median_ci_halfwidth, time_pair
+from variants.config import check_int, check_number
 
+PASSES = ("fwd", "fwd_bwd")
 TIME_METRICS = {"fwd": schema.FWD_MS, "fwd_bwd": schema.FWD_BWD_MS}
+
+
+@dataclass
+class ThroughputConfig(TaskConfig):
+    name: str = "throughput"
+    warmup: int = 3  # untimed steps first: allocator, caches, lazy init
+    repeats: int = 30  # timed rounds (layer and twin) at least; medians, IQR, ratios over them
+    # more rounds, up to max_repeats, until the 95% confidence interval of the median ratio is
+    # within +-precision of it (a loaded machine needs more rounds for the same certainty)
+    max_repeats: int = 100
+    precision: float = 0.02
+    passes: list[str] = field(default_factory=lambda: list(PASSES))
+
+    def __post_init__(self) -> None:
+        check_int(self, "warmup", 0)
+        check_int(self, "repeats", 1)
+        check_int(self, "max_repeats", 1)
+        check_number(self, "precision", minimum=0)
+        if self.max_repeats < self.repeats:
+            self.max_repeats = self.repeats  # repeats alone: a fixed number of rounds
+        if not self.passes or any(p not in PASSES for p in self.passes):
+            raise ValueError(
+                f"passes={list(self.passes)} must be a non-empty list of {', '.join(PASSES)}"
+            )
 
 
 def log_pass(recorder: Recorder, job: Job, pass_: str, pair: PairTiming, **machine: Any) -> None:
@@ -70,3 +99,59 @@ def run(job: Job, recorder: Recorder) -> None:
         }
         log_pass(recorder, job, pass_, pair, **machine)
     recorder.flush()
+
+
+def pass_factor(pass_: str) -> int:
+    """Forward FLOPs of one step of `pass_` in forwards: 1, or 1 + the backward's."""
+    return 1 if pass_ == "fwd" else 1 + BACKWARD_FACTOR
+
+
+def cost_tflop(job: Job) -> float:
+    """Expert work of the layer and its twin over warm-up and repeats, every pass."""
+    task: ThroughputConfig = job.task
+    forwards = sum(pass_factor(p) for p in task.passes)
+    tokens = 2 * (task.warmup + task.repeats) * job.model.tokens * forwards
+    return ffn_flops_per_token(job.layer) * tokens / 1e12
+
+
+def summary(rows: Rows) -> str | None:
+    """'fwd_bwd 12.3 ms (x1.42 dense, iqr 3%), load 0.4' (fwd when fwd_bwd did not run)."""
+    for pass_, metric in (("fwd_bwd", "fwd_bwd_ms"), ("fwd", "fwd_ms")):
+        time_row = find_row(rows, metric, **{"pass": pass_})
+        ratio_row = find_row(rows, "ratio_to_dense", **{"pass": pass_})
+        if time_row is None or ratio_row is None:
+            continue
+        ms, iqr = time_row["value"], time_row.get("iqr_ms") or 0.0
+        shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+        text = f"{pass_} {shown} ms (x{ratio_row['value']:.2f} dense, iqr {iqr / ms:.0%})"
+        if time_row.get("noisy") or ratio_row.get("noisy"):
+            text += " NOISY"
+        if time_row.get("load_avg") is not None:
+            text += f", load {time_row['load_avg']:.1f}"
+        return text
+    return None
+
+
+TASK = Task(
+    name="throughput",
+    config=ThroughputConfig,
+    run=run,
+    metrics=(*TIME_METRICS.values(), schema.TOKENS_PER_S, schema.TFLOPS, schema.RATIO_TO_DENSE),
+    cost_tflop=cost_tflop,
+    summary=summary,
+    timed=True,
+    report=Asks(
+        order=0,
+        ask="How fast is one layer?",
+        measure=(
+            "Measure: tokens/s of one layer (tokens / median time of the timed repeats), "
+            "forward + backward and forward only; rows are ranked by forward + backward "
+            "tokens/s. Beside it, ratio to dense: layer time / time of a dense FFN with the "
+            "same active FLOPs per token, timed interleaved in the same job on the same input "
+            "(below 1: faster than that FFN). The ratio's baseline differs per variant, so the "
+            "two can rank rows differently; the ranks column says where they do. Spread: IQR "
+            "of the timed repeats."
+        ),
+        answers=(Answer("fastest", schema.TOKENS_PER_S, "forward + backward tokens/s", "fwd_bwd"),),
+    ),
+)

@@ -16,14 +16,14 @@ from tests.moe_bench.conftest import run_cli
 
 # a task that runs out of memory on purpose, for deepseek_v3 only
 OOM_PRELUDE = """
-import torch
-import moe_bench.tasks.memory as memory
-real_run = memory.run
+import dataclasses, torch
+from moe_bench import registry
+real_run = registry.TASKS['memory'].run
 def run(job, recorder):
     if job.variant == "deepseek_v3":
         raise torch.OutOfMemoryError("out of memory (raised on purpose)")
     real_run(job, recorder)
-memory.run = run
+registry.TASKS['memory'] = dataclasses.replace(registry.TASKS['memory'], run=run)
 """
 
 

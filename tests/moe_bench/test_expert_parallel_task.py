@@ -118,7 +118,7 @@ def test_failing_rank_fails_the_job_with_its_message(
             ["task.ep_size=8", "variant.num_devices=8", "variant.max_devices=3"],
             "sequences must be divisible by",
         ),
-        (["task.backend=nccl", "task.ep_size=2"], "nccl needs CUDA tensors"),
+        (["task.dist_backend=nccl", "task.ep_size=2"], "nccl needs CUDA tensors"),
         (
             ["backend=padded", "variant.capacity_factor=1.0", "task.ep_size=2"],
             "backend='padded': expert parallelism",

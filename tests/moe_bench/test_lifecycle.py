@@ -1,5 +1,5 @@
 """A job's life on disk (docs/contract.md §7): states, resume keyed by config, locks, bad rows,
-unwritable folders, allocation failures. Each test is one case of issue 13 (numbered there)."""
+unwritable folders, allocation failures: one section per kind of trouble a job meets."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_bench import locks, results, runner
 from moe_bench.callbacks import check_same_sweep
+from moe_bench.recorder import Recorder
 from moe_bench.report.__main__ import main as report_main
 from moe_bench.report.build import build_report, job_table
 
@@ -41,12 +42,12 @@ def dead_pid() -> int:
     return proc.pid
 
 
-# --- case 1: a killed job is incomplete, a never started one is counted ----------------------
+# --- a killed job is incomplete, a never started one is counted -------------------------------
 
 
 def killed_job(folder: Path) -> None:
     """What a job killed mid-way leaves: flushed rows, a running state file, a dead PID."""
-    recorder = results.Recorder(folder, fx.base("switch", "convergence"))
+    recorder = Recorder(folder, fx.base("switch", "convergence"))
     for step in range(40):
         recorder.log("val_loss", 3.0 - step / 100, step=step)
     recorder.flush()
@@ -72,14 +73,15 @@ def test_killed_job_is_incomplete_and_kept_out_of_the_leaderboard(tmp_path: Path
 
 
 PAUSE_PRELUDE = """
-import time, moe_bench.tasks.memory as memory
-real_run = memory.run
+import dataclasses, time
+from moe_bench import registry
+real_run = registry.TASKS['memory'].run
 def run(job, recorder):
     real_run(job, recorder)
     recorder.flush()
     print("FLUSHED", flush=True)
     time.sleep(60)
-memory.run = run
+registry.TASKS['memory'] = dataclasses.replace(registry.TASKS['memory'], run=run)
 """
 
 
@@ -116,7 +118,7 @@ def test_sigkill_leaves_an_incomplete_job_that_resume_reruns(tmp_path: Path) -> 
     assert [r["metric"] for r in rows].count("job") == 1 and {r["status"] for r in rows} == {"ok"}
 
 
-# --- case 2: resume is keyed by the resolved config ------------------------------------------
+# --- resume is keyed by the resolved config ---------------------------------------------------
 
 
 def test_resume_refuses_a_folder_of_another_config(job_cfg, tmp_path: Path, capsys) -> None:
@@ -182,7 +184,7 @@ def test_a_code_change_keeps_ok_rows_and_says_so(job_cfg, tmp_path: Path, capsys
     assert "measured at commit 0123456789, now" in capsys.readouterr().out
 
 
-# --- case 3: bad rows are named, that job is unreadable, the report goes on -----------------
+# --- bad rows are named, that job is unreadable, the report goes on ---------------------------
 
 
 @pytest.mark.parametrize(
@@ -220,7 +222,7 @@ def test_rows_without_step_anywhere_still_make_a_report(tmp_path: Path) -> None:
     assert "<li>2 ok</li>" in html
 
 
-# --- case 5: a deleted env.json -------------------------------------------------------------
+# --- a deleted env.json -----------------------------------------------------------------------
 
 
 def test_deleted_env_json_is_flagged_then_rebuilt_on_resume(job_cfg, tmp_path: Path) -> None:
@@ -236,7 +238,7 @@ def test_deleted_env_json_is_flagged_then_rebuilt_on_resume(job_cfg, tmp_path: P
     assert env["rebuilt"].startswith("on resume") and env["torch"]
 
 
-# --- case 6: one writer per job and per sweep folder ----------------------------------------
+# --- one writer per job and per sweep folder --------------------------------------------------
 
 
 HOLDER = """
@@ -306,7 +308,7 @@ def test_a_second_multirun_on_a_held_sweep_folder_exits(tmp_path: Path, hold) ->
     assert sorted(p.name for p in sweep.iterdir()) == [locks.LOCK]  # no job, no multirun.yaml
 
 
-# --- case 7: a cut line ---------------------------------------------------------------------
+# --- a cut line -------------------------------------------------------------------------------
 
 
 def test_a_cut_line_is_rerun_by_resume_and_named_by_the_report(
@@ -332,16 +334,17 @@ def test_a_cut_line_is_rerun_by_resume_and_named_by_the_report(
     assert problems == [] and rows[-1]["metric"] == "job" and rows[-1]["status"] == "ok"
 
 
-# --- cases 8 and 9: an allocation failure, then a read-only job folder, in one sweep ----------
+# --- an allocation failure, then a read-only job folder, in one sweep -------------------------
 
 ALLOC_PRELUDE = """
-import torch, moe_bench.tasks.memory as memory
-real_run = memory.run
+import dataclasses, torch
+from moe_bench import registry
+real_run = registry.TASKS['memory'].run
 def run(job, recorder):
     if job.variant == "dense":
         torch.empty(2**45 // 4)  # 32 TiB: torch's CPU allocator raises a RuntimeError
     real_run(job, recorder)
-memory.run = run
+registry.TASKS['memory'] = dataclasses.replace(registry.TASKS['memory'], run=run)
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ import torch
 
 import moe_bench.tasks.throughput
 import variants
-from moe_bench import results, tasks
+from moe_bench import registry, results
 from moe_bench.__main__ import execute
 from moe_bench.timing import LiveTensorBytes, Timing, time_steps
 from tests.moe_bench.conftest import FAST
@@ -118,7 +119,8 @@ def test_failed_job_records_error_then_resume_redoes_only_it(
         recorder.log("fwd_ms", 1.0)  # a row logged before the failure is marked failed too
         raise torch.OutOfMemoryError("CUDA out of memory (raised on purpose)")
 
-    monkeypatch.setattr(moe_bench.tasks.throughput, "run", out_of_memory)
+    throughput = dataclasses.replace(registry.lookup("throughput"), run=out_of_memory)
+    monkeypatch.setitem(registry.TASKS, "throughput", throughput)
     cfg = compose_cfg(*FAST_THROUGHPUT)
     assert execute(cfg, tmp_path, "oom") == "failed"
     frame = results.load(tmp_path)
@@ -139,13 +141,11 @@ def test_impossible_config_leaves_a_failed_row(compose_cfg, tmp_path: Path) -> N
     assert row.error == "model: tokens=-64 must be >= 1"
 
 
-def test_task_registry_errors(monkeypatch) -> None:
-    with pytest.raises(ValueError, match="task='nope' is not one of 'throughput'"):
-        tasks.get_task("nope")
-    monkeypatch.setitem(tasks.TASKS, "ghost", "moe_bench.tasks.ghost")
-    with pytest.raises(ValueError, match=r"registered but moe_bench\.tasks\.ghost is not"):
-        tasks.get_task("ghost")
-    assert tasks.get_task("throughput") is moe_bench.tasks.throughput.run
+def test_task_registry_errors() -> None:
+    with pytest.raises(ValueError, match="task='nope' is not one of 'balance'"):
+        registry.lookup("nope")
+    assert registry.lookup("throughput") is moe_bench.tasks.throughput.TASK
+    assert registry.lookup("throughput").run is moe_bench.tasks.throughput.run
 
 
 @pytest.mark.gpu

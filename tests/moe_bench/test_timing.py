@@ -11,8 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moe_bench import config, progress, results, schema
-from moe_bench.__main__ import execute
+from moe_bench import progress, registry, results, schema
+from moe_bench.__main__ import execute, gpu_refusal
+from moe_bench.runner import resolve
 from moe_bench.timing import NOISY_IQR, NOISY_MAX_MIN, Timing, median_ci_halfwidth, time_pair
 from tests.moe_bench.conftest import FAST, run_cli
 
@@ -123,10 +124,9 @@ def test_job_line_names_its_key_metrics(compose_cfg, tmp_path: Path, capsys) -> 
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("ok       variant=switch task=throughput: fwd_bwd ")
     assert " ms (x" in line and " dense, iqr " in line and ", load " in line
-    assert progress.job_summary("convergence", [
-        {"metric": "val_loss", "value": 2.5, "step": 300},
-        {"metric": "job", "value": 61.0},
-    ]) == "val_loss 2.5000 at step 300 [2 rows in 61.0 s]"  # fmt: skip
+    rows = [{"metric": "val_loss", "value": 2.5, "step": 300}, {"metric": "job", "value": 61.0}]
+    key = registry.lookup("convergence").summary(rows)
+    assert progress.job_summary(key, rows) == "val_loss 2.5000 at step 300 [2 rows in 61.0 s]"
 
 
 def test_sweep_size_from_multirun_yaml(tmp_path: Path) -> None:
@@ -144,9 +144,10 @@ def test_sweep_size_from_multirun_yaml(tmp_path: Path) -> None:
 def test_parallel_launcher_warning() -> None:
     joblib = OmegaConf.create({"_target_": "hydra_plugins.x.JoblibLauncher", "n_jobs": 2})
     basic = OmegaConf.create({"_target_": "hydra._internal.core_plugins.BasicLauncher"})
-    assert "up to 2 jobs at once" in progress.concurrency_warning("throughput", joblib)
-    assert progress.concurrency_warning("balance", joblib) is None  # not timed
-    assert progress.concurrency_warning("throughput", basic) is None
+    assert registry.lookup("throughput").timed and not registry.lookup("balance").timed
+    assert "up to 2 jobs at once" in progress.concurrency_warning("throughput", True, joblib)
+    assert progress.concurrency_warning("balance", False, joblib) is None  # not timed
+    assert progress.concurrency_warning("throughput", True, basic) is None
 
 
 @pytest.mark.parametrize(
@@ -156,15 +157,17 @@ def test_parallel_launcher_warning() -> None:
 )  # fmt: skip
 def test_gpu_sized_jobs_are_refused_on_cpu(compose_cfg, overrides: list[str]) -> None:
     cfg = compose_cfg(*overrides, "device=cpu")
-    refusal = config.gpu_sized(cfg)
+    refusal = gpu_refusal(cfg, resolve(cfg))
     assert refusal and "\n" not in refusal and "allow_cpu=true" in refusal
     assert "model=small" in refusal
-    assert config.gpu_sized(compose_cfg(*overrides, "device=cpu", "allow_cpu=true")) is None
+    allowed = compose_cfg(*overrides, "device=cpu", "allow_cpu=true")
+    assert gpu_refusal(allowed, resolve(allowed)) is None
 
 
 def test_cpu_sizes_are_not_refused(compose_cfg) -> None:
     for task in ("throughput", "memory", "balance", "convergence"):
-        assert config.gpu_sized(compose_cfg("model=small", "device=cpu", f"task={task}")) is None
+        cfg = compose_cfg("model=small", "device=cpu", f"task={task}")
+        assert gpu_refusal(cfg, resolve(cfg)) is None
 
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run
