@@ -14,7 +14,7 @@ Groups:
   activates the same expert FLOPs per token. `granularity` (or a fixed `top_k`) says how.
 - `task/<name>.yaml`: one schema per task: the config dataclass of its `Task` object
   (`moe_bench/tasks/<name>.py`), put in the ConfigStore by `moe_bench.registry`.
-- `model/<size>.yaml`: widths and token counts; `device/<kind>.yaml`; `data` (convergence).
+- `model/<size>.yaml`: widths and token counts; `device/<kind>.yaml`; `data` (the corpus).
 
 `resolve(cfg)` turns a composed config into a `Job`, once, in the runner; tasks receive the Job
 (`run(job, recorder)`) and never see the DictConfig, so they can be called from Python without
@@ -153,8 +153,8 @@ def gpu_sized(job: Job, tflop: float | None, allow_cpu: bool = False) -> str | N
     """The one-line refusal of a job too big for the CPU it would run on (None: it fits).
 
     `tflop` is the task's estimate of the job's expert work (`Task.cost_tflop`; None: not
-    estimated). `+experiment=paper_table`, `+experiment=convergence` and model=medium/large are
-    GPU sizes; `allow_cpu=true` runs them on a CPU anyway.
+    estimated). model=medium/large and the GPU presets are GPU sizes; `allow_cpu=true` runs
+    them on a CPU anyway.
     """
     if allow_cpu or job.device.type != "cpu" or tflop is None or tflop <= CPU_TFLOP_BUDGET:
         return None

@@ -3,7 +3,7 @@ launcher times jobs at once, and one line at its end with its key metrics (its t
 `summary`, `moe_bench.task`). Names no task.
 
 Progress bars (tqdm, with rate and ETA) live where the work is: the timing rounds
-(`moe_bench.timing`) and the convergence steps; like these lines' callers, tqdm stays quiet
+(`moe_bench.timing`) and a task's training steps; like these lines' callers, tqdm stays quiet
 when its output is not a terminal (`disable=None`).
 """
 

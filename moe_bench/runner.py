@@ -210,7 +210,7 @@ def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
 
 def launcher_rank() -> int:
     """This process's rank when a launcher starts several processes for one job (torchrun's
-    RANK, Slurm's SLURM_PROCID: task=expert_parallel under an env launcher); else 0."""
+    RANK, Slurm's SLURM_PROCID: a multi-process task under an env launcher); else 0."""
     for name in ("RANK", "SLURM_PROCID"):
         value = os.environ.get(name, "")
         if value.isdigit():
