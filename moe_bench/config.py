@@ -37,7 +37,7 @@ from moe_bench.components import Component
 from moe_bench.data import DataConfig
 from moe_bench.isocompute import ffn_flops_per_token, iso_fields
 from variants import MoEConfig
-from variants.config import check_choice, check_divides, check_int, check_number
+from variants.contract.config import check_choice, check_divides, check_int, check_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from variants import MoEConfig, MoEOutput, Routing
-from variants.config import check_number
-from variants.layer import assemble, flatten_tokens
-from variants.megablocks import check_dtype, require_megablocks
-from variants.routing import flatten_topk, make_routing
+from variants.compute.assignments import make_routing
+from variants.compute.megablocks import check_dtype, require_megablocks
+from variants.contract.config import check_number
+from variants.contract.layer import assemble, flatten_tokens
+from variants.contract.routing import flatten_topk
 
 # megablocks' default activation_fn is tanh-approximate gelu; the contract's gelu is the exact
 # erf form.

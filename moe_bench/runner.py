@@ -33,7 +33,7 @@ from moe_bench import config, locks, results
 from moe_bench.config import Job
 from moe_bench.progress import job_summary
 from moe_bench.tasks import get_task
-from variants.megablocks import Unavailable
+from variants.compute.megablocks import Unavailable
 
 log = logging.getLogger(__name__)
 # failures a sweep expects (bad values, impossible combinations, too big for the device): one line

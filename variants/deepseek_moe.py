@@ -11,10 +11,10 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 - Device-level balance (Eq. 15-17): experts are split into `num_devices` contiguous groups;
   `alpha2 * sum_d f'_d P'_d`, f'_d = mean of f_i over group d, P'_d = sum of P_i over group d.
   Off unless alpha2 > 0.
-- `balance_scope` (`variants.config.BalanceScopeConfig`): micro_batch (default, the paper),
+- `balance_scope` (`variants.contract.config.BalanceScopeConfig`): micro_batch (default, the paper),
   sequence, or global_batch (Qiu et al. 2025) for the expert-level f_i; the device-level term
   stays per micro-batch.
-- Qwen2-MoE options (`variants.config.SharedExpertConfig`, off by default): `shared_gate`
+- Qwen2-MoE options (`variants.contract.config.SharedExpertConfig`, off by default): `shared_gate`
   (sigmoid gate on the shared output), `shared_hidden` (shared width), `norm_topk_prob`
   (renormalise the K weights; the paper does not).
 - Defaults follow DeepSeekMoE 2B: 1 shared + 63 routed experts, 7 routed per token
@@ -28,15 +28,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, SharedExpertConfig, check_divides, check_int, check_number
-from .routing import (
-    Router,
-    Routing,
-    f_dot_p,
-    norm_topk,
-    scoped_balance_loss,
-    token_order_routing,
+from .compute.assignments import Routing
+from .contract.config import (
+    BalanceScopeConfig,
+    SharedExpertConfig,
+    check_divides,
+    check_int,
+    check_number,
 )
+from .contract.routing import Router, f_dot_p, norm_topk, scoped_balance_loss, token_order_routing
 
 
 @dataclass

@@ -14,10 +14,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .config import MoEConfig, check_int
-from .experts import ExpertBank
-from .layer import MoEOutput, assemble, check_input_dtype, flatten_tokens
-from .routing import make_routing
+from .compute.assignments import make_routing
+from .compute.experts import ExpertBank
+from .contract.config import MoEConfig, check_int
+from .contract.layer import MoEOutput, assemble, check_input_dtype, flatten_tokens
 
 
 @dataclass

@@ -44,8 +44,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_choice
-from .routing import Router, Routing, make_routing
+from .compute.assignments import Routing, make_routing
+from .contract.config import MoEConfig, check_choice
+from .contract.routing import Router
 
 # over which tokens an expert picks its top C: the paper's whole forward, or one position
 SELECTION_SCOPES = ("batch", "position")
@@ -55,6 +56,7 @@ SELECTION_SCOPES = ("batch", "position")
 class ExpertChoiceConfig(MoEConfig):
     variable_k: ClassVar[bool] = True
     uneven_top_k: ClassVar[str | None] = "expert choice gives a token 0..E experts"
+    token_choice: ClassVar[bool] = False  # experts choose tokens
 
     top_k: int = 2
     capacity_factor: float | None = 2.0

@@ -23,15 +23,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, check_number
-from .routing import (
-    Router,
-    Routing,
-    drop_over_capacity,
-    flatten_topk,
-    make_routing,
-    scoped_balance_inputs,
-)
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_number
+from .contract.routing import Router, drop_over_capacity, flatten_topk, scoped_balance_inputs
 from .switch import softmax_losses
 
 

@@ -24,8 +24,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, check_number
-from .routing import Router, Routing, flatten_topk, make_routing, scoped_balance_loss
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_number
+from .contract.routing import Router, flatten_topk, scoped_balance_loss
 
 
 @dataclass

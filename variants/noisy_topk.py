@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, flatten_topk, make_routing
+from .compute.assignments import Routing, make_routing
+from .contract.config import MoEConfig, check_number
+from .contract.routing import Router, flatten_topk
 
 
 @dataclass

@@ -39,8 +39,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, make_routing, mask_to_assignments
+from .compute.assignments import Routing, make_routing
+from .contract.config import MoEConfig, check_number
+from .contract.routing import Router, mask_to_assignments
 
 
 @dataclass

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_int, check_number
-from .routing import Router, Routing, token_order_routing
+from .compute.assignments import Routing
+from .contract.config import MoEConfig, check_int, check_number
+from .contract.routing import Router, token_order_routing
 
 
 @dataclass

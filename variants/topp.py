@@ -42,14 +42,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, check_number
-from .routing import (
-    Router,
-    Routing,
-    make_routing,
-    mask_to_assignments,
-    scoped_balance_loss,
-)
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_number
+from .contract.routing import Router, mask_to_assignments, scoped_balance_loss
 
 
 @dataclass

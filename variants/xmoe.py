@@ -41,13 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BalanceScopeConfig, check_int, check_number
-from .routing import (
-    Router,
-    Routing,
-    scoped_balance_loss,
-    token_order_routing,
-)
+from .compute.assignments import Routing
+from .contract.config import BalanceScopeConfig, check_int, check_number
+from .contract.routing import Router, scoped_balance_loss, token_order_routing
 
 
 @dataclass

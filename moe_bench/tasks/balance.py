@@ -23,7 +23,7 @@ from moe_bench.config import BalanceConfig, Job
 from moe_bench.metrics import max_vio, window_stats
 from moe_bench.results import Recorder
 from moe_bench.tasks import build_layer
-from variants.routing import experts_per_token
+from variants.compute.assignments import experts_per_token
 
 
 def text_batches(job: Job) -> dict[str, list[torch.Tensor]]:

@@ -58,7 +58,7 @@ from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
 from moe_bench.metrics import drop_fraction, load_entropy, max_vio
 from moe_bench.results import Recorder
 from moe_bench.timing import synchronize
-from variants.routing import Routing, experts_per_token_stats, make_routing
+from variants.compute.assignments import Routing, experts_per_token_stats, make_routing
 
 BETAS = (0.9, 0.95)  # DeepSeek-V3 Sec. 4.2, as GPT-3
 MIN_LR_RATIO = 0.1  # cosine decays to 10% of the peak learning rate

@@ -23,14 +23,8 @@ import pytest
 import torch
 
 import variants
-from variants.expert_parallel import (
-    EPPlan,
-    ExpertParallel,
-    RankFailed,
-    _check_groups,
-    init_from_env,
-    spawn_ranks,
-)
+from moe_bench.launch import RankFailed, init_from_env, spawn_ranks
+from variants.parallel.expert_parallel import EPPlan, ExpertParallel, _check_groups
 
 B, S, D, H = 2, 4, 8, 6
 TOL = 1e-5
@@ -304,13 +298,13 @@ def test_init_from_env_joins_slurm_style_ranks() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     code = (
-        "import torch.distributed as dist; from variants.expert_parallel import init_from_env; "
+        "import torch.distributed as dist; from moe_bench.launch import init_from_env; "
         "print(init_from_env('gloo', timeout_s=20), dist.get_world_size())"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
-        cwd=Path(__file__).resolve().parents[2],  # the repository root: its `variants`
+        cwd=Path(__file__).resolve().parents[2],  # the repository root: its `moe_bench`
         capture_output=True,
         text=True,
         timeout=60,

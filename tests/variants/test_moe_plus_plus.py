@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import variants
-from variants.routing import experts_per_token_stats
+from variants.compute.assignments import experts_per_token_stats
 
 # pool: FFN 0, FFN 1, zero (2), copy (3), constant (4)
 LOGITS = torch.tensor(

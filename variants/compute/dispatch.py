@@ -151,6 +151,26 @@ def expert_order(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.argsort(keys, stable=True)[:A]
 
 
+def rank_in_expert(
+    expert_A: torch.Tensor, priority_A: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Position of each assignment in its expert's queue when served in ascending priority.
+
+    Ties in priority keep list order (stable sorts), so `priority_A = arange(A)` is "first come,
+    first served" in list order.
+    """
+    A = expert_A.numel()
+    order_A = torch.argsort(priority_A, stable=True)
+    # a stable sort by expert keeps the priority order inside each expert's group
+    by_expert_A = order_A[expert_order(expert_A[order_A], num_experts)]
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted_A = torch.arange(A, device=expert_A.device) - starts_E[expert_A[by_expert_A]]
+    rank_A = torch.empty_like(rank_sorted_A)
+    rank_A[by_expert_A] = rank_sorted_A
+    return rank_A
+
+
 def _bmm(a_NX: torch.Tensor, w_GXY: torch.Tensor, out_NY: torch.Tensor | None = None):
     """[N, X] rows of G experts (N = G*C) times their [G, X, Y] weights -> [N, Y]."""
     G = w_GXY.shape[0]
