@@ -56,6 +56,10 @@ class MegablocksDMoEConfig(MoEConfig):
     """The common fields (sizes, activation, shared experts, uniform routing) plus megablocks'."""
 
     dropless: ClassVar[str | None] = "megablocks' dMoE is dropless"
+    note: ClassVar[str] = (
+        "megablocks' own loss 0.01 · E/(T·K) · Σ_i c_i P_i, c_i the assignments to i: the "
+        "Mixtral form 0.01 · E · Σ_i f_i P_i with f_i = c_i/(T·K) (Gale et al. 2023)."
+    )
     balance_coef: float = 0.01  # megablocks' moe_loss_weight (its own default is 0.1)
     normalize_expert_weights: float | None = None  # megablocks' moe_normalize_expert_weights
 

@@ -24,6 +24,7 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,10 @@ from .contract.routing import Router, f_dot_p, norm_topk, scoped_balance_loss, t
 
 @dataclass
 class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "α1 · Σ_i f_i P_i with f_i = E/(K·T) · count_i, α1 = 0.01; device balance α2 = 0 "
+        "unless set (Dai et al. 2024)."
+    )
     num_experts: int = 63
     top_k: int = 7
     expert_hidden: int = 256

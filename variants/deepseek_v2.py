@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,10 @@ from .deepseek_moe import device_balance, expert_fraction
 
 @dataclass
 class DeepSeekV2Config(SharedExpertConfig, BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Three losses, each per sequence then averaged: expert α1 = 0.003, device α2 = 0.05, "
+        "communication α3 = 0.02 (DeepSeek-AI 2024, arXiv:2405.04434)."
+    )
     num_experts: int = 160
     top_k: int = 6
     expert_hidden: int = 128

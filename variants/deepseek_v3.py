@@ -56,6 +56,10 @@ from .contract.routing import (
 
 @dataclass
 class DeepSeekV3Config(SharedExpertConfig, BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Auxiliary-loss-free: a per-expert bias steers top-K selection (update rate 1e-3 per "
+        "step), plus a sequence-wise balance loss α · Σ_i f_i P_i with α = 1e-4."
+    )
     dropless: ClassVar[str | None] = "deepseek_v3 balances with its bias, not with drops"
     num_experts: int = 256
     top_k: int = 8

@@ -22,6 +22,7 @@ from .contract.layer import MoEOutput, assemble, check_input_dtype, flatten_toke
 
 @dataclass
 class DenseConfig(MoEConfig):
+    note: ClassVar[str] = "No router, no auxiliary loss: one FFN of width d_ff."
     kind: ClassVar[str] = "dense"
     d_ff: int | None = None
 

@@ -54,6 +54,12 @@ SELECTION_SCOPES = ("batch", "position")
 
 @dataclass
 class ExpertChoiceConfig(MoEConfig):
+    note: ClassVar[str] = (
+        "No balance loss: each expert picks its top tokens, so load is balanced by construction. "
+        "With selection_scope=batch (the paper's rule) an expert's choice depends on later tokens "
+        "of the sequence, which leaks the future in a causal LM; selection_scope=position picks "
+        "among the tokens at one position and does not."
+    )
     variable_k: ClassVar[bool] = True
     uneven_top_k: ClassVar[str | None] = "expert choice gives a token 0..E experts"
     token_choice: ClassVar[bool] = False  # experts choose tokens

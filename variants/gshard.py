@@ -31,6 +31,9 @@ from .switch import softmax_losses
 
 @dataclass
 class GShardConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i with f_i from first choices only (Lepikhin et al. 2020)."
+    )
     top_k: int = 2
     capacity_factor: float | None = 1.0
     balance_coef: float = 0.01

@@ -31,6 +31,10 @@ from .contract.routing import Router, flatten_topk, scoped_balance_loss
 
 @dataclass
 class MixtralConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i with f_i = count_i / (T·K); HF transformers' Mixtral loss is K "
+        "times this."
+    )
     dropless: ClassVar[str | None] = "mixtral is dropless: every selected expert computes"
     num_experts: int = 8
     top_k: int = 2

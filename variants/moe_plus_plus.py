@@ -61,6 +61,11 @@ ZeroComputeAssignments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class MoEPlusPlusConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Heterogeneous balance 0.01 · Σ_i η_i f_i P_i over the whole pool, f_i = tokens choosing i "
+        "/ T with no pool-size factor (Eq. 7). η_i = 1 for FFN experts and τ = 0.75 for zero- "
+        "computation experts (Jin et al. 2024)."
+    )
     dropless: ClassVar[str | None] = "moe_plus_plus computes every selected FFN expert"
     uneven_top_k: ClassVar[str | None] = (
         "zero-computation experts take some of a token's K slots, leaving it 0..K FFN experts"

@@ -46,6 +46,11 @@ from .contract.routing import Router, mask_to_assignments
 
 @dataclass
 class ReMoEConfig(MoEConfig):
+    note: ClassVar[str] = (
+        "Refined L1 λ · mean_t Σ_e f_e R_te with f_e = E/(K·T) · #active tokens of e, reported as "
+        "balance. λ starts at 1e-8 and is multiplied by 1.2^sign(1 − K/E − S) once per optimizer "
+        "step, S the measured sparsity (Wang et al. 2025)."
+    )
     dropless: ClassVar[str | None] = "remoe computes every expert with a positive gate"
     uneven_top_k: ClassVar[str | None] = "ReLU routing gives a token 0..E experts"
     variable_k: ClassVar[bool] = True

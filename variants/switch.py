@@ -39,6 +39,10 @@ from .contract.routing import z_loss as router_z_loss
 
 @dataclass
 class SwitchConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i, f_i = fraction of tokens whose top-1 is i (Fedus et al. 2021); "
+        "optional z-loss (default 0)."
+    )
     top_k: int = 1
     capacity_factor: float | None = 1.25
     balance_coef: float = 0.01

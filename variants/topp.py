@@ -49,6 +49,11 @@ from .contract.routing import Router, mask_to_assignments, scoped_balance_loss
 
 @dataclass
 class TopPConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Balance 0.01 · E · Σ_i f_i P_i with f_i = the share of assignments to i, so 1 under "
+        "perfect balance for any number of experts per token; dynamic (entropy) loss 1e-4 · "
+        "mean_t(−Σ_e P_e log P_e), reported as z (Huang et al. 2024)."
+    )
     dropless: ClassVar[str | None] = "topp computes every selected expert"
     uneven_top_k: ClassVar[str | None] = "top-p routing gives a token 1..E experts"
     variable_k: ClassVar[bool] = True

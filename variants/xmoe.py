@@ -36,6 +36,7 @@ balance loss as E^2 * mean_i(me_i ce_i) = E * sum_i f_i P_i, the form used here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,11 @@ from .contract.routing import Router, scoped_balance_loss, token_order_routing
 
 @dataclass
 class XMoEConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i with f_i = the share of assignments to i and P_i from "
+        "softmax(cos / τ0) at a fixed τ0 = 0.3, not the gate's learnable τ (Chi et al. 2022, "
+        "Eq. 8)."
+    )
     num_experts: int = 8
     top_k: int = 1
     routing_dim: int = 16

@@ -52,9 +52,7 @@ def graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
 
 
 def variants_sources() -> dict[str, tuple[str, bool]]:
-    return {
-        module_name(p): (p.read_text(), p.name == "__init__.py") for p in ROOT.rglob("*.py")
-    }
+    return {module_name(p): (p.read_text(), p.name == "__init__.py") for p in ROOT.rglob("*.py")}
 
 
 def cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -65,8 +63,8 @@ def cycle(edges: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
-            if nxt not in state and (found := visit(nxt, path + [node])):
+                return [*path[path.index(nxt) :], node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, node])):
                 return found
         state[node] = 2
         return None
