@@ -14,7 +14,8 @@ assignments (a token keeps 0..E experts).
 - Load-balancing refinement (Eq. 10): each expert's L1 term is weighted by its (detached)
   load f_e = E/(K T) * #tokens with R(x_t)_e > 0, so busy experts are pushed harder towards
   zero. `balance_refinement=False` gives the plain L1 of Eq. 9 (f_e = 1).
-- The weighted regulariser `lambda_i * L_reg` is reported as `balance` (SPEC names).
+- The weighted regulariser `lambda_i * L_reg` is reported as `balance` (the contract's
+  fixed loss names, docs/contract.md §2).
 
 State and the training loop: lambda is a buffer (`router.l1_coef`). Training forwards count
 active pairs and slots; `update_bias()` (the layer contract's once-per-optimizer-step hook, which

@@ -22,8 +22,8 @@ A kept assignments.
   pre-training value is not in its main text; Table 5 sweeps 0 to 0.1 in fine-tuning);
   `balance_scope` sets which tokens f counts.
 
-Departures and SPEC note: SPEC section 2 describes `router.weight` as [E, D] centroids with
-u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.weight` is
+Departures: the contract (docs/contract.md §2) describes `router.weight` as [E, D] centroids
+with u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.weight` is
 [E, R] and `Routing.logits` is s. The expert embeddings start orthogonal (gain 0.32, as in the
 authors' torchscale code); torchscale also rescales e to norm 1.5 each step and leaves W h
 unnormalised, whereas this file follows the paper's formula (both sides normalised), where the

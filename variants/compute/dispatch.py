@@ -45,11 +45,12 @@ Group = tuple[int, int, int]  # (first expert, end expert, rows per expert C)
 Bounds = tuple[int, int, int, int]  # (first expert, end expert, start row, stop row)
 PATHS = (PER_EXPERT, PADDED_BMM)
 
-# The selection rule, measured on 2 AMD EPYC threads, fp32, forward+backward (issue 18,
-# /tmp bench in the issue's note): one expert costs about PER_EXPERT_OPS ops of ~OP_SECONDS of
-# dispatch each on the per-expert path, while a pad row costs the GEMM FLOPs of a real row
-# (3 GEMMs per projection in fwd+bwd) at about FLOP_SECONDS each. Pad when the padding is cheaper
-# than the per-expert dispatch it saves.
+# The selection rule, tuned on 2 AMD EPYC threads, fp32, forward+backward: one expert costs
+# about PER_EXPERT_OPS ops of ~OP_SECONDS of dispatch each on the per-expert path, while a pad
+# row costs the GEMM FLOPs of a real row (3 GEMMs per projection in fwd+bwd) at about
+# FLOP_SECONDS each. Pad when the padding is cheaper than the per-expert dispatch it saves.
+# `scripts/dispatch_cost.py` measures both costs at the quick size (interleaved, one process);
+# its committed output is reports/benchmarks/dispatch_cost.txt.
 OP_SECONDS = 12e-6
 PER_EXPERT_OPS = 14
 FLOP_SECONDS = 1 / 40e9
