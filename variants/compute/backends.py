@@ -37,6 +37,7 @@ from .dispatch import (
     rank_in_expert,
 )
 from .experts import ExpertBank, ExpertWeights
+from .megablocks import megablocks_forward
 
 
 class Computed(NamedTuple):
@@ -222,11 +223,8 @@ def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
 
 
 def megablocks(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
-    """megablocks' dropless grouped kernels (GPU only). `variants.compute.megablocks` is
-    imported on first use, not for a circle: the base install must import `variants` without
-    megablocks' CUDA-only packages, which that module loads."""
-    from .megablocks import megablocks_forward
-
+    """megablocks' dropless grouped kernels (GPU only; the optional megablocks package is
+    imported by `variants.compute.megablocks` on first use)."""
     return Computed(megablocks_forward(x_TD, routing, bank), "megablocks")
 
 
