@@ -15,6 +15,7 @@ import torch
 import variants
 from variants.compute.backends import BACKENDS, grouped
 from variants.compute.experts import ExpertBank
+from variants.parallel.expert_parallel import LOCAL_BACKENDS
 
 from .helpers import hand_routing
 
@@ -197,3 +198,8 @@ def test_layer_reports_the_path_its_backend_ran(backend: str, paths: set[str]) -
     )
     assert layer(torch.randn(T, D)).dispatch_path in paths
     assert variants.build("dense", d_model=D)(torch.randn(T, D)).dispatch_path is None
+
+
+def test_backend_specs_are_the_one_list_expert_parallelism_reads() -> None:
+    assert tuple(n for n, spec in BACKENDS.items() if spec.expert_parallel) == LOCAL_BACKENDS
+    assert set(LOCAL_BACKENDS) == {"loop", "grouped"}

@@ -1,5 +1,5 @@
-"""`variants.dispatch`: `expert_order` (the stable sort by expert, padded to torch's radix size)
-and the padded layout (each bmm group padded to its own largest load).
+"""`variants.compute.dispatch`: `expert_order` (the stable sort by expert, padded to torch's
+radix size) and the padded layout (each bmm group padded to its own largest load).
 
 Outputs and gradients of every dispatch path are checked against `loop` in test_backends.py.
 """

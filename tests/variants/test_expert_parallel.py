@@ -24,6 +24,7 @@ import torch
 
 import variants
 from moe_bench.launch import RankFailed, init_from_env, spawn_ranks
+from variants.mixtral import MixtralConfig, MixtralRouter
 from variants.parallel.expert_parallel import EPPlan, ExpertParallel, _check_groups
 
 B, S, D, H = 2, 4, 8, 6
@@ -283,6 +284,18 @@ def test_refuses_what_it_cannot_shard() -> None:
         _check_groups(v2, 4)
     with pytest.raises(ValueError, match="world_size=0"):
         spawn_ranks(_failing_worker, 0)
+
+
+def test_refusal_reads_what_the_config_says_not_the_router() -> None:
+    """A token-choice router under a config that says `token_choice = False` is refused: the
+    layer's config, not its router's class, says what it is."""
+    not_token_choice = type("NotTokenChoice", (MixtralConfig,), {"token_choice": False})
+    cfg = not_token_choice(d_model=D, num_experts=4, expert_hidden=H)
+    with pytest.raises(ValueError, match="NotTokenChoice is not token-choice"):
+        ExpertParallel(variants.MoELayer(cfg, MixtralRouter(cfg)))
+    assert [n for n in variants.names() if not variants.lookup(n).config.token_choice] == [
+        "expert_choice"
+    ]
 
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run
