@@ -246,8 +246,9 @@ class ExpertParallel(nn.Module):
             )
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
-                "torch.distributed is not initialized: call init_process_group (or use "
-                "moe_bench.launch's spawn_ranks / init_from_env) before ExpertParallel"
+                "torch.distributed is not initialized: call torch.distributed."
+                "init_process_group on every rank (a launcher starts the ranks) before "
+                "ExpertParallel"
             )
         cfg = layer.cfg
         self.group = group
