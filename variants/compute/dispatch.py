@@ -50,7 +50,8 @@ PATHS = (PER_EXPERT, PADDED_BMM)
 # row costs the GEMM FLOPs of a real row (3 GEMMs per projection in fwd+bwd) at about
 # FLOP_SECONDS each. Pad when the padding is cheaper than the per-expert dispatch it saves.
 # `scripts/dispatch_cost.py` measures both costs at the quick size (interleaved, one process);
-# its committed output is reports/benchmarks/dispatch_cost.txt.
+# its committed output is reports/benchmarks/dispatch_cost.txt (a run on a shared machine, too
+# noisy to confirm or retune the constants: rerun it idle before changing them).
 OP_SECONDS = 12e-6
 PER_EXPERT_OPS = 14
 FLOP_SECONDS = 1 / 40e9
