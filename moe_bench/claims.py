@@ -565,8 +565,8 @@ def gaps(frame: pd.DataFrame) -> list[str]:
         f"Schedule: AdamW, peak lr {get('task.lr')}, {get('task.warmup_steps')} linear warm-up "
         "steps, cosine decay to 10% (moe_bench/tasks/convergence.py); not tuned per variant.",
         "Router init: nn.Linear's default (Kaiming uniform, std 1/sqrt(3 D), "
-        "variants/routing.py); expert weights normal with std 1/sqrt(fan-in) "
-        "(variants/experts.py). Switch (Sec. 2.4) scales its initialisation down 10x.",
+        "variants/contract/routing.py); expert weights normal with std 1/sqrt(fan-in) "
+        "(variants/compute/experts.py). Switch (Sec. 2.4) scales its initialisation down 10x.",
         "Router z-loss: off (z_loss_coef = 0 on switch and gshard); ST-MoE "
         "(arXiv:2202.08906) uses 1e-3. No input jitter (jitter_eps = 0).",
         "Capacity: switch and gshard drop over-capacity assignments in evaluation too "

@@ -40,7 +40,7 @@ from moe_bench.data import DataConfig
 from moe_bench.identity import SIZE_FIELDS
 from moe_bench.isocompute import ffn_flops_per_token, iso_fields
 from variants import MoEConfig
-from variants.config import check_choice, check_int
+from variants.contract.config import check_choice, check_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")

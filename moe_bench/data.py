@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from variants.config import check_choice, check_int, check_number
+from variants.contract.config import check_choice, check_int, check_number
 
 DOMAINS = ("prose", "code")  # a window's domain id indexes this tuple
 # fmt: off

@@ -30,7 +30,7 @@ from torch import nn
 import variants
 from moe_bench.isocompute import dense_reference
 from variants import MoEOutput, Routing
-from variants.config import check_divides, check_int, check_le, check_number
+from variants.contract.config import check_divides, check_int, check_le, check_number
 
 
 @dataclass

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from variants import MoEConfig, MoEOutput, Routing
-from variants.config import check_number
-from variants.layer import assemble, flatten_tokens
-from variants.megablocks import check_dtype, require_megablocks
-from variants.routing import flatten_topk, make_routing
+from variants.compute.assignments import make_routing
+from variants.compute.megablocks import check_dtype, require_megablocks
+from variants.contract.config import check_number
+from variants.contract.layer import assemble, flatten_tokens
+from variants.contract.routing import flatten_topk
 
 # megablocks' default activation_fn is tanh-approximate gelu; the contract's gelu is the exact
 # erf form.
@@ -55,6 +56,10 @@ class MegablocksDMoEConfig(MoEConfig):
     """The common fields (sizes, activation, shared experts, uniform routing) plus megablocks'."""
 
     dropless: ClassVar[str | None] = "megablocks' dMoE is dropless"
+    note: ClassVar[str] = (
+        "megablocks' own loss 0.01 · E/(T·K) · Σ_i c_i P_i, c_i the assignments to i: the "
+        "Mixtral form 0.01 · E · Σ_i f_i P_i with f_i = c_i/(T·K) (Gale et al. 2023)."
+    )
     balance_coef: float = 0.01  # megablocks' moe_loss_weight (its own default is 0.1)
     normalize_expert_weights: float | None = None  # megablocks' moe_normalize_expert_weights
 

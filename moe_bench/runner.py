@@ -37,7 +37,7 @@ from moe_bench import components, config, locks, registry, results
 from moe_bench.config import Job
 from moe_bench.progress import job_summary
 from moe_bench.recorder import Recorder, load_average, update_env, write_env
-from variants.megablocks import Unavailable
+from variants.compute.megablocks import Unavailable
 
 log = logging.getLogger(__name__)
 # failures a sweep expects (bad values, impossible combinations, too big for the device): one line
@@ -171,7 +171,7 @@ def run_card(columns: dict[str, Any]) -> dict[str, Any]:
         card.update(registry.lookup(columns["task"]).report.card())
     if columns.get("variant") in components.names():
         config_cls = components.lookup(columns["variant"]).config
-        card["card.variant_note"] = getattr(config_cls, "note", "")
+        card["card.variant_note"] = config_cls.note
     return card
 
 

@@ -15,20 +15,21 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from .config import MoEConfig
+from .compute.assignments import Routing, experts_per_token, experts_per_token_stats
+from .compute.experts import ExpertBank
+from .contract.config import MoEConfig
+from .contract.layer import MoELayer, MoEOutput, routed
+from .contract.routing import Router
 from .deepseek_moe import DeepSeekMoEConfig, DeepSeekMoERouter
 from .deepseek_v2 import DeepSeekV2Config, DeepSeekV2Router
 from .deepseek_v3 import DeepSeekV3Config, DeepSeekV3Router
 from .dense import DenseConfig, DenseFFN
 from .expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
-from .experts import ExpertBank
 from .gshard import GShardConfig, GShardRouter
-from .layer import MoELayer, MoEOutput, routed
 from .mixtral import MixtralConfig, MixtralRouter
 from .moe_plus_plus import MoEPlusPlusConfig, MoEPlusPlusLayer
 from .noisy_topk import NoisyTopKConfig, NoisyTopKRouter
 from .remoe import ReMoEConfig, ReMoERouter
-from .routing import Router, Routing, experts_per_token, experts_per_token_stats
 from .sinkhorn import SinkhornConfig, SinkhornRouter
 from .switch import SwitchConfig, SwitchRouter
 from .topp import TopPConfig, TopPRouter

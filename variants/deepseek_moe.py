@@ -11,10 +11,10 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 - Device-level balance (Eq. 15-17): experts are split into `num_devices` contiguous groups;
   `alpha2 * sum_d f'_d P'_d`, f'_d = mean of f_i over group d, P'_d = sum of P_i over group d.
   Off unless alpha2 > 0.
-- `balance_scope` (`variants.config.BalanceScopeConfig`): micro_batch (default, the paper),
+- `balance_scope` (`variants.contract.config.BalanceScopeConfig`): micro_batch (default, the paper),
   sequence, or global_batch (Qiu et al. 2025) for the expert-level f_i; the device-level term
   stays per micro-batch.
-- Qwen2-MoE options (`variants.config.SharedExpertConfig`, off by default): `shared_gate`
+- Qwen2-MoE options (`variants.contract.config.SharedExpertConfig`, off by default): `shared_gate`
   (sigmoid gate on the shared output), `shared_hidden` (shared width), `norm_topk_prob`
   (renormalise the K weights; the paper does not).
 - Defaults follow DeepSeekMoE 2B: 1 shared + 63 routed experts, 7 routed per token
@@ -24,23 +24,28 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, SharedExpertConfig, check_divides, check_int, check_number
-from .routing import (
-    Router,
-    Routing,
-    f_dot_p,
-    norm_topk,
-    scoped_balance_loss,
-    token_order_routing,
+from .compute.assignments import Routing
+from .contract.config import (
+    BalanceScopeConfig,
+    SharedExpertConfig,
+    check_divides,
+    check_int,
+    check_number,
 )
+from .contract.routing import Router, f_dot_p, norm_topk, scoped_balance_loss, token_order_routing
 
 
 @dataclass
 class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "α1 · Σ_i f_i P_i with f_i = E/(K·T) · count_i, α1 = 0.01; device balance α2 = 0 "
+        "unless set (Dai et al. 2024)."
+    )
     num_experts: int = 63
     top_k: int = 7
     expert_hidden: int = 256

@@ -28,7 +28,7 @@ A assignments.
 - `Routing.capacity` is None: the capacity is per device, not per expert, so the padded backend
   sizes its buffers from the largest kept load instead (and force_uniform_routing, already
   balanced, drops nothing).
-- Qwen2-MoE options (`variants.config.SharedExpertConfig`, off by default): `shared_gate`,
+- Qwen2-MoE options (`variants.contract.config.SharedExpertConfig`, off by default): `shared_gate`,
   `shared_hidden`, `norm_topk_prob` (over the K selected, before any drop).
 - Defaults follow DeepSeek-V2: 2 shared + 160 routed experts, 6 per token, 8 devices, M = 3,
   alpha1 = 0.003, alpha2 = 0.05, alpha3 = 0.02 (sizes kept CPU-small: expert_hidden 128).
@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from .config import (
+from .compute.assignments import Routing, make_routing
+from .contract.config import (
     BalanceScopeConfig,
     SharedExpertConfig,
     check_divides,
@@ -50,23 +52,25 @@ from .config import (
     check_le,
     check_number,
 )
-from .deepseek_moe import device_balance, expert_fraction
-from .routing import (
+from .contract.routing import (
     Router,
-    Routing,
     count_per_sequence,
     f_dot_p,
     flatten_topk,
     group_limited_mask,
-    make_routing,
     norm_topk,
     scoped_balance_loss,
     within_capacity,
 )
+from .deepseek_moe import device_balance, expert_fraction
 
 
 @dataclass
 class DeepSeekV2Config(SharedExpertConfig, BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Three losses, each per sequence then averaged: expert α1 = 0.003, device α2 = 0.05, "
+        "communication α3 = 0.02 (DeepSeek-AI 2024, arXiv:2405.04434)."
+    )
     num_experts: int = 160
     top_k: int = 6
     expert_hidden: int = 128

@@ -23,7 +23,7 @@ S sequence length, A assignments.
   P_i = mean over the sequence of s'_{i,t} = s_{i,t} / sum_j s_{j,t}. Default alpha = 1e-4.
   `balance_scope` (default `sequence`, the paper) may count f over the micro-batch or the
   global batch instead (Qiu et al. 2025).
-- Qwen2-MoE options (`variants.config.SharedExpertConfig`): `shared_gate`, `shared_hidden`
+- Qwen2-MoE options (`variants.contract.config.SharedExpertConfig`): `shared_gate`, `shared_hidden`
   (off by default) and `norm_topk_prob` (on by default: Eq. 13; False gives s_i * scale).
 - Defaults follow V3: 256 routed experts, 8 per token, 1 shared, 8 groups, 4 groups per token.
   Departure: `routed_scaling_factor` defaults to 1.0 (the paper's model uses 2.5).
@@ -36,7 +36,8 @@ from typing import ClassVar
 
 import torch
 
-from .config import (
+from .compute.assignments import Routing, make_routing
+from .contract.config import (
     BalanceScopeConfig,
     SharedExpertConfig,
     check_divides,
@@ -44,12 +45,10 @@ from .config import (
     check_le,
     check_number,
 )
-from .routing import (
+from .contract.routing import (
     Router,
-    Routing,
     flatten_topk,
     group_limited_mask,
-    make_routing,
     norm_topk,
     scoped_balance_loss,
 )
@@ -57,6 +56,10 @@ from .routing import (
 
 @dataclass
 class DeepSeekV3Config(SharedExpertConfig, BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Auxiliary-loss-free: a per-expert bias steers top-K selection (update rate 1e-3 per "
+        "step), plus a sequence-wise balance loss α · Σ_i f_i P_i with α = 1e-4."
+    )
     dropless: ClassVar[str | None] = "deepseek_v3 balances with its bias, not with drops"
     num_experts: int = 256
     top_k: int = 8

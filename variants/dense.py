@@ -14,14 +14,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .config import MoEConfig, check_int
-from .experts import ExpertBank
-from .layer import MoEOutput, assemble, check_input_dtype, flatten_tokens
-from .routing import make_routing
+from .compute.assignments import make_routing
+from .compute.experts import ExpertBank
+from .contract.config import MoEConfig, check_int
+from .contract.layer import MoEOutput, assemble, check_input_dtype, flatten_tokens
 
 
 @dataclass
 class DenseConfig(MoEConfig):
+    note: ClassVar[str] = "No router, no auxiliary loss: one FFN of width d_ff."
     kind: ClassVar[str] = "dense"
     d_ff: int | None = None
 

@@ -44,8 +44,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_choice
-from .routing import Router, Routing, make_routing
+from .compute.assignments import Routing, make_routing
+from .contract.config import MoEConfig, check_choice
+from .contract.routing import Router
 
 # over which tokens an expert picks its top C: the paper's whole forward, or one position
 SELECTION_SCOPES = ("batch", "position")
@@ -53,8 +54,15 @@ SELECTION_SCOPES = ("batch", "position")
 
 @dataclass
 class ExpertChoiceConfig(MoEConfig):
+    note: ClassVar[str] = (
+        "No balance loss: each expert picks its top tokens, so load is balanced by construction. "
+        "With selection_scope=batch (the paper's rule) an expert's choice depends on later tokens "
+        "of the sequence, which leaks the future in a causal LM; selection_scope=position picks "
+        "among the tokens at one position and does not."
+    )
     variable_k: ClassVar[bool] = True
     uneven_top_k: ClassVar[str | None] = "expert choice gives a token 0..E experts"
+    token_choice: ClassVar[bool] = False  # experts choose tokens
 
     top_k: int = 2
     capacity_factor: float | None = 2.0

@@ -23,20 +23,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, check_number
-from .routing import (
-    Router,
-    Routing,
-    drop_over_capacity,
-    flatten_topk,
-    make_routing,
-    scoped_balance_inputs,
-)
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_number
+from .contract.routing import Router, drop_over_capacity, flatten_topk, scoped_balance_inputs
 from .switch import softmax_losses
 
 
 @dataclass
 class GShardConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i with f_i from first choices only (Lepikhin et al. 2020)."
+    )
     top_k: int = 2
     capacity_factor: float | None = 1.0
     balance_coef: float = 0.01

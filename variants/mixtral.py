@@ -24,12 +24,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, check_number
-from .routing import Router, Routing, flatten_topk, make_routing, scoped_balance_loss
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_number
+from .contract.routing import Router, flatten_topk, scoped_balance_loss
 
 
 @dataclass
 class MixtralConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i with f_i = count_i / (T·K); HF transformers' Mixtral loss is K "
+        "times this."
+    )
     dropless: ClassVar[str | None] = "mixtral is dropless: every selected expert computes"
     num_experts: int = 8
     top_k: int = 2

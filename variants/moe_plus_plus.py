@@ -49,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BalanceScopeConfig, check_int, check_number
-from .layer import MoELayer, MoEOutput, assemble, check_input_dtype, flatten_tokens
-from .routing import Router, Routing, f_dot_p, flatten_topk, make_routing, scoped_balance_inputs
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_int, check_number
+from .contract.layer import MoELayer, MoEOutput, assemble, check_input_dtype, flatten_tokens
+from .contract.routing import Router, f_dot_p, flatten_topk, scoped_balance_inputs
 
 # (token_B, kind_B, weight_B): kept zero-computation assignments; kind 0..Z-1 counts zero,
 # then copy, then constant experts
@@ -60,6 +61,11 @@ ZeroComputeAssignments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class MoEPlusPlusConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Heterogeneous balance 0.01 · Σ_i η_i f_i P_i over the whole pool, f_i = tokens choosing i "
+        "/ T with no pool-size factor (Eq. 7). η_i = 1 for FFN experts and τ = 0.75 for zero- "
+        "computation experts (Jin et al. 2024)."
+    )
     dropless: ClassVar[str | None] = "moe_plus_plus computes every selected FFN expert"
     uneven_top_k: ClassVar[str | None] = (
         "zero-computation experts take some of a token's K slots, leaving it 0..K FFN experts"
@@ -157,8 +163,9 @@ class MoEPlusPlusLayer(MoELayer):
             expert_A = routing.expert
         else:
             routing, zc, expert_A, losses = self.route(x_TD, logits_TP, num_seqs)
-        y_TD = self.backend(x_TD, routing, self.experts) + self.zero_compute(x_TD, *zc)
-        out = assemble(x, self.add_shared(x_TD, y_TD), losses, routing)
+        routed_TD, path = self.backend(x_TD, routing, self.experts)
+        y_TD = routed_TD + self.zero_compute(x_TD, *zc)
+        out = assemble(x, self.add_shared(x_TD, y_TD), losses, routing, path)
         out.extras = {
             "gate_logits": logits_TP,
             "pool_load": torch.bincount(expert_A, minlength=cfg.pool_size),

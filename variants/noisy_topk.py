@@ -33,12 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, flatten_topk, make_routing
+from .compute.assignments import Routing, make_routing
+from .contract.config import MoEConfig, check_number
+from .contract.routing import Router, flatten_topk
 
 
 @dataclass
 class NoisyTopKConfig(MoEConfig):
+    note: ClassVar[str] = (
+        "Importance 0.1 · CV(Σ_t G_t)² and load 0.1 · CV(L)² with the smooth normal-CDF load "
+        "estimator (Shazeer et al. 2017)."
+    )
     dropless: ClassVar[str | None] = "noisy_topk balances with its importance and load losses"
     num_experts: int = 32
     top_k: int = 4

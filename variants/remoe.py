@@ -14,7 +14,8 @@ assignments (a token keeps 0..E experts).
 - Load-balancing refinement (Eq. 10): each expert's L1 term is weighted by its (detached)
   load f_e = E/(K T) * #tokens with R(x_t)_e > 0, so busy experts are pushed harder towards
   zero. `balance_refinement=False` gives the plain L1 of Eq. 9 (f_e = 1).
-- The weighted regulariser `lambda_i * L_reg` is reported as `balance` (SPEC names).
+- The weighted regulariser `lambda_i * L_reg` is reported as `balance` (the contract's
+  fixed loss names, docs/contract.md §2).
 
 State and the training loop: lambda is a buffer (`router.l1_coef`). Training forwards count
 active pairs and slots; `update_bias()` (the layer contract's once-per-optimizer-step hook, which
@@ -39,12 +40,18 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_number
-from .routing import Router, Routing, make_routing, mask_to_assignments
+from .compute.assignments import Routing, make_routing
+from .contract.config import MoEConfig, check_number
+from .contract.routing import Router, mask_to_assignments
 
 
 @dataclass
 class ReMoEConfig(MoEConfig):
+    note: ClassVar[str] = (
+        "Refined L1 λ · mean_t Σ_e f_e R_te with f_e = E/(K·T) · #active tokens of e, reported as "
+        "balance. λ starts at 1e-8 and is multiplied by 1.2^sign(1 − K/E − S) once per optimizer "
+        "step, S the measured sparsity (Wang et al. 2025)."
+    )
     dropless: ClassVar[str | None] = "remoe computes every expert with a positive gate"
     uneven_top_k: ClassVar[str | None] = "ReLU routing gives a token 0..E experts"
     variable_k: ClassVar[bool] = True

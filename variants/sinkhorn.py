@@ -29,16 +29,22 @@ Defaults: top-1 (S-BASE routes each token to one expert), 8 experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, check_int, check_number
-from .routing import Router, Routing, token_order_routing
+from .compute.assignments import Routing
+from .contract.config import MoEConfig, check_int, check_number
+from .contract.routing import Router, token_order_routing
 
 
 @dataclass
 class SinkhornConfig(MoEConfig):
+    note: ClassVar[str] = (
+        "No auxiliary loss: training routes on the Sinkhorn-balanced plan of exp(u), so balance "
+        "comes from the assignment itself (Clark et al. 2022)."
+    )
     top_k: int = 1
     sinkhorn_tol: float = 1e-4
     sinkhorn_max_iters: int = 1000

@@ -9,7 +9,7 @@ Shape legend: T tokens, D model width, E experts, A kept assignments.
   evaluates with a capacity factor as well); set capacity_factor=None for dropless.
 - Balance loss (Eq. 4-6): `balance_coef * E * sum_i f_i P_i`, f_i = fraction of tokens whose
   top-1 is i (before drops), P_i = mean router probability of i. `balance_scope` (micro_batch,
-  sequence, global_batch; `variants.config.BalanceScopeConfig`) sets which tokens f counts.
+  sequence, global_batch; `variants.contract.config.BalanceScopeConfig`) sets which tokens f counts.
 - Router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, Eq. 5), training only, off by
   default: `z_loss_coef * mean_t logsumexp(u_t)^2`.
 - Input jitter (Switch Sec. 2.4, "multiplicative jitter noise"), training only, off by
@@ -25,21 +25,24 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, check_number
-from .routing import (
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_number
+from .contract.routing import (
     Router,
-    Routing,
     drop_over_capacity,
     f_dot_p,
     flatten_topk,
-    make_routing,
     scoped_balance_inputs,
 )
-from .routing import z_loss as router_z_loss
+from .contract.routing import z_loss as router_z_loss
 
 
 @dataclass
 class SwitchConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i, f_i = fraction of tokens whose top-1 is i (Fedus et al. 2021); "
+        "optional z-loss (default 0)."
+    )
     top_k: int = 1
     capacity_factor: float | None = 1.25
     balance_coef: float = 0.01

@@ -19,9 +19,9 @@ Shape legend: T tokens, E experts, A kept assignments (between T and T*E).
 - Dropless: every selected expert computes. `top_k` is not used by the routing; it is the
   nominal K the iso-compute helper sizes against (the paper compares with top-2).
 
-Loss names: SPEC section 2 fixes the names of `losses`; the balance term is `balance` and the
-dynamic (entropy) loss is reported as `z` (a router-confidence regulariser like the ST-MoE
-z-loss: both push the router towards sharper distributions).
+Loss names: the contract (docs/contract.md §2) fixes the names of `losses`; the balance term
+is `balance` and the dynamic (entropy) loss is reported as `z` (a router-confidence
+regulariser like the ST-MoE z-loss: both push the router towards sharper distributions).
 
 Reference code: the authors' released inference code (github.com/ZhenweiAn/Dynamic_MoE,
 `top_p_sampling_batched_all_sequence`, `top_p_threshold=0.4`) keeps the experts up to the first
@@ -30,8 +30,9 @@ as here except at an exact tie (sum == p), where it keeps one expert more than E
 
 Notes: no cap on experts per token (the paper has none): with a near-uniform router early in
 training a token may take many experts. Defaults: p = 0.4 (checked against the authors'
-config); the loss coefficients are the paper's as read for this issue (re-check Sec. 4.1 before
-citing them); E = 16 keeps the layer CPU-small.
+config); the loss coefficients (alpha = 1e-2, beta = 1e-4) are those of the paper's Sec. 4.1,
+not checked against code (the authors released inference code only); E = 16 keeps the layer
+CPU-small.
 """
 
 from __future__ import annotations
@@ -42,18 +43,18 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .config import BalanceScopeConfig, check_number
-from .routing import (
-    Router,
-    Routing,
-    make_routing,
-    mask_to_assignments,
-    scoped_balance_loss,
-)
+from .compute.assignments import Routing, make_routing
+from .contract.config import BalanceScopeConfig, check_number
+from .contract.routing import Router, mask_to_assignments, scoped_balance_loss
 
 
 @dataclass
 class TopPConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "Balance 0.01 · E · Σ_i f_i P_i with f_i = the share of assignments to i, so 1 under "
+        "perfect balance for any number of experts per token; dynamic (entropy) loss 1e-4 · "
+        "mean_t(−Σ_e P_e log P_e), reported as z (Huang et al. 2024)."
+    )
     dropless: ClassVar[str | None] = "topp computes every selected expert"
     uneven_top_k: ClassVar[str | None] = "top-p routing gives a token 1..E experts"
     variable_k: ClassVar[bool] = True

@@ -22,8 +22,8 @@ A kept assignments.
   pre-training value is not in its main text; Table 5 sweeps 0 to 0.1 in fine-tuning);
   `balance_scope` sets which tokens f counts.
 
-Departures and SPEC note: SPEC section 2 describes `router.weight` as [E, D] centroids with
-u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.weight` is
+Departures: the contract (docs/contract.md §2) describes `router.weight` as [E, D] centroids
+with u = x @ weight.T; X-MoE's centroids live in the routing space, so here `router.weight` is
 [E, R] and `Routing.logits` is s. The expert embeddings start orthogonal (gain 0.32, as in the
 authors' torchscale code); torchscale also rescales e to norm 1.5 each step and leaves W h
 unnormalised, whereas this file follows the paper's formula (both sides normalised), where the
@@ -36,22 +36,24 @@ balance loss as E^2 * mean_i(me_i ce_i) = E * sum_i f_i P_i, the form used here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BalanceScopeConfig, check_int, check_number
-from .routing import (
-    Router,
-    Routing,
-    scoped_balance_loss,
-    token_order_routing,
-)
+from .compute.assignments import Routing
+from .contract.config import BalanceScopeConfig, check_int, check_number
+from .contract.routing import Router, scoped_balance_loss, token_order_routing
 
 
 @dataclass
 class XMoEConfig(BalanceScopeConfig):
+    note: ClassVar[str] = (
+        "0.01 · E · Σ_i f_i P_i with f_i = the share of assignments to i and P_i from "
+        "softmax(cos / τ0) at a fixed τ0 = 0.3, not the gate's learnable τ (Chi et al. 2022, "
+        "Eq. 8)."
+    )
     num_experts: int = 8
     top_k: int = 1
     routing_dim: int = 16

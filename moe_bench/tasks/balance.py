@@ -28,8 +28,8 @@ from moe_bench.progress import Rows
 from moe_bench.recorder import Recorder
 from moe_bench.task import Answer, Asks, Task
 from moe_bench.tasks import build_layer
-from variants.config import check_int, check_number
-from variants.routing import experts_per_token
+from variants.compute.assignments import experts_per_token
+from variants.contract.config import check_int, check_number
 
 
 @dataclass

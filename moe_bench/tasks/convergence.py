@@ -60,8 +60,8 @@ from moe_bench.progress import Rows, find_row
 from moe_bench.recorder import Recorder
 from moe_bench.task import Answer, Asks, Task
 from moe_bench.timing import synchronize
-from variants.config import check_divides, check_int, check_number
-from variants.routing import Routing, experts_per_token_stats, make_routing
+from variants.compute.assignments import Routing, experts_per_token_stats, make_routing
+from variants.contract.config import check_divides, check_int, check_number
 
 
 @dataclass

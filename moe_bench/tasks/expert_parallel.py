@@ -6,7 +6,7 @@ D model width, E routed experts, L = E/P experts per rank.
 The job's `model.tokens` tokens are the global batch: B = tokens / seq_len sequences, split
 over the P ranks by sequence (a sequence lives on one rank, so DeepSeek-V2's per-sequence
 losses are the paper's, arXiv:2405.04434 Sec. 2.1.3-2.1.4 / 2.2). Every rank builds the same
-layer (same seed) and wraps it in `variants.expert_parallel.ExpertParallel`.
+layer (same seed) and wraps it in `variants.parallel.expert_parallel.ExpertParallel`.
 
 Ranks: `task.launcher=spawn` starts P processes on this machine (`spawn_ranks`); `env` joins
 ranks started by a cluster launcher (torchrun, Slurm/submitit with tasks_per_node=P) through
@@ -47,20 +47,19 @@ import torch.nn.functional as F
 
 from moe_bench import components, schema
 from moe_bench.config import Job, ModelConfig, TaskConfig
+from moe_bench.launch import init_from_env, spawn_ranks
 from moe_bench.recorder import Recorder
 from moe_bench.task import Asks, Task
 from moe_bench.tasks import STEPS
 from moe_bench.timing import time_steps
 from variants import MoEConfig
-from variants.config import check_choice, check_int, check_number
-from variants.expert_parallel import (
+from variants.contract.config import check_choice, check_int, check_number
+from variants.parallel.expert_parallel import (
     LOCAL_BACKENDS,
     EPPlan,
     EPStats,
     ExpertParallel,
     _check_groups,
-    init_from_env,
-    spawn_ranks,
 )
 
 PASSES = ("fwd", "fwd_bwd")

@@ -22,7 +22,7 @@ from moe_bench.recorder import Recorder
 from moe_bench.task import Asks, Task
 from moe_bench.tasks import TrainStep, build_dense, build_layer, random_input
 from moe_bench.timing import peak_memory
-from variants.config import check_int
+from variants.contract.config import check_int
 
 
 @dataclass

@@ -34,7 +34,7 @@ from moe_bench.recorder import Recorder, load_average
 from moe_bench.task import Answer, Asks, Task
 from moe_bench.tasks import STEPS, build_dense, build_layer, random_input
 from moe_bench.timing import PairTiming, median_ci_halfwidth, time_pair
-from variants.config import check_int, check_number
+from variants.contract.config import check_int, check_number
 
 PASSES = ("fwd", "fwd_bwd")
 TIME_METRICS = {"fwd": schema.FWD_MS, "fwd_bwd": schema.FWD_BWD_MS}

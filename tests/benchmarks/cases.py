@@ -30,8 +30,9 @@ from torch import nn
 import variants
 from moe_bench.isocompute import dense_reference
 from moe_bench.timing import peak_memory
-from variants.experts import ExpertBank
-from variants.routing import Routing
+from variants.compute.assignments import Routing
+from variants.compute.backends import Computed
+from variants.compute.experts import ExpertBank
 
 from . import hf_peer
 
@@ -97,7 +98,7 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
-def hf_style(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
+def hf_style(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
     """The HuggingFace DeepseekMoE training path (modeling_deepseek.py, `DeepseekMoE.forward`).
 
     `x.repeat_interleave(K)`, then per expert `y[flat_idx == i] = expert(x[flat_idx == i])`,
@@ -112,7 +113,7 @@ def hf_style(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Te
     for i in range(bank.num_experts):
         y_AD[flat_idx_A == i] = bank.expert_ffn(i, x_AD[flat_idx_A == i])
     weight_TK1 = routing.weight.view(T, K, 1).to(x_TD.dtype)
-    return (y_AD.view(T, K, D) * weight_TK1).sum(dim=1)
+    return Computed((y_AD.view(T, K, D) * weight_TK1).sum(dim=1), HF_STYLE)
 
 
 def moe_fields(case: Case) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from variants.backends import BACKENDS
+from variants.compute.backends import BACKENDS
 
 from .cases import HF_STYLE, SIZES, Case, build_layer, hf_style
 

@@ -96,7 +96,7 @@ def test_fwd_bwd(
         "active_flops": FWD_BWD_FLOPS_PER_FWD * num_tokens * ffn_flops_per_token(cfg),
         "load_entropy": load_entropy(out.routing.load) if out.routing is not None else None,
         # which expert-compute path the layer's backend ran (grouped: per_expert, padded_bmm)
-        "dispatch_path": getattr(out.routing, "dispatch_path", None),
+        "dispatch_path": getattr(out, "dispatch_path", None),
     }
     if benchmark.stats is not None:  # the memory pass belongs to the benchmark run only
         info["peak_memory_bytes"] = step_peak_bytes(layer, x_TD, grad_TD)

@@ -22,8 +22,8 @@ from torch import nn
 
 import variants
 from moe_bench import components, peers
-from variants.backends import loop
-from variants.experts import ExpertBank
+from variants.compute.backends import loop
+from variants.compute.experts import ExpertBank
 
 T, E, D, H = 24, 4, 16, 8
 BF16 = torch.bfloat16  # the peer computes in bfloat16 only (grouped_gemm)
@@ -267,7 +267,7 @@ def test_wrapper_returns_moe_output_with_routing(fake_megablocks, activation: st
     torch.testing.assert_close(r.logits, x.view(T, D) @ peer.moe.router.layer.weight.T)
     torch.testing.assert_close(r.scores.float().sum(-1), torch.ones(T), atol=1e-2, rtol=0)
     # the captured routing and the weight layout reproduce the peer's output through `loop`
-    ref = loop(x.view(T, D), r, bank_from_dmoe(peer.moe))
+    ref = loop(x.view(T, D), r, bank_from_dmoe(peer.moe)).y_TD
     assert rel_err(out.y.view(T, D), ref) < 2e-2
 
 
@@ -363,7 +363,7 @@ def test_gpu_peer_matches_loop_on_its_own_routing(activation: str) -> None:
     x = torch.randn(4, 128, 256, device="cuda", dtype=BF16, requires_grad=True)
     out = peer(x)
     x_TD = x.detach().view(-1, 256)
-    ref = loop(x_TD, out.routing, bank_from_dmoe(peer.moe))
+    ref = loop(x_TD, out.routing, bank_from_dmoe(peer.moe)).y_TD
     assert rel_err(out.y.view_as(ref), ref) < 2e-2
     assert out.losses["balance"].isfinite() and float(out.aux_loss) > 0
     torch.autograd.backward([out.y, out.aux_loss], [torch.randn_like(out.y), None])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import variants
-from variants.routing import Routing, make_routing
+from variants.compute.assignments import Routing, make_routing
 
 
 def hand_routing(

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import variants
-from variants.backends import BACKENDS, grouped
-from variants.experts import ExpertBank
+from variants.compute.backends import BACKENDS, grouped
+from variants.compute.experts import ExpertBank
+from variants.parallel.expert_parallel import LOCAL_BACKENDS
 
 from .helpers import hand_routing
 
@@ -52,7 +53,7 @@ def _run(backend: str, bank: ExpertBank, x_TD: torch.Tensor, spec: dict):
     routing = hand_routing(**spec, num_tokens=T, num_experts=E)
     if backend == "padded":
         routing.capacity = int(routing.load.max()) if routing.expert.numel() else 1
-    y_TD = IMPLEMENTATIONS[backend](x_TD, routing, bank)
+    y_TD = IMPLEMENTATIONS[backend](x_TD, routing, bank).y_TD
     y_TD.backward(torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(2)))
     grads = {"x": x_TD.grad, "weight": routing.weight.grad}
     grads.update({n: p.grad for n, p in bank.named_parameters()})
@@ -68,7 +69,7 @@ def test_backend_matches_loop_on_hand_routings(
     spec = _routings()[case]
     if backend == "grouped_padded_bmm_groups":  # bmm groups of 3 experts: [0, 3), [3, 4)
         largest = max(spec["expert"].count(e) for e in range(E)) if spec["expert"] else 1
-        monkeypatch.setattr("variants.dispatch.GROUP_ROWS", 3 * largest)
+        monkeypatch.setattr("variants.compute.dispatch.GROUP_ROWS", 3 * largest)
         backend = "grouped_padded_bmm"
     bank = ExpertBank(E, D, H, activation)
     x_TD = torch.randn(T, D)
@@ -177,10 +178,28 @@ def test_backends_run_under_bf16_autocast(backend: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["per_expert", "padded_bmm", None])
-def test_grouped_records_the_path_that_ran(path: str | None) -> None:
+def test_grouped_returns_the_path_that_ran(path: str | None) -> None:
     bank = ExpertBank(E, D, H, "swiglu")
     routing = hand_routing(**_routings()["random_top2"], num_tokens=T, num_experts=E)
-    grouped(torch.randn(T, D), routing, bank, path=path)
-    assert routing.dispatch_path in ("per_expert", "padded_bmm")
+    ran = grouped(torch.randn(T, D), routing, bank, path=path).path
+    assert ran in ("per_expert", "padded_bmm")
     if path is not None:
-        assert routing.dispatch_path == path
+        assert ran == path
+    assert not hasattr(routing, "dispatch_path")  # the record stays what the router made
+
+
+@pytest.mark.parametrize(
+    ("backend", "paths"),
+    [("loop", {"loop"}), ("padded", {"padded"}), ("grouped", {"per_expert", "padded_bmm"})],
+)
+def test_layer_reports_the_path_its_backend_ran(backend: str, paths: set[str]) -> None:
+    layer = variants.build(
+        "switch", d_model=D, num_experts=E, expert_hidden=H, backend=backend, capacity_factor=2.0
+    )
+    assert layer(torch.randn(T, D)).dispatch_path in paths
+    assert variants.build("dense", d_model=D)(torch.randn(T, D)).dispatch_path is None
+
+
+def test_backend_specs_are_the_one_list_expert_parallelism_reads() -> None:
+    assert tuple(n for n, spec in BACKENDS.items() if spec.expert_parallel) == LOCAL_BACKENDS
+    assert set(LOCAL_BACKENDS) == {"loop", "grouped"}

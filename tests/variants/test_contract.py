@@ -84,10 +84,29 @@ def test_parameter_names_and_shapes(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_update_bias_exists_everywhere(name: str) -> None:
+def test_update_bias_changes_only_what_a_router_updates(name: str) -> None:
+    """`update_bias()` exists everywhere; no parameter moves, and a buffer moves only where the
+    router updates one from its training load (V3's bias, ReMoE's L1 coefficient)."""
     layer = small(name).train()
-    layer(torch.randn(4, 16))
+    torch.manual_seed(0)
+    layer(torch.randn(32, 16))
+    params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
     layer.update_bias()
+    for n, p in layer.named_parameters():
+        assert torch.equal(p, params[n]), f"update_bias moved parameter {n}"
+    moved = {n for n, b in layer.named_buffers() if not torch.equal(b, buffers[n])}
+    updated = {"deepseek_v3": {"router.expert_bias"}, "remoe": {"router.l1_coef"}}
+    assert moved >= updated.get(name, set())
+    # what was counted since the last update starts afresh (V3's load, ReMoE's counts)
+    assert moved <= updated.get(name, set()) | {
+        "router.load_count",
+        "router.active_count",
+        "router.slot_count",
+    }
+    for n, b in layer.named_buffers():
+        if n in ("router.load_count", "router.active_count", "router.slot_count"):
+            assert not b.any(), f"{n} not reset"
 
 
 @pytest.mark.parametrize("name", ROUTED)
@@ -189,3 +208,10 @@ def test_a_non_finite_token_stays_in_its_row(name: str, mode: str) -> None:
     others_BS[0, 1] = True
     if layer.cfg.capacity_factor is None and not layer.cfg.leaks_future_tokens:
         assert others_BS.all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_variant_says_how_it_normalises_its_losses(name: str) -> None:
+    note = variants.lookup(name).config.note
+    assert isinstance(note, str) and note.strip()
+    assert variants.MoEConfig.note == ""

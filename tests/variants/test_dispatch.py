@@ -1,5 +1,5 @@
-"""`variants.dispatch`: `expert_order` (the stable sort by expert, padded to torch's radix size)
-and the padded layout (each bmm group padded to its own largest load).
+"""`variants.compute.dispatch`: `expert_order` (the stable sort by expert, padded to torch's
+radix size) and the padded layout (each bmm group padded to its own largest load).
 
 Outputs and gradients of every dispatch path are checked against `loop` in test_backends.py.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from variants.backends import dispatch_layout
-from variants.dispatch import RADIX_SORT_MIN, expert_order, padded_groups
-from variants.experts import ExpertBank
-from variants.routing import make_routing
+from variants.compute.assignments import make_routing
+from variants.compute.backends import dispatch_layout
+from variants.compute.dispatch import RADIX_SORT_MIN, expert_order, padded_groups
+from variants.compute.experts import ExpertBank
 
 
 @pytest.mark.parametrize("num_experts", [4, 64, 255, 300])
@@ -37,12 +37,12 @@ def test_expert_order_is_the_stable_argsort(num_experts: int, A: int) -> None:
 def test_padded_groups(
     counts: list[int], group_rows: int, groups: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("variants.dispatch.GROUP_ROWS", group_rows)
+    monkeypatch.setattr("variants.compute.dispatch.GROUP_ROWS", group_rows)
     assert padded_groups(counts) == groups
 
 
 def test_padded_layout_rows_tokens_and_zero_weight_pads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("variants.dispatch.GROUP_ROWS", 6)  # largest load 3: groups of 2
+    monkeypatch.setattr("variants.compute.dispatch.GROUP_ROWS", 6)  # largest load 3: groups of 2
     # tokens 0..4; expert loads [3, 1, 0, 2]
     token_A = torch.tensor([0, 1, 2, 3, 4, 4])
     expert_A = torch.tensor([0, 0, 1, 3, 0, 3])

@@ -35,7 +35,7 @@ def test_dropless_every_token_keeps_two_experts() -> None:
     assert routing.capacity is None
 
 
-def test_balance_is_spec_normalised_and_k_times_smaller_than_hf() -> None:
+def test_balance_is_contract_normalised_and_k_times_smaller_than_hf() -> None:
     T, E, K = 20, 4, 2
     logits = torch.randn(T, E) * 2
     layer, x = with_logits("mixtral", logits)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import variants
-from variants.routing import experts_per_token_stats
+from variants.compute.assignments import experts_per_token_stats
 
 # pool: FFN 0, FFN 1, zero (2), copy (3), constant (4)
 LOGITS = torch.tensor(
@@ -86,8 +86,19 @@ def test_gating_residual_adds_the_previous_layers_logits() -> None:
     expected[0, 0] += 20.0
     torch.testing.assert_close(out.extras["gate_logits"], expected)
     assert 0 in out.routing.expert[out.routing.token == 0].tolist()
+    # the gradient: G[t, i] += sum_j prev[t, j] W_g[i, j], so dL/dW_g[i, j] =
+    # sum_t dL/dG[t, i] prev[t, j]. With prev 3 at [2, 3] alone (token 2 keeps FFN 1 + FFN 0,
+    # whose renormalised weights depend on G[2, :2]), only column 3 is nonzero: 3 * dL/dG[2]
+    prev = torch.zeros(3, 5)
+    prev[2, 3] = 3.0
+    out = layer.eval()(x, gate_residual=prev)
+    gate_logits = out.extras["gate_logits"]
+    gate_logits.retain_grad()
     out.y.sum().backward()
-    assert layer.router.residual.grad is not None
+    grad = layer.router.residual.grad
+    assert gate_logits.grad[2].abs().sum() > 0
+    torch.testing.assert_close(grad[:, 3], 3.0 * gate_logits.grad[2])
+    assert not grad[:, [0, 1, 2, 4]].any()
 
 
 def test_no_residual_parameter_when_disabled() -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import variants
+from variants.compute.assignments import experts_per_token_stats
 from variants.remoe import next_l1_coef
-from variants.routing import experts_per_token_stats
 
 from .helpers import with_logits
 

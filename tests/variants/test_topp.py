@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import variants
-from variants.routing import experts_per_token_stats
+from variants.compute.assignments import experts_per_token_stats
 from variants.topp import top_p_mask
 
 from .helpers import with_logits

@@ -32,11 +32,28 @@ def test_scores_are_cosines_over_temperature() -> None:
 
 
 def test_temperature_and_projection_learn() -> None:
-    layer = hand_layer()
-    out = layer.train()(torch.randn(6, 2))
-    (out.y.sum() + out.aux_loss).backward()
-    assert layer.router.temperature.grad is not None
-    assert layer.router.proj.grad is not None and layer.router.weight.grad is not None
+    """Gradients reach tau, W and e, and tau's is the loss's derivative (central difference in
+    float64; a small change of tau rescales the scores and keeps every top-1 choice)."""
+    layer = hand_layer(router_dtype="float64").double().train()
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def loss() -> torch.Tensor:
+        out = layer(x)
+        return out.y.sum() + out.aux_loss
+
+    loss().backward()
+    router = layer.router
+    assert router.proj.grad.abs().sum() > 0 and router.weight.grad.abs().sum() > 0
+    h = 1e-6
+    with torch.no_grad():
+        router.temperature += h
+        up = loss()
+        router.temperature -= 2 * h
+        down = loss()
+        router.temperature += h
+    numeric = float(up - down) / (2 * h)
+    assert abs(numeric) > 1e-3
+    assert router.temperature.grad.item() == pytest.approx(numeric, rel=1e-5)
 
 
 def test_balance_loss_by_hand() -> None:

@@ -1,75 +1,23 @@
-"""The Routing record, the router base class, and routing math shared by several variants.
+"""The router base class and routing math shared by several variants.
 
 Shape legend: T tokens, D model width, E routed experts, K experts per token,
 A kept (token, expert) assignments, B sequences, S sequence length, G expert groups.
 
-Every router turns `x_TD` into one `Routing` record (the only thing that crosses from
-routing to expert compute) plus a dict of weighted losses.
+Every router turns `x_TD` into one `Routing` record (`variants.compute.assignments`: the only
+thing that crosses from routing to expert compute) plus a dict of weighted losses.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compute.assignments import Routing, make_routing
+from ..compute.dispatch import rank_in_expert
 from .config import ROUTER_DTYPES, MoEConfig
-from .dispatch import expert_order
-
-
-@dataclass
-class Routing:
-    """Kept assignments and router statistics of one forward (docs/contract.md §2).
-
-    `capacity` is the per-expert buffer size the routing respected (None when dropless);
-    the `padded` backend sizes its buffers from it. `dispatch_path` is written by the backend:
-    a runner reads it as `MoEOutput.routing.dispatch_path` to say in its rows which path ran.
-    """
-
-    token: torch.Tensor  # [A] long
-    expert: torch.Tensor  # [A] long
-    weight: torch.Tensor  # [A] combine weight
-    scores: torch.Tensor  # [T, E] affinities, without any balancing bias
-    logits: torch.Tensor  # [T, E] x @ router.weight.T, before noise or jitter
-    demand: torch.Tensor  # [E] long, asked of each expert before capacity drops
-    load: torch.Tensor  # [E] long, kept per expert
-    num_tokens: int
-    capacity: int | None = None
-    # which expert-compute path ran on this routing, set by the backend ("loop", "padded",
-    # "grouped_mm", "per_expert", "padded_bmm"); None until a backend has run
-    dispatch_path: str | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.scores.shape[-1]
-
-
-def make_routing(
-    token_A: torch.Tensor,
-    expert_A: torch.Tensor,
-    weight_A: torch.Tensor,
-    scores_TE: torch.Tensor,
-    logits_TE: torch.Tensor,
-    demand_E: torch.Tensor,
-    capacity: int | None = None,
-) -> Routing:
-    """Assemble a Routing record; `load` is always recomputed from the kept assignments."""
-    E = scores_TE.shape[-1]
-    return Routing(
-        token=token_A,
-        expert=expert_A,
-        weight=weight_A,
-        scores=scores_TE,
-        logits=logits_TE,
-        demand=demand_E,
-        load=torch.bincount(expert_A, minlength=E),
-        num_tokens=scores_TE.shape[0],
-        capacity=capacity,
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # Assignment bookkeeping
@@ -83,26 +31,6 @@ def flatten_topk(
     T, K = expert_TK.shape
     token_A = torch.arange(T, device=expert_TK.device).repeat_interleave(K)
     return token_A, expert_TK.reshape(-1), weight_TK.reshape(-1)
-
-
-def rank_in_expert(
-    expert_A: torch.Tensor, priority_A: torch.Tensor, num_experts: int
-) -> torch.Tensor:
-    """Position of each assignment in its expert's queue when served in ascending priority.
-
-    Ties in priority keep list order (stable sorts), so `priority_A = arange(A)` is "first come,
-    first served" in list order.
-    """
-    A = expert_A.numel()
-    order_A = torch.argsort(priority_A, stable=True)
-    # a stable sort by expert keeps the priority order inside each expert's group
-    by_expert_A = order_A[expert_order(expert_A[order_A], num_experts)]
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    rank_sorted_A = torch.arange(A, device=expert_A.device) - starts_E[expert_A[by_expert_A]]
-    rank_A = torch.empty_like(rank_sorted_A)
-    rank_A[by_expert_A] = rank_sorted_A
-    return rank_A
 
 
 def within_capacity(
@@ -272,22 +200,6 @@ def mask_to_assignments(
     """Bool [T, E] selection -> token-major (token_A, expert_A, weight_A), weight from weight_TE."""
     token_A, expert_A = keep_TE.nonzero(as_tuple=True)
     return token_A, expert_A, weight_TE[token_A, expert_A]
-
-
-def experts_per_token(routing: Routing) -> torch.Tensor:
-    """[T] long: kept routed (FFN) experts of each token, 0 for an unrouted token."""
-    return torch.bincount(routing.token, minlength=routing.num_tokens)
-
-
-def experts_per_token_stats(routing: Routing) -> dict[str, float]:
-    """Mean, min and max kept routed experts per token (the `experts_per_token` metric).
-
-    The mean times one expert's FLOPs is the measured active routed compute of a variable-k
-    variant; for `moe_plus_plus` the record holds FFN experts only, so zero-computation experts
-    count as free.
-    """
-    k_T = experts_per_token(routing).float()
-    return {"mean": float(k_T.mean()), "min": float(k_T.min()), "max": float(k_T.max())}
 
 
 def norm_topk(weight_TK: torch.Tensor, enabled: bool) -> torch.Tensor:

@@ -66,31 +66,23 @@ Expert choice is refused: its experts choose among all tokens, which is not per-
 
 from __future__ import annotations
 
-import math
-import os
-import pickle
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-import torch.multiprocessing as mp
 from torch import nn
-from torch.multiprocessing.spawn import ProcessException
 
-from .backends import get_backend
-from .config import check_int
-from .expert_choice import ExpertChoiceRouter
-from .layer import MoELayer, MoEOutput, assemble, flatten_tokens
-from .routing import Routing
+from ..compute.assignments import Routing
+from ..compute.backends import BACKENDS, get_backend
+from ..contract.config import check_int
+from ..contract.layer import MoELayer, MoEOutput, assemble, flatten_tokens
 
-LOCAL_BACKENDS = ("grouped", "loop")
+# the local expert backends expert parallelism runs on: those whose BackendSpec says so
+LOCAL_BACKENDS = tuple(name for name, spec in BACKENDS.items() if spec.expert_parallel)
 INDEX_BYTES = 8  # each dispatched assignment also ships its row index as int64
 
 
@@ -171,7 +163,8 @@ class EPStats:
         return self.rank_tokens.sum(0)
 
     def metrics(self) -> dict[str, float]:
-        """Scalar metrics under their SPEC section 7 names (`rank_tokens` is the matrix)."""
+        """Scalar metrics under their result-schema names (`moe_bench.schema`, the
+        expert_parallel task's metrics; `rank_tokens` is the matrix)."""
         return {
             "devices_per_token": self.devices_per_token,
             "devices_per_token_max": float(self.devices_per_token_max),
@@ -245,16 +238,17 @@ class ExpertParallel(nn.Module):
                 f"layer={type(layer).__name__} must be a routed MoELayer (variants.build of a "
                 "token-choice variant): it has no routed experts to shard"
             )
-        if isinstance(layer.router, ExpertChoiceRouter):
+        if not layer.cfg.token_choice:
             raise ValueError(
-                "variant='expert_choice' is not token-choice: its experts choose among all "
-                "tokens of the batch, so ranks cannot route their own tokens; expert "
-                "parallelism takes token-choice variants only"
+                f"layer config {type(layer.cfg).__name__} is not token-choice: its experts "
+                "choose among all tokens of the batch, so ranks cannot route their own tokens; "
+                "expert parallelism takes token-choice variants only"
             )
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
-                "torch.distributed is not initialized: call init_process_group (or use "
-                "spawn_ranks / init_from_env) before ExpertParallel"
+                "torch.distributed is not initialized: call torch.distributed."
+                "init_process_group on every rank (a launcher starts the ranks) before "
+                "ExpertParallel"
             )
         cfg = layer.cfg
         self.group = group
@@ -286,7 +280,7 @@ class ExpertParallel(nn.Module):
         x_RD, local, recv_flat = self._dispatch(x_TD, out, counts)
 
         t2 = _now(dev)
-        y_RD = self.backend(x_RD, local, self.experts)
+        y_RD, path = self.backend(x_RD, local, self.experts)
         # tie the dispatch into the graph even when nothing arrived, so every rank runs the
         # dispatch's backward all-to-all (an untied rank would leave the others waiting)
         y_RD = y_RD + recv_flat[:0].sum()
@@ -309,7 +303,7 @@ class ExpertParallel(nn.Module):
         self.stats = _stats(counts, P, L, D, x_TD.element_size(), x_TD.element_size())
         self.stats.route_ms, self.stats.dispatch_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
         self.stats.expert_ms, self.stats.combine_ms = 1e3 * (t3 - t2), 1e3 * (t4 - t3)
-        return assemble(x, y_TD, losses, routing)
+        return assemble(x, y_TD, losses, routing, path)
 
     def _exchange_counts(self, out: Outgoing, load_E: torch.Tensor, T: int) -> torch.Tensor:
         """All ranks' counts, [P, P + E + 2] on the CPU: per source rank, its rows per
@@ -457,143 +451,3 @@ def _stats(counts: torch.Tensor, P: int, L: int, D: int, x_bytes: int, w_bytes: 
         devices_per_token_max=int(counts[:, -1].max()),
         rank_imbalance=float(received_P.max()) / mean_received if mean_received else 1.0,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Starting ranks: on one machine (spawn_ranks) or under a cluster launcher (init_from_env)
-# ---------------------------------------------------------------------------------------------
-
-
-class RankFailed(RuntimeError):
-    """A rank raised, died, or the job ran past its timeout; the message holds the rank's error."""
-
-
-def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
-    """Join ranks started by a cluster launcher (torchrun, Slurm/submitit): reads RANK,
-    WORLD_SIZE (else SLURM_PROCID, SLURM_NTASKS), MASTER_ADDR and MASTER_PORT (default 29500).
-    Every collective then fails after `timeout_s` instead of hanging. Returns (rank, world)."""
-    env = os.environ
-    rank = env.get("RANK", env.get("SLURM_PROCID"))
-    world = env.get("WORLD_SIZE", env.get("SLURM_NTASKS"))
-    for name, value in (
-        ("RANK (or SLURM_PROCID)", rank),
-        ("WORLD_SIZE (or SLURM_NTASKS)", world),
-        ("MASTER_ADDR", env.get("MASTER_ADDR")),
-    ):
-        if value is None:
-            raise ValueError(f"environment variable {name} is not set: start ranks with a launcher")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-        torch.cuda.set_device(local)
-    dist.init_process_group(
-        backend, rank=int(rank), world_size=int(world), timeout=timedelta(seconds=timeout_s)
-    )
-    return int(rank), int(world)
-
-
-def _rank_main(
-    rank: int,
-    fn: Callable[..., Any],
-    world_size: int,
-    backend: str,
-    init_method: str,
-    timeout_s: float,
-    threads: int,
-    results: Any,
-    args: tuple,
-) -> None:
-    torch.set_num_threads(threads)
-    if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-    try:
-        out = fn(rank, world_size, *args)
-        results.put((rank, pickle.dumps(out)))
-    finally:
-        dist.destroy_process_group()
-
-
-def _failures(job: mp.ProcessContext, first: ProcessException) -> str:
-    """Every failed rank's traceback (from torch's per-rank error files), first seen first."""
-    texts = []
-    for rank in sorted(range(len(job.processes)), key=lambda r: r != first.error_index):
-        try:
-            with open(job.error_files[rank], "rb") as fh:
-                texts.append(f"rank {rank} failed:\n{pickle.load(fh)}")
-        except (OSError, EOFError, pickle.UnpicklingError):
-            if rank == first.error_index:
-                texts.append(f"rank {rank} died: {first}")
-    return "\n".join(texts)
-
-
-def spawn_ranks(
-    fn: Callable[..., Any],
-    world_size: int,
-    args: tuple = (),
-    backend: str = "gloo",
-    timeout_s: float = 120.0,
-    threads: int = 1,
-    collective_timeout_s: float | None = None,
-) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` in `world_size` fresh processes joined in one group.
-
-    The group meets through a file store in a temporary directory (no port to pick on a
-    shared machine). Every collective times out after `collective_timeout_s` (default
-    `timeout_s`), raising in its rank, and the whole job is ended after `timeout_s`. A rank that
-    raises ends the job at once (the others are terminated) with `RankFailed` carrying every
-    failed rank's traceback; a rank that hangs ends it at the deadline.
-    `fn` must be importable (a module-level function); its return values (picklable) come back
-    in rank order.
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be an integer >= 1")
-    for name, value in (("timeout_s", timeout_s), ("collective_timeout_s", collective_timeout_s)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}={value} must be a positive number of seconds")
-    collective_timeout_s = collective_timeout_s or timeout_s
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    out: dict[int, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="ep_store_") as tmp:
-        init_method = f"file://{tmp}/store"
-        rank_args = (fn, world_size, backend, init_method, collective_timeout_s, threads, results)
-        job = mp.start_processes(
-            _rank_main,
-            args=(*rank_args, args),
-            nprocs=world_size,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                while not results.empty():  # drain so no rank blocks on a full pipe
-                    rank, blob = results.get()
-                    out[rank] = pickle.loads(blob)
-                if job.join(timeout=0.2):
-                    break
-                if time.monotonic() > deadline:
-                    raise RankFailed(f"the {world_size}-rank job ran past timeout_s={timeout_s}")
-        except ProcessException as e:
-            # the first rank seen failing may only be a peer of the rank that raised (its
-            # collective broke when that rank exited): report every failed rank's traceback
-            raise RankFailed(_failures(job, e)) from None
-        finally:
-            for p in job.processes:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(5)
-                    if p.is_alive():
-                        p.kill()
-        while not results.empty():
-            rank, blob = results.get()
-            out[rank] = pickle.loads(blob)
-    return [out.get(r) for r in range(world_size)]

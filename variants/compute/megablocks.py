@@ -38,8 +38,8 @@ from typing import NamedTuple
 
 import torch
 
+from .assignments import Routing
 from .experts import ExpertBank
-from .routing import Routing
 
 INSTALL_HINT = (
     "pip install --no-build-isolation --no-deps megablocks==0.10.0 stanford-stk==0.7.1 "

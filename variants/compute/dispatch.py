@@ -45,11 +45,13 @@ Group = tuple[int, int, int]  # (first expert, end expert, rows per expert C)
 Bounds = tuple[int, int, int, int]  # (first expert, end expert, start row, stop row)
 PATHS = (PER_EXPERT, PADDED_BMM)
 
-# The selection rule, measured on 2 AMD EPYC threads, fp32, forward+backward (issue 18,
-# /tmp bench in the issue's note): one expert costs about PER_EXPERT_OPS ops of ~OP_SECONDS of
-# dispatch each on the per-expert path, while a pad row costs the GEMM FLOPs of a real row
-# (3 GEMMs per projection in fwd+bwd) at about FLOP_SECONDS each. Pad when the padding is cheaper
-# than the per-expert dispatch it saves.
+# The selection rule, tuned on 2 AMD EPYC threads, fp32, forward+backward: one expert costs
+# about PER_EXPERT_OPS ops of ~OP_SECONDS of dispatch each on the per-expert path, while a pad
+# row costs the GEMM FLOPs of a real row (3 GEMMs per projection in fwd+bwd) at about
+# FLOP_SECONDS each. Pad when the padding is cheaper than the per-expert dispatch it saves.
+# `scripts/dispatch_cost.py` measures both costs at the quick size (interleaved, one process);
+# its committed output is reports/benchmarks/dispatch_cost.txt (a run on a shared machine, too
+# noisy to confirm or retune the constants: rerun it idle before changing them).
 OP_SECONDS = 12e-6
 PER_EXPERT_OPS = 14
 FLOP_SECONDS = 1 / 40e9
@@ -149,6 +151,26 @@ def expert_order(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     if A < RADIX_SORT_MIN:
         keys = torch.cat([keys, keys.new_full((RADIX_SORT_MIN - A,), num_experts)])
     return torch.argsort(keys, stable=True)[:A]
+
+
+def rank_in_expert(
+    expert_A: torch.Tensor, priority_A: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Position of each assignment in its expert's queue when served in ascending priority.
+
+    Ties in priority keep list order (stable sorts), so `priority_A = arange(A)` is "first come,
+    first served" in list order.
+    """
+    A = expert_A.numel()
+    order_A = torch.argsort(priority_A, stable=True)
+    # a stable sort by expert keeps the priority order inside each expert's group
+    by_expert_A = order_A[expert_order(expert_A[order_A], num_experts)]
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted_A = torch.arange(A, device=expert_A.device) - starts_E[expert_A[by_expert_A]]
+    rank_A = torch.empty_like(rank_sorted_A)
+    rank_A[by_expert_A] = rank_sorted_A
+    return rank_A
 
 
 def _bmm(a_NX: torch.Tensor, w_GXY: torch.Tensor, out_NY: torch.Tensor | None = None):

@@ -14,6 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..compute.assignments import experts_per_token_stats
+from ..compute.backends import get_backend
+
 ACTIVATIONS = ("gelu", "swiglu")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 ROUTER_DTYPES = {
@@ -81,12 +84,18 @@ class MoEConfig:
     # (K, why) where the paper fixes top_k (Switch: top-1, GShard: top-2)
     fixed_top_k: ClassVar[tuple[int, str] | None] = None
     # experts per token vary by token (topp, remoe, moe_plus_plus, expert_choice): the runner
-    # reports `experts_per_token` (variants.routing.experts_per_token_stats) and counts active
-    # FLOPs and parameters from its measured mean, not from top_k
+    # reports `experts_per_token` (`variants.experts_per_token_stats`) and counts active FLOPs
+    # and parameters from its measured mean, not from top_k
     variable_k: ClassVar[bool] = False
     # the layer takes `gate_residual=` (the previous MoE layer's `out.extras["gate_logits"]`)
     # and returns its own (MoE++'s gating residuals); models chain them from layer to layer
     takes_gate_residual: ClassVar[bool] = False
+    # each token picks its experts (token choice) rather than each expert its tokens (expert
+    # choice): only token-choice routing can run on a rank's own tokens (expert parallelism)
+    token_choice: ClassVar[bool] = True
+    # how the variant normalises its auxiliary losses, in words for the report (formulas as
+    # the README's variants table states them); "" where a class adds nothing to say
+    note: ClassVar[str] = ""
 
     d_model: int = 512
     num_experts: int = 8
@@ -121,10 +130,7 @@ class MoEConfig:
                 raise ValueError(
                     f"capacity_factor={self.capacity_factor} must be None ({self.dropless})"
                 )
-        # backends declare what they compute beside their code; imported here, not at the top,
-        # because backends -> routing -> config
-        from .backends import get_backend
-
+        # backends declare what they compute beside their code (the one check: BackendSpec.check)
         get_backend(self.backend).check(self)
         if not isinstance(self.force_uniform_routing, bool):
             raise ValueError(
@@ -169,8 +175,6 @@ class MoEConfig:
         measured mean of `routing` (a `variants.Routing`; zero-computation experts of
         moe_plus_plus are not in it, so they count as free). Shared experts not included."""
         if self.variable_k and routing is not None:
-            from .routing import experts_per_token_stats  # routing imports this module
-
             return experts_per_token_stats(routing)["mean"]
         return float(self.top_k)
 
@@ -227,7 +231,7 @@ class BalanceScopeConfig(MoEConfig):
     - `global_batch`: every training forward of the optimizer step, and every data-parallel rank
       (Qiu et al. 2025, "Demons in the Detail", arXiv:2501.11873). P_i stays the micro-batch's,
       so each micro-batch's gradient is its own; only the counts are global. See
-      `variants.routing.scoped_balance_inputs` for how the counts reach the layer.
+      `variants.contract.routing.scoped_balance_inputs` for how the counts reach the layer.
     """
 
     balance_scope: str = "micro_batch"

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .backends import get_backend
+from ..compute.assignments import Routing
+from ..compute.backends import get_backend
+from ..compute.experts import ExpertBank
 from .config import MoEConfig
-from .experts import ExpertBank
-from .routing import Router, Routing, reset_balance_counts, set_balance_counts
+from .routing import Router, reset_balance_counts, set_balance_counts
 
 
 @dataclass
@@ -27,6 +28,9 @@ class MoEOutput:
     # variant-specific tensors a caller may use, e.g. moe_plus_plus's "gate_logits" [T, P] for
     # the next layer's gating residual; empty for most variants
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # which expert-compute path the backend ran ("loop", "padded", "grouped_mm", "per_expert",
+    # "padded_bmm", "megablocks"); None where no backend runs (dense)
+    dispatch_path: str | None = None
 
 
 def check_input_dtype(x: torch.Tensor, param: torch.Tensor) -> None:
@@ -52,10 +56,20 @@ def flatten_tokens(x: torch.Tensor, d_model: int) -> tuple[torch.Tensor, int]:
 
 
 def assemble(
-    x: torch.Tensor, y_TD: torch.Tensor, losses: dict[str, torch.Tensor], routing: Routing
+    x: torch.Tensor,
+    y_TD: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+    routing: Routing,
+    dispatch_path: str | None = None,
 ) -> MoEOutput:
     aux = sum(losses.values()) if losses else torch.zeros((), device=x.device)
-    return MoEOutput(y=y_TD.view(x.shape), aux_loss=aux, losses=losses, routing=routing)
+    return MoEOutput(
+        y=y_TD.view(x.shape),
+        aux_loss=aux,
+        losses=losses,
+        routing=routing,
+        dispatch_path=dispatch_path,
+    )
 
 
 class MoELayer(nn.Module):
@@ -66,7 +80,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = router
         self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
-        # Qwen2-MoE options (variants.config.SharedExpertConfig): shared width and sigmoid gate
+        # Qwen2-MoE options (`SharedExpertConfig`): shared width and sigmoid gate
         self.shared = (
             ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.shared_width, cfg.activation)
             if cfg.num_shared_experts
@@ -80,8 +94,8 @@ class MoELayer(nn.Module):
         x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
         check_input_dtype(x_TD, self.experts.w1)
         routing, losses = self.router(x_TD, num_seqs)
-        y_TD = self.backend(x_TD, routing, self.experts)
-        return assemble(x, self.add_shared(x_TD, y_TD), losses, routing)
+        y_TD, path = self.backend(x_TD, routing, self.experts)
+        return assemble(x, self.add_shared(x_TD, y_TD), losses, routing, path)
 
     def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
         """y + sum_s FFN_s(x), scaled by sigmoid(x w_g) when `shared_gate` (Qwen2-MoE)."""
@@ -102,7 +116,7 @@ class MoELayer(nn.Module):
     def set_balance_counts(self, counts: torch.Tensor | None) -> None:
         """`balance_scope="global_batch"`: use these per-expert counts of the whole step (all
         micro-batches and ranks, summed by the caller) for f_i until `update_bias()`; None goes
-        back to the running count. See `variants.routing.scoped_balance_inputs`."""
+        back to the running count. See `variants.contract.routing.scoped_balance_inputs`."""
         set_balance_counts(self.router, counts)
 
     def extra_repr(self) -> str:

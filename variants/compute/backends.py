@@ -5,17 +5,20 @@ C per-expert capacity.
 
 Each computes `y[t] = sum over kept a with token[a] = t of weight[a] * FFN_expert[a](x[t])`;
 shared experts are added by the layer. `loop` is the reference the others are tested against.
+A backend returns `Computed(y_TD, path)`: the output and which expert-compute path ran (the
+layer reports it as `MoEOutput.dispatch_path`); the Routing record it reads stays unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .assignments import Routing
 from .dispatch import (
     FLOP_SECONDS,
     OP_SECONDS,
@@ -31,14 +34,30 @@ from .dispatch import (
     expert_order,
     group_rows,
     padded_groups,
+    rank_in_expert,
 )
 from .experts import ExpertBank, ExpertWeights
-from .routing import Routing, rank_in_expert
+from .megablocks import megablocks_forward
 
-if TYPE_CHECKING:
-    from .config import MoEConfig
 
-Backend = Callable[[torch.Tensor, Routing, ExpertBank], torch.Tensor]
+class Computed(NamedTuple):
+    """What a backend returns: the routed experts' output and the expert-compute path that ran
+    ("loop", "padded", "grouped_mm", "per_expert", "padded_bmm", "megablocks")."""
+
+    y_TD: torch.Tensor
+    path: str
+
+
+Backend = Callable[[torch.Tensor, Routing, ExpertBank], Computed]
+
+
+class LayerConfig(Protocol):
+    """What `BackendSpec.check` reads of a layer config: attributes of the base class
+    (`variants.contract.config.MoEConfig`) only, so no backend depends on a variant."""
+
+    backend: str
+    capacity_factor: float | None
+    uneven_top_k: str | None
 
 
 def _combine(x_TD: torch.Tensor, token_A: torch.Tensor, out_AD: torch.Tensor) -> torch.Tensor:
@@ -46,7 +65,7 @@ def _combine(x_TD: torch.Tensor, token_A: torch.Tensor, out_AD: torch.Tensor) ->
     return x_TD.new_zeros(x_TD.shape).index_add(0, token_A, out_AD)
 
 
-def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
+def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
     """Reference: one boolean mask and one plain FFN per expert. Slow, obviously right."""
     y_TD = x_TD.new_zeros(x_TD.shape)
     weight_A = routing.weight.to(x_TD.dtype)
@@ -55,8 +74,7 @@ def loop(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor
         token_N = routing.token[mask_A]
         out_ND = bank.expert_ffn(e, x_TD[token_N]) * weight_A[mask_A, None]
         y_TD = y_TD.index_add(0, token_N, out_ND)
-    routing.dispatch_path = "loop"
-    return y_TD
+    return Computed(y_TD, "loop")
 
 
 def padded_rows_cheaper(
@@ -68,7 +86,7 @@ def padded_rows_cheaper(
 
     A pad row costs a real row's forward+backward FLOPs (3 GEMMs per projection); an expert on
     the per-expert path costs `PER_EXPERT_OPS` ops of dispatch; the padded path runs one bmm
-    per non-empty group (constants and their measurement: `variants.dispatch`).
+    per non-empty group (constants and their measurement: `variants.compute.dispatch`).
     """
     busy = sum(1 for n in counts if n)
     if not busy:
@@ -117,16 +135,15 @@ def grouped(
     bank: ExpertBank,
     use_grouped_mm: bool | None = None,
     path: str | None = None,
-) -> torch.Tensor:
+) -> Computed:
     """Dropless: assignments grouped by expert, GEMMs per expert (or per group of experts).
 
     On CUDA (with 16-byte aligned rows) one `grouped_mm` kernel per projection; elsewhere
-    GEMMs on row slices with no [A, D] copies (`variants.dispatch` has the CPU profile behind
-    it), either one `mm` per expert or, when `padded_rows_cheaper` says so, one `bmm` per
+    GEMMs on row slices with no [A, D] copies (`variants.compute.dispatch` has the CPU profile
+    behind it), either one `mm` per expert or, when `padded_rows_cheaper` says so, one `bmm` per
     group of experts padded to the group's largest load. `use_grouped_mm` and `path` force
-    the choice (tests check every path on CPU). The path that ran is recorded in
-    `routing.dispatch_path` ("grouped_mm", "per_expert" or "padded_bmm"), which the layer
-    returns in `MoEOutput.routing`.
+    the choice (tests check every path on CPU). The path that ran ("grouped_mm", "per_expert"
+    or "padded_bmm") is returned with the output.
 
     Every GEMM runs in one dtype: autocast's where it is on (it does not reach into the
     custom autograd Functions), else the input's.
@@ -140,10 +157,8 @@ def grouped(
         weight_A = routing.weight.to(dtype)
         if use_grouped_mm:
             y_TD = _grouped_mm(x_TD, routing, weight_A, weights, bank.act)
-            routing.dispatch_path = "grouped_mm"
-            return y_TD.to(out_dtype)
+            return Computed(y_TD.to(out_dtype), "grouped_mm")
         rows, weight_R = dispatch_layout(routing, weight_A, bank, path)
-        routing.dispatch_path = rows.path
         if rows.path == PADDED_BMM:
             y_TD = ExpertFFN.apply(
                 x_TD, weight_R, rows, bank.activation, weights.w1, weights.w2, weights.w3
@@ -153,7 +168,7 @@ def grouped(
             h_RH = GatherMM.apply(x_TD, rows, *w_in)
             act_RH = bank.act(h_RH[0], h_RH[1] if weights.w3 is not None else None)
             y_TD = WeightedMMScatter.apply(act_RH, weight_R, weights.w2, rows)
-    return y_TD.to(out_dtype)  # like loop and padded: the input's dtype
+    return Computed(y_TD.to(out_dtype), rows.path)  # like loop and padded: the input's dtype
 
 
 def _aligned(dtype: torch.dtype, bank: ExpertBank) -> bool:
@@ -184,7 +199,7 @@ def _grouped_mm(
     return _combine(x_TD, token_A, out_AD * weight_A[order_A, None])
 
 
-def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
+def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
     """GShard/Switch style: capacity buffers [E, C, D] and one batched matmul per projection.
 
     C is the routing's capacity; where a routing has none (a dropless eval forward of a variant
@@ -204,36 +219,38 @@ def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tens
     h3 = torch.bmm(buf_ECD, bank.w3) if bank.w3 is not None else None
     out_ECD = torch.bmm(bank.act(torch.bmm(buf_ECD, bank.w1), h3), bank.w2)
     out_AD = out_ECD.view(E * C, D)[slot_A] * routing.weight[:, None].to(x_TD.dtype)
-    routing.dispatch_path = "padded"
-    return _combine(x_TD, routing.token, out_AD)
+    return Computed(_combine(x_TD, routing.token, out_AD), "padded")
 
 
-def megablocks(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
-    """megablocks' dropless grouped kernels (GPU only), imported on first use."""
-    from .megablocks import megablocks_forward
-
-    return megablocks_forward(x_TD, routing, bank)
+def megablocks(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
+    """megablocks' dropless grouped kernels (GPU only; the optional megablocks package is
+    imported by `variants.compute.megablocks` on first use)."""
+    return Computed(megablocks_forward(x_TD, routing, bank), "megablocks")
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A backend and what it can compute, declared beside its code.
+    """A backend and what it can compute, declared beside its code: the one list of backends.
 
     `MoEConfig.validate` asks `check(cfg)`, so a layer config a backend cannot compute fails
     at build time with one line; adding a backend means adding its function and one spec here.
+    Devices and dtypes are checked where the tensors are known, at the forward: only
+    `megablocks` is limited (CUDA, bfloat16), and `variants.compute.megablocks` refuses other
+    tensors with one line naming the tensor, its device or dtype and what it needs.
     """
 
     name: str
     compute: Backend
     capacity: str = "optional"  # "required" (capacity buffers), "optional", "refused"
     uneven_top_k: bool = True  # routings where tokens keep different numbers of experts
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating dtype
+    # computes a rank's local experts under expert parallelism (`variants.parallel`): the
+    # received rows form a dropless routing with 0..L experts per row, no capacity
+    expert_parallel: bool = False
 
-    def __call__(self, x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
         return self.compute(x_TD, routing, bank)
 
-    def check(self, cfg: MoEConfig) -> None:
+    def check(self, cfg: LayerConfig) -> None:
         """ValueError naming the field when `cfg` asks for what this backend cannot compute."""
         if self.capacity == "required" and cfg.capacity_factor is None:
             raise ValueError(
@@ -257,18 +274,10 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("loop", loop),
-        BackendSpec("grouped", grouped),
+        BackendSpec("loop", loop, expert_parallel=True),
+        BackendSpec("grouped", grouped, expert_parallel=True),
         BackendSpec("padded", padded, capacity="required"),
-        # grouped_gemm's kernels take bfloat16 only (variants/megablocks.py)
-        BackendSpec(
-            "megablocks",
-            megablocks,
-            capacity="refused",
-            uneven_top_k=False,
-            devices=("cuda",),
-            dtypes=(torch.bfloat16,),
-        ),
+        BackendSpec("megablocks", megablocks, capacity="refused", uneven_top_k=False),
     )
 }
 
