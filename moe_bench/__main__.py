@@ -1,4 +1,5 @@
-"""`python -m moe_bench`: the Hydra application over `sweeps/` (docs/contract.md, sections 5-6).
+"""`moe-bench` (or `python -m moe_bench`): the Hydra application over the configs in `sweeps/`
+(`moe_bench.config_dir()`; docs/contract.md, sections 5-6).
 
 One job = one composed config: refuse it if it is GPU-sized and would run on a CPU
 (`config.gpu_sized`; `allow_cpu=true` overrides), announce it ('job i/N' in a multirun, and a
@@ -22,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from moe_bench import config, progress
+from moe_bench import SWEEPS, config, progress
 from moe_bench.runner import execute
 
 __all__ = ["execute", "main"]
@@ -41,7 +42,7 @@ def announce(cfg: DictConfig, hc: DictConfig, label: str) -> None:
         print(warning, file=sys.stderr)
 
 
-@hydra.main(version_base="1.3", config_path="../sweeps", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(SWEEPS), config_name="config")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     label = " ".join(hc.overrides.task) or f"variant={cfg.variant.name} task={cfg.task.name}"
