@@ -1,6 +1,6 @@
 """moe_bench: the runner around `variants`: a Hydra app over `sweeps/`, tasks, results, report.
 
-    python -m moe_bench task=throughput variant=gshard
+    moe-bench task=throughput variant=gshard              # or: python -m moe_bench ...
     python -m moe_bench -m variant=switch,gshard,deepseek_moe,deepseek_v3 task=throughput,memory
     python -m moe_bench +experiment=quick
 
@@ -24,7 +24,19 @@ if TYPE_CHECKING:
 
     from moe_bench.config import Job
 
-SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+
+def config_dir() -> Path:
+    """The Hydra config directory (`sweeps/`), the one place the app and `compose` read it from.
+
+    An installed package (a wheel, `pip install .`) carries it as `moe_bench/sweeps/` (package
+    data); in the clone (an editable install, or the clone on sys.path) it is `sweeps/` at the
+    repository root, beside this package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "sweeps"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "sweeps"
+
+
+SWEEPS = config_dir()
 
 
 def compose(*overrides: str, hydra: bool = False) -> DictConfig:

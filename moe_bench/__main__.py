@@ -1,4 +1,5 @@
-"""`python -m moe_bench`: the Hydra application over `sweeps/` (docs/contract.md, sections 5-6).
+"""`moe-bench` (or `python -m moe_bench`): the Hydra application over the configs in `sweeps/`
+(`moe_bench.config_dir()`; docs/contract.md, sections 5-6).
 
 One job = one composed config: resolve it once (a single run takes the resolution its folder
 check made), refuse it if it is GPU-sized and would run on a CPU (`config.gpu_sized` with its
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from moe_bench import callbacks, config, progress, registry
+from moe_bench import SWEEPS, callbacks, config, progress, registry
 from moe_bench.runner import Resolved, execute, resolve
 
 __all__ = ["execute", "main"]
@@ -55,7 +56,7 @@ def announce(cfg: DictConfig, hc: DictConfig, label: str, resolved: Resolved) ->
         print(warning, file=sys.stderr)
 
 
-@hydra.main(version_base="1.3", config_path="../sweeps", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(SWEEPS), config_name="config")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     label = " ".join(hc.overrides.task) or f"variant={cfg.variant.name} task={cfg.task.name}"

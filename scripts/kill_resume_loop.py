@@ -1,4 +1,4 @@
-"""Kill -9 a 6-job sweep at a random moment, resume it, check the result; N times (issue 13).
+"""Kill -9 a 6-job sweep at a random moment, resume it, check the result; N times.
 
     python scripts/kill_resume_loop.py [--rounds 10] [--seed 0] [--steps 30] [--work DIR]
 

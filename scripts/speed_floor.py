@@ -2,7 +2,7 @@
 
     python scripts/speed_floor.py --size quick
 
-Issue 18 asks how close `grouped` can get to dense. This times, interleaved round by round with
+How close can `grouped` get to dense? This times, interleaved round by round with
 the dense step of `speed_table.py` (same sizes, fp32, 2 threads, SwiGLU), the parts any dropless
 layer of a size must run, each in the fastest of the forms of torch ops listed (per round, the
 fastest form counts; a minimum over noisy forms leans low):
@@ -39,9 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_bench.bench.cases import training_step  # noqa: E402
 from moe_bench.timing import quartiles  # noqa: E402
 from scripts.speed_table import SIZES, layers  # noqa: E402
-from tests.benchmarks.cases import training_step  # noqa: E402
 
 Step = Callable[[], object]
 

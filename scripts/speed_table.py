@@ -1,15 +1,16 @@
-"""Issue 18's speed table: our `grouped` backend and HF transformers' MoE against dense.
+"""The speed table (README, "Performance on CPU"): our `grouped` backend and HF transformers'
+MoE against dense.
 
     python scripts/speed_table.py                          # every size and layer
     python scripts/speed_table.py --size quick --profile   # one size, plus the profiles
 
 Forward+backward, fp32, 2 threads, SwiGLU experts. Each layer of each size is timed against
 dense in a fresh Python process (a process's history moves its timings: tests/benchmarks/
-gated.py), interleaved round by round (`moe_bench.timing.time_pair`: A B, then B A, ...); a
-cell is the median of the per-round ratios to dense, its 95% CI half-width (distribution-free,
-`moe_bench.timing.median_ci_halfwidth`) and the layer's median step time. Dense is the SwiGLU
-FFN of the same active width (routed K*H plus shared). The HF columns need transformers.
-`--profile` prints each layer's top ops (torch.profiler, self CPU time).
+gated.py says by how much), interleaved round by round (`moe_bench.timing.time_pair`: A B,
+then B A, ...); a cell is the median of the per-round ratios to dense, its 95% CI half-width
+(distribution-free, `moe_bench.timing.median_ci_halfwidth`) and the layer's median step time.
+Dense is the SwiGLU FFN of the same active width (routed K*H plus shared). The HF columns need
+transformers. `--profile` prints each layer's top ops (torch.profiler, self CPU time).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import variants  # noqa: E402
+from moe_bench.bench import hf_peer  # noqa: E402
+from moe_bench.bench.cases import training_step  # noqa: E402
 from moe_bench.isocompute import dense_reference  # noqa: E402
 from moe_bench.timing import median_ci_halfwidth, time_pair  # noqa: E402
-from tests.benchmarks import hf_peer  # noqa: E402
-from tests.benchmarks.cases import training_step  # noqa: E402
 
 LAYERS = ("ours", "hf_grouped_mm", "hf_eager", "dense")
 # name: (T, D, E, K, H, shared experts, our variant)

@@ -1,4 +1,4 @@
-"""Fixtures of the benchmark suite (the cases themselves live in `cases.py`)."""
+"""Fixtures of the benchmark suite (the cases themselves live in `moe_bench/bench/cases.py`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from . import cases
-from .cases import NUM_THREADS
+from moe_bench.bench.cases import NUM_THREADS
 
 
-def pytest_configure(config: pytest.Config) -> None:
+@pytest.fixture(scope="session")
+def smoke(pytestconfig: pytest.Config) -> bool:
     """Benchmarks disabled (the default run): smoke-run the cases at SMOKE_TOKENS tokens."""
-    disabled = config.getoption("benchmark_disable", False)
-    cases.SMOKE["on"] = bool(disabled and not config.getoption("benchmark_enable", False))
+    disabled = pytestconfig.getoption("benchmark_disable", False)
+    return bool(disabled and not pytestconfig.getoption("benchmark_enable", False))
 
 
 @pytest.fixture

@@ -19,10 +19,16 @@ from typing import Any
 
 import torch
 
-from moe_bench.benchgate import RULES
+from moe_bench.bench.benchgate import RULES
+from moe_bench.bench.cases import (
+    NUM_THREADS,
+    WARMUP_ROUNDS,
+    Case,
+    build_layer,
+    make_inputs,
+    training_step,
+)
 from moe_bench.timing import median_ci_halfwidth, time_pair
-
-from .cases import NUM_THREADS, WARMUP_ROUNDS, Case, build_layer, make_inputs, training_step
 
 TIME_RULES = {rule.name: rule for rule in RULES if rule.metric == "time"}
 RATIO_PRECISION = 0.03  # `<=` rules: rounds until the median ratio is known within +-3%
@@ -31,13 +37,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def measure(rule: str, smoke: bool = False) -> dict[str, Any]:
     """The rule's two layers timed interleaved (A B, B A, ...): the fields of its benchmark
-    entry. `smoke`: one untimed-warmup-free round (the default test run's smoke test)."""
-    spec = TIME_RULES[rule]
+    entry. `smoke`: one round without warm-up on SMOKE_TOKENS tokens (the default test run's
+    smoke test)."""
+    gate_rule = TIME_RULES[rule]
     steps = []
-    for variant, backend in (spec.numerator, spec.denominator):
-        x_TD, grad_TD = make_inputs(spec.size)
-        steps.append(training_step(build_layer(Case(spec.size, variant, backend)), x_TD, grad_TD))
-    rounds, most = (1, 1) if smoke else spec.rounds
+    for variant, backend in (gate_rule.numerator, gate_rule.denominator):
+        x_TD, grad_TD = make_inputs(gate_rule.size, smoke)
+        steps.append(
+            training_step(build_layer(Case(gate_rule.size, variant, backend)), x_TD, grad_TD)
+        )
+    rounds, most = (1, 1) if smoke else gate_rule.rounds
     pair = time_pair(
         *steps,
         torch.device("cpu"),

@@ -11,9 +11,8 @@ import copy
 import pytest
 import torch
 
+from moe_bench.bench.cases import HF_STYLE, SIZES, Case, build_layer, hf_style
 from variants.compute.backends import BACKENDS
-
-from .cases import HF_STYLE, SIZES, Case, build_layer, hf_style
 
 FAKES = {HF_STYLE: hf_style, "grouped": BACKENDS["grouped"]}
 

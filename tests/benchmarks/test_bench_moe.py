@@ -2,7 +2,7 @@
 
 Normal test runs (`--benchmark-disable`) run each case once as a smoke test. The benchmark run
 (`--benchmark-enable --benchmark-only --benchmark-json FILE`) times them and
-`python -m moe_bench.benchgate FILE` gates on ratios within that one run: `test_gated_ratio`
+`python -m moe_bench.bench.benchgate FILE` gates on ratios within that one run: `test_gated_ratio`
 times the two layers of each time rule interleaved (the ratios the gate reads), `test_fwd_bwd`
 times every case on its own (the table people read, and peak memory).
 """
@@ -12,14 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_bench.isocompute import ffn_flops_per_token
-from moe_bench.metrics import load_entropy
-
-from . import gated, hf_peer
-from .cases import (
+from moe_bench.bench import hf_peer
+from moe_bench.bench.cases import (
     CASES,
     HF_PEER,
-    SMOKE,
     WARMUP_ROUNDS,
     Case,
     build_layer,
@@ -29,23 +25,24 @@ from .cases import (
     step_peak_bytes,
     training_step,
 )
+from moe_bench.isocompute import BACKWARD_FACTOR, ffn_flops_per_token
+from moe_bench.metrics import load_entropy
+
+from . import gated
 
 # the gated ratios' own cases get more rounds; slow baselines (seconds per step) fewer
 ROUNDS = {"dense": 5, "grouped": 5}
 OTHER_ROUNDS = 3
-# forward+backward costs about three forwards (two GEMMs in backward per GEMM in forward)
-FWD_BWD_FLOPS_PER_FWD = 3
 
 
 @pytest.mark.parametrize("rule", list(gated.TIME_RULES))
-def test_gated_ratio(benchmark, bench_threads: int, rule: str) -> None:
+def test_gated_ratio(benchmark, bench_threads: int, smoke: bool, rule: str) -> None:
     """The rule's two layers timed interleaved (A B, B A, ...), so a load or clock change mid-run
     hits both alike, in a process of its own (`tests/benchmarks/gated.py` says why); the gate
     reads the median per-round ratio and shows its confidence interval and the fastest-rounds
-    ratio (moe_bench/benchgate.py says why). The default test run smoke-runs it here."""
-    smoke = SMOKE["on"]
-    spec = gated.TIME_RULES[rule]
-    if HF_PEER in (spec.numerator, spec.denominator) and (reason := hf_peer.available()):
+    ratio (moe_bench/bench/benchgate.py says why). The default test run smoke-runs it here."""
+    gate_rule = gated.TIME_RULES[rule]
+    if HF_PEER in (gate_rule.numerator, gate_rule.denominator) and (reason := hf_peer.available()):
         pytest.skip(reason)
     benchmark.group = "gated ratios"
     info = benchmark.pedantic(
@@ -69,6 +66,7 @@ def test_fwd_bwd(
     benchmark,
     bench_threads: int,
     dense_seconds: dict[str, float],
+    smoke: bool,
     size: str,
     variant: str,
     backend: str,
@@ -77,8 +75,8 @@ def test_fwd_bwd(
     if (variant, backend) == HF_PEER and (reason := hf_peer.available()):
         pytest.skip(reason)
     layer = build_layer(case)
-    x_TD, grad_TD = make_inputs(size)
-    num_tokens = shape(size)[0]
+    x_TD, grad_TD = make_inputs(size, smoke)
+    num_tokens = shape(size, smoke)[0]
     benchmark.group = size
     out = benchmark.pedantic(
         training_step(layer, x_TD, grad_TD),
@@ -93,7 +91,7 @@ def test_fwd_bwd(
         "variant": variant,
         "backend": backend,
         "num_threads": bench_threads,
-        "active_flops": FWD_BWD_FLOPS_PER_FWD * num_tokens * ffn_flops_per_token(cfg),
+        "active_flops": (1 + BACKWARD_FACTOR) * num_tokens * ffn_flops_per_token(cfg),
         "load_entropy": load_entropy(out.routing.load) if out.routing is not None else None,
         # which expert-compute path the layer's backend ran (grouped: per_expert, padded_bmm)
         "dispatch_path": getattr(out, "dispatch_path", None),

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from moe_bench import benchgate
-from moe_bench.benchgate import RULES, Rule, failures, load_run, main, ratio
-from tests.benchmarks.cases import CASES
+from moe_bench.bench import benchgate
+from moe_bench.bench.benchgate import RULES, Rule, failures, load_run, main, ratio
+from moe_bench.bench.cases import CASES
 
 # A healthy run, in seconds (min of rounds) and peak bytes: every rule holds with a margin.
 HEALTHY_S = {

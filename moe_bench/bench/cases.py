@@ -3,11 +3,11 @@
 Shape legend: T tokens, D model width, E routed experts, H expert hidden width, K experts per
 token, A = T*K assignments.
 
-The sizes are the two shapes issue 7 sets goals for (T=4096, D=512, float32, 2 threads):
+Sizes (T=4096, D=512, float32, 2 threads unless said):
 - `fine`: DeepSeekMoE-like fine-grained experts, E=64, H=128, K=8 (dense reference: width 1024).
 - `coarse`: Mixtral-like, E=8, H=1024, K=2 (dense reference: width 2048).
-and the quick sweep's size (issue 18): `quick`, T=2048, D=128, E=64, H=32, K=8, 1 shared expert
-(dense reference: width 288), where per-expert dispatch overhead, not GEMM FLOPs, dominates.
+- `quick`: the quick sweep's size, T=2048, D=128, E=64, H=32, K=8, 1 shared expert (dense
+  reference: width 288), where per-expert dispatch overhead, not GEMM FLOPs, dominates.
 Every expert is SwiGLU, as in DeepSeekMoE and Mixtral (and in HF's peer, whose experts are
 always gated). The dense reference of each size is the SwiGLU FFN with the same active expert
 FLOPs (`moe_bench.isocompute.dense_reference`).
@@ -16,6 +16,9 @@ Peers: `hf_style` re-implements HF's old DeepseekMoE training path (a boolean ma
 expert); `hf_deepseek_v2/grouped_mm` is HF transformers' own DeepSeek-V2 MoE block with its
 `grouped_mm` experts (`hf_peer.py`) at the fine-grained sizes, where transformers is installed
 (the dev extra); elsewhere it is skipped with the reason.
+
+`tests/benchmarks` times these cases (and smoke-runs them at SMOKE_TOKENS tokens in the default
+test run); `scripts/speed_table.py` and `scripts/speed_floor.py` reuse the training step.
 """
 
 from __future__ import annotations
@@ -28,13 +31,12 @@ import torch
 from torch import nn
 
 import variants
+from moe_bench.bench import hf_peer
 from moe_bench.isocompute import dense_reference
 from moe_bench.timing import peak_memory
 from variants.compute.assignments import Routing
 from variants.compute.backends import Computed
 from variants.compute.experts import ExpertBank
-
-from . import hf_peer
 
 NUM_TOKENS, D_MODEL = 4096, 512
 NUM_THREADS = 2  # the CI machine's cores; the goals are stated for 2 threads
@@ -52,13 +54,12 @@ SHAPES: dict[str, tuple[int, int]] = {"quick": (2048, 128)}
 # the default test run (benchmarks disabled) runs every case once as a smoke test on this many
 # tokens: same layers, a fraction of the work; the benchmark run times the full sizes
 SMOKE_TOKENS = 256
-SMOKE = {"on": False}  # set by conftest.py when benchmarks are disabled
 
 
-def shape(size: str) -> tuple[int, int]:
-    """(T, D) of a size (T = SMOKE_TOKENS in the default, non-benchmark test run)."""
+def shape(size: str, smoke: bool = False) -> tuple[int, int]:
+    """(T, D) of a size; `smoke`: at most SMOKE_TOKENS tokens (the default test run)."""
     T, D = SHAPES.get(size, (NUM_TOKENS, D_MODEL))
-    return (min(T, SMOKE_TOKENS) if SMOKE["on"] else T), D
+    return (min(T, SMOKE_TOKENS) if smoke else T), D
 
 
 # `padded` needs capacity buffers; 1.25 is Switch's default (some assignments drop).
@@ -159,9 +160,9 @@ def build_layer(case: Case) -> nn.Module:
     return layer.train()
 
 
-def make_inputs(size: str = "fine") -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(size: str = "fine", smoke: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_TD leaf that wants a gradient, fixed upstream gradient of y) of a size."""
-    T, D = shape(size)
+    T, D = shape(size, smoke)
     g = torch.Generator().manual_seed(1)
     x_TD = torch.randn(T, D, generator=g).requires_grad_()
     return x_TD, torch.randn(T, D, generator=g)
