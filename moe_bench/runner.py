@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from moe_bench import config, locks, results
 from moe_bench.config import Job
 from moe_bench.progress import job_summary
+from moe_bench.recorder import Recorder, load_average, update_env, write_env
 from moe_bench.tasks import get_task
 from variants.megablocks import Unavailable
 
@@ -42,7 +43,7 @@ EXPECTED = (ValueError, FloatingPointError, torch.OutOfMemoryError, Unavailable)
 # torch's CPU allocator raises a plain RuntimeError when malloc fails ("DefaultCPUAllocator:
 # can't allocate memory", "not enough memory"): as expected as torch.OutOfMemoryError
 ALLOCATION = re.compile(r"can't allocate memory|not enough memory|out of memory", re.IGNORECASE)
-Body = Callable[[results.Recorder], None]
+Body = Callable[[Recorder], None]
 
 
 def expected(error: BaseException) -> bool:
@@ -73,7 +74,7 @@ def _traceback_to_log_file(error: BaseException) -> None:
             handler.handle(record)
 
 
-def _failed(recorder: results.Recorder, error: Exception, label: str) -> str:
+def _failed(recorder: Recorder, error: Exception, label: str) -> str:
     text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
     if expected(error):
         _traceback_to_log_file(error)
@@ -137,7 +138,7 @@ def _kept_note(out_dir: Path, key: dict[str, Any]) -> str:
     if not (out_dir / results.ENV).is_file():
         try:
             device = torch.device(str(key.get("device", "cpu")))
-            results.write_env(out_dir, device, rebuilt="on resume: describes the resuming run")
+            write_env(out_dir, device, rebuilt="on resume: describes the resuming run")
             notes.append("env.json was missing: rebuilt and marked `rebuilt`")
         except (OSError, RuntimeError) as e:
             notes.append(f"env.json is missing and could not be rebuilt: {e}")
@@ -151,7 +152,7 @@ def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
     # OSError here: an unwritable folder, the caller says so
     results.write_state(out_dir, "running", key, started=started)
     (out_dir / results.RESULTS).unlink(missing_ok=True)  # never append to an old run's rows
-    recorder = results.Recorder(out_dir, columns)
+    recorder = Recorder(out_dir, columns)
     try:
         body(recorder)
     except Exception as e:
@@ -178,7 +179,7 @@ def launcher_rank() -> int:
 def _helper_rank(out_dir: Path, label: str, columns: dict[str, Any], body: Body, rank: int) -> str:
     """Rank > 0 of a multi-process job: rank 0 owns the folder (lock, state file, resume,
     results.jsonl); this rank writes only its own results.rank<N>.jsonl."""
-    recorder = results.Recorder(out_dir, columns)
+    recorder = Recorder(out_dir, columns)
     recorder.path = out_dir / f"results.rank{rank}.jsonl"
     try:
         body(recorder)
@@ -216,13 +217,13 @@ def guarded(
 
 
 def _task_body(job: Job, out_dir: Path, label: str) -> Body:
-    def body(recorder: results.Recorder) -> None:
+    def body(recorder: Recorder) -> None:
         task = get_task(job.task.name)
         if job.threads is not None:
             torch.set_num_threads(job.threads)
-        results.write_env(out_dir, job.device, overrides=label)
+        write_env(out_dir, job.device, overrides=label)
         task(job, recorder)
-        results.update_env(out_dir, load_avg_after=results.load_average())
+        update_env(out_dir, load_avg_after=load_average())
 
     return body
 
@@ -242,7 +243,7 @@ def execute(cfg: DictConfig, out_dir: Path, label: str) -> str:
     except Exception as e:
         error = e
 
-        def refuse(recorder: results.Recorder) -> None:
+        def refuse(recorder: Recorder) -> None:
             raise error
 
         return guarded(out_dir, label, config.config_columns(cfg), refuse, overwrite)

@@ -19,7 +19,7 @@ from torch import nn
 from moe_bench import components
 from moe_bench.config import Job
 from moe_bench.isocompute import dense_reference
-from moe_bench.results import Recorder
+from moe_bench.recorder import Recorder
 
 TASKS: dict[str, str] = {
     "throughput": "moe_bench.tasks.throughput",

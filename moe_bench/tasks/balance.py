@@ -21,7 +21,7 @@ import torch
 from moe_bench import data, schema
 from moe_bench.config import BalanceConfig, Job
 from moe_bench.metrics import max_vio, window_stats
-from moe_bench.results import Recorder
+from moe_bench.recorder import Recorder
 from moe_bench.tasks import build_layer
 from variants.routing import experts_per_token
 

@@ -56,7 +56,7 @@ from moe_bench.config import ConvergenceConfig, Job
 from moe_bench.isocompute import count_params
 from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
 from moe_bench.metrics import drop_fraction, load_entropy, max_vio
-from moe_bench.results import Recorder
+from moe_bench.recorder import Recorder
 from moe_bench.timing import synchronize
 from variants.routing import Routing, experts_per_token_stats, make_routing
 

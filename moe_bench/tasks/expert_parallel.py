@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from moe_bench import components, schema
 from moe_bench.config import ExpertParallelConfig, Job, ModelConfig
-from moe_bench.results import Recorder
+from moe_bench.recorder import Recorder
 from moe_bench.tasks import STEPS
 from moe_bench.timing import time_steps
 from variants import MoEConfig

@@ -15,7 +15,7 @@ from torch import nn
 
 from moe_bench import schema
 from moe_bench.config import Job, MemoryConfig
-from moe_bench.results import Recorder
+from moe_bench.recorder import Recorder
 from moe_bench.tasks import TrainStep, build_dense, build_layer, random_input
 from moe_bench.timing import peak_memory
 

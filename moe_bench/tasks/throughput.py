@@ -28,7 +28,7 @@ import torch
 from moe_bench import schema
 from moe_bench.config import Job, ThroughputConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, ffn_flops_per_token
-from moe_bench.results import Recorder, load_average
+from moe_bench.recorder import Recorder, load_average
 from moe_bench.tasks import STEPS, build_dense, build_layer, random_input
 from moe_bench.timing import PairTiming, median_ci_halfwidth, time_pair
 

@@ -11,9 +11,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import variants
-from moe_bench import claims
 from moe_bench.config import resolve
-from moe_bench.report.build import build_report
+from moe_bench.report import build_report, claims
 
 from . import report_fixtures as fx
 from .conftest import SWEEPS
@@ -146,7 +145,7 @@ def test_only_covered_claims_render(tmp_path: Path) -> None:
     assert 'id="claims"' in html
     assert "Switch (top-1) beats dense" in html
     assert "Loss-free bias balancing" not in html and "Expert choice converges" not in html
-    assert "SE = sd(d) / sqrt(n)" in html  # the rule, under the table
+    assert "t(0.975, n - 1) · sd(d) / sqrt(n)" in html  # the rule, under the table
     assert "What the papers do that we do not" in html
 
 
@@ -207,7 +206,7 @@ def test_gaps_state_the_measured_drop_fraction() -> None:
     for seed, drop in enumerate((0.1, 0.3)):
         rows.append(job("switch", seed, 3.5, **SWITCH))
         rows[-1].append(fx.row(rows[-1][0], "drop_fraction", drop, step=0, layer="mean"))
-    lines = claims.gaps(frame(*rows))
+    lines = claims.claim_gaps(frame(*rows))
     assert any(
         line.startswith("Measured: switch at capacity factor 1 dropped 20.0%") and "2 seeds" in line
         for line in lines

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moe_bench import results
+from moe_bench.recorder import Recorder, write_env
 
 BASE = {"variant": "switch", "task": "throughput", "seed": 0, "model.d_model": 32}
 
@@ -18,7 +19,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_rows_carry_base_metric_and_status(tmp_path: Path) -> None:
-    rec = results.Recorder(tmp_path, BASE)
+    rec = Recorder(tmp_path, BASE)
     rec.log("fwd_ms", torch.tensor(1.5), unit="ms", **{"pass": "fwd"})
     rec.log("load_entropy", float("nan"), step=3, domain="code", layer=0)
     rec.finish()
@@ -34,7 +35,7 @@ def test_rows_carry_base_metric_and_status(tmp_path: Path) -> None:
 
 
 def test_failed_job_marks_every_row(tmp_path: Path) -> None:
-    rec = results.Recorder(tmp_path, BASE)
+    rec = Recorder(tmp_path, BASE)
     rec.log("fwd_ms", 1.0)
     rec.finish("failed", "OutOfMemoryError: boom")
     got = rows(tmp_path)
@@ -43,11 +44,11 @@ def test_failed_job_marks_every_row(tmp_path: Path) -> None:
     assert not results.completed(tmp_path)
     assert not results.completed(tmp_path / "never_ran")
     with pytest.raises(ValueError, match="status='done' is not one of"):
-        results.Recorder(tmp_path, BASE).finish("done")
+        Recorder(tmp_path, BASE).finish("done")
 
 
 def test_flush_is_atomic_and_leaves_no_temp_file(tmp_path: Path) -> None:
-    rec = results.Recorder(tmp_path, BASE)
+    rec = Recorder(tmp_path, BASE)
     rec.log("fwd_ms", 1.0)
     rec.flush()
     rec.log("tflops", 2.0)
@@ -58,10 +59,10 @@ def test_flush_is_atomic_and_leaves_no_temp_file(tmp_path: Path) -> None:
 
 def test_load_concatenates_jobs_in_natural_order(tmp_path: Path) -> None:
     for job in (10, 2, 0):
-        rec = results.Recorder(tmp_path / str(job), {**BASE, "seed": job})
+        rec = Recorder(tmp_path / str(job), {**BASE, "seed": job})
         rec.log("fwd_ms", float(job))
         rec.finish()
-        results.write_env(tmp_path / str(job), torch.device("cpu"))
+        write_env(tmp_path / str(job), torch.device("cpu"))
     frame = results.load(tmp_path)
     assert list(frame["job_dir"].unique()) == ["0", "2", "10"]
     assert len(frame) == 6
@@ -82,7 +83,7 @@ def test_load_errors(tmp_path: Path) -> None:
 
 def test_a_job_killed_after_a_flush_is_not_complete(tmp_path: Path) -> None:
     """Rows flushed mid-run are ok rows, but only the final `job` row marks a finished job."""
-    recorder = results.Recorder(tmp_path, BASE)
+    recorder = Recorder(tmp_path, BASE)
     recorder.log("train_loss", 2.5, step=1)
     recorder.flush()
     assert (tmp_path / "results.jsonl").is_file()
@@ -92,7 +93,7 @@ def test_a_job_killed_after_a_flush_is_not_complete(tmp_path: Path) -> None:
 
 
 def test_load_keeps_layer_as_int_or_mean(tmp_path: Path) -> None:
-    recorder = results.Recorder(tmp_path / "0", BASE)
+    recorder = Recorder(tmp_path / "0", BASE)
     recorder.log("load_entropy", 0.9, layer=0)
     recorder.log("load_entropy", 0.8, layer="mean")
     recorder.finish("ok")
@@ -102,11 +103,11 @@ def test_load_keeps_layer_as_int_or_mean(tmp_path: Path) -> None:
 
 def test_unknown_metric_names_fail_loudly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"metric='tokens_per_sec' is not one of 'fwd_ms'"):
-        results.Recorder(tmp_path, BASE).log("tokens_per_sec", 1.0)
+        Recorder(tmp_path, BASE).log("tokens_per_sec", 1.0)
 
 
 def test_rows_say_running_until_the_job_ends(tmp_path: Path) -> None:
-    rec = results.Recorder(tmp_path, BASE)
+    rec = Recorder(tmp_path, BASE)
     rec.log("fwd_ms", 1.0)
     rec.flush()
     assert {r["status"] for r in rows(tmp_path)} == {"running"}
