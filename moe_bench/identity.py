@@ -134,6 +134,6 @@ def arm_labels(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
                 if value is None:
                     parts.append(NULL_WORDS.get(text, f"{text}=none"))
                 else:
-                    parts.append(f"{text}={_shown(value)}")
+                    parts.append(f"{text}={_shown(canonical(value))}")
             labels[m] = LABEL_SEPARATOR.join([str(variant), *parts])
     return labels

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jinja2
 import pandas as pd
@@ -23,7 +23,7 @@ from moe_bench import results
 from . import claims, frames, load, sections
 from .figures import FIGURES, Inputs, Missing, arm_colors, claim_figures, render
 from .frames import ARM
-from .leaderboards import leaderboard, styled
+from .leaderboards import Board, leaderboard, styled
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -80,6 +80,27 @@ def _figures(inputs: Inputs, found: list) -> tuple[list[dict], list[dict]]:
     return drawn, missing
 
 
+class Stages(NamedTuple):
+    """The stages' results for one sweep's finished jobs."""
+
+    frame: pd.DataFrame  # rows of ok and failed jobs, each with its arm
+    cards: list[load.TaskCard]  # per task, in the cards' order
+    boards: dict[str, Board]  # task -> its leaderboard
+    claims: list[claims.Result]  # covered claims
+    inputs: Inputs  # what the figures draw from
+
+
+def stages(frame: pd.DataFrame) -> Stages:
+    """frames -> leaderboards -> claims -> the figures' inputs, from the used jobs' rows."""
+    frame = frames.with_arms(frame)
+    cards = load.task_cards(frame)
+    boards = {c.task: leaderboard(c.task, frame[frame["task"] == c.task]) for c in cards}
+    found = claims.evaluate(frame)
+    colors = arm_colors(frames.arm_variants(frame))
+    ok = frame[frame["status"] == "ok"]
+    return Stages(frame, cards, boards, found, Inputs(ok, boards, colors, found))
+
+
 def context(
     root: Path, frame: pd.DataFrame, env: list[dict], jobs: list[load.JobInfo], problems: list[str]
 ) -> dict[str, Any]:
@@ -87,15 +108,10 @@ def context(
     # only finished jobs' rows count: an incomplete job's last rows are not its final values
     if jobs:
         frame = frame[frame["job_dir"].isin([j.job for j in jobs if j.state in load.USED])]
-    frame = frames.with_arms(frame)
-    ok = frame[frame["status"] == "ok"]
-    cards = load.task_cards(frame)
-    boards = {c.task: leaderboard(c.task, frame[frame["task"] == c.task]) for c in cards}
-    found = claims.evaluate(frame)
-    arms = frames.arm_variants(frame)
-    colors = arm_colors(arms)
+    frame, cards, boards, found, inputs = stages(frame)
+    ok, colors = inputs.rows, inputs.colors
     swatch = {arm: f"a-{i}" for i, arm in enumerate(colors)}
-    drawn, missing = _figures(Inputs(ok, boards, colors, found), found)
+    drawn, missing = _figures(inputs, found)
     no_results = load.jobs_without_results(root)
     if no_results:
         why = "no results.jsonl (not run yet, still running, or killed before writing)"
@@ -112,7 +128,7 @@ def context(
     states = pd.Series([j.state for j in jobs], dtype=object).value_counts()
     identical = sections.identical_balance(ok)
     notes = load.variant_notes(frame)
-    variants = sorted(set(arms.values()))
+    variants = sorted(set(frames.arm_variants(frame).values()))
     spec = sections.specialisation(ok)
     ran = sections.what_ran(ok)
     return {

@@ -280,6 +280,7 @@ def _per_k(table: pd.DataFrame, label: str, rows: pd.DataFrame) -> tuple[list[Es
 def findings(frame: pd.DataFrame, cards: list[TaskCard]) -> list[str]:
     """The summary: one generated sentence per question a task's card asks that its board can
     answer."""
+    frame = frame if ARM in frame else frames.with_arms(frame)
     out = []
     for card in cards:
         rows = frame[frame["task"] == card.task]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import variants
 from moe_bench.config import resolve
-from moe_bench.report import build_report, claims
+from moe_bench.report import build_report, claims, load
 
 from . import report_fixtures as fx
 from .conftest import SWEEPS
@@ -169,6 +169,8 @@ def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     batches = expand(cfg)
     assert len(batches) == jobs
+    given = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    assert load.expand(given) == batches  # the report's own expansion counts the same jobs
     for option in {o for batch in batches for o in batch if o.startswith("+claims=")}:
         name = option.split("=", 1)[1]
         assert (SWEEPS / "claims" / f"{name}.yaml").is_file()

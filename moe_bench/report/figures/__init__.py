@@ -74,7 +74,7 @@ FIGURES = (
         speed.efficiency,
     ),
     FigureSpec(
-        "memory",
+        "peak-memory",
         "Peak memory by arm",
         "The leaderboards' peak-memory cells (MiB), one bar per arm; " + CI_NOTE + ".",
         speed.memory,
