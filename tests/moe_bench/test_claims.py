@@ -1,4 +1,4 @@
-"""Paper claims (moe_bench/claims.py): the verdict rule on planted seeds, combined checks, the
+"""Paper claims (moe_bench/report/claims.py): the verdict rule on planted seeds, combined checks, the
 steps-to-dense-loss measure, the report's Claims section, and the claims presets."""
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def test_every_claims_job_option_is_a_claim_side() -> None:
 
 
 def test_markdown_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`python -m moe_bench.claims SWEEP` prints the covered claims (for the README) and the
+    """`python -m moe_bench.report.claims SWEEP` prints the covered claims (for the README) and the
     rule; a sweep that covers none says so."""
     rows = [job("dense", s, 4.0) for s in range(3)]
     rows += [job("switch", s, 3.5 + 0.01 * s, **SWITCH) for s in range(3)]

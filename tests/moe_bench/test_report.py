@@ -298,7 +298,7 @@ def test_real_multirun_ends_with_a_report_that_opens(tmp_path: Path) -> None:
     assert_opens_cleanly(report, tmp_path / "profile")
 
 
-# --- issue 14: one answer per question, noise-aware marks, what ran, compare, compressed CSV ---
+# --- one answer per question, noise-aware marks, what ran, compare, compressed CSV ---
 
 FWD_BWD = "tokens/s fwd+bwd [tok/s] ↑"
 RATIO = "ratio to dense fwd+bwd [×] ↓"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib import pyplot as plt
 from matplotlib.collections import PolyCollection
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
@@ -347,6 +348,7 @@ def test_every_figure_plots_its_tables_values() -> None:
                     want = table[arm].mean
                     want = 1 / want if "share" in panel else want
                     assert y == pytest.approx(want, rel=1e-12), (panel, arm)
+        plt.close(drawn.figure)
     assert drawn_keys >= {spec.key for spec in figures.FIGURES}
 
 
