@@ -1,5 +1,5 @@
-"""Paper claims (moe_bench/report/claims.py): the verdict rule on planted seeds, combined checks, the
-steps-to-dense-loss measure, the report's Claims section, and the claims presets."""
+"""Paper claims (moe_bench/report/claims.py): the verdict rule on planted seeds, combined checks,
+the steps-to-dense-loss measure, the report's Claims section, and the claims presets."""
 
 from __future__ import annotations
 

@@ -349,7 +349,7 @@ def test_no_star_on_a_tie() -> None:
             jobs.append([fx.row(common, "val_loss", 2.0 + shift + noise, step=10)])
     board = leaderboards.leaderboard("convergence", fx.frame(jobs))
     assert set(marks_of(board, "final val loss [nats] ↓").values()) == {"tie"}
-    # one seed, equal as printed (the deepseek_v3 vs dense 2.3691): a tie, no star
+    # one seed, equal as printed (a committed report's deepseek_v3 vs dense 2.3691): a tie, no star
     same = [
         [fx.row(fx.base(v, "convergence"), "val_loss", 2.3691 + d, step=10)]
         for v, d in (("dense", 0.0), ("switch", 1e-6))
