@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 import variants
 from moe_bench.config import resolve
 from moe_bench.report import build_report, claims, load
+from moe_bench.report.claims.__main__ import main as claims_main
 
 from . import report_fixtures as fx
 from .conftest import SWEEPS
@@ -197,9 +198,9 @@ def test_markdown_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert text.count("\n| 1a.") == 1 and "**reproduced**" in text and "Rule: For each seed" in text
     assert claims.markdown(frame(*rows[:3])) == ""
     sweep = fx.write_sweep(tmp_path / "s", [fx.convergence_job("switch")])
-    assert claims.main([str(sweep)]) == 0
+    assert claims_main([str(sweep)]) == 0
     assert "no claim" in capsys.readouterr().out
-    assert claims.main([str(tmp_path / "absent")]) == 2
+    assert claims_main([str(tmp_path / "absent")]) == 2
 
 
 def test_gaps_state_the_measured_drop_fraction() -> None:

@@ -1,4 +1,4 @@
-"""The claims stage: each paper claim a sweep covers (`claim_registry.CLAIMS`), its jobs paired
+"""The claims stage: each paper claim a sweep covers (`registry.CLAIMS`), its jobs paired
 by seed, and the one rule that turns paired seeds into a verdict (`paired_verdict`).
 
 Jobs are paired by seed within one setting: the same task, model, data, backend and dtype
@@ -12,23 +12,21 @@ Reads result rows only (docs/contract.md §5), never the tasks.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
-import sys
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from moe_bench import results, schema
+from moe_bench import schema
 
-from . import frames, stats
-from .claim_registry import CLAIMS, VAL_LOSS, Check, Claim, Measure, gaps
-from .frames import ARM, column
+from .. import frames, stats
+from ..frames import ARM, column
+from .registry import CLAIMS, VAL_LOSS, Check, Claim, Measure, gaps
 
 __all__ = [
-    "CLAIMS", "claim_gaps", "evaluate", "main", "markdown", "paired_verdict", "rows_for_report",
+    "CLAIMS", "claim_gaps", "evaluate", "markdown", "paired_verdict", "rows_for_report",
 ]  # fmt: skip
 
 REPRODUCED = "reproduced"
@@ -295,7 +293,7 @@ def rows_for_report(found: list[Result]) -> list[dict[str, Any]]:
 
 
 def claim_gaps(frame: pd.DataFrame) -> list[str]:
-    """What the papers do that this run does not (`claim_registry.gaps` on this sweep's jobs)."""
+    """What the papers do that this run does not (`registry.gaps` on this sweep's jobs)."""
     jobs = jobs_table(frame)
     return [] if jobs.empty else gaps(frame, jobs)
 
@@ -321,25 +319,3 @@ def markdown(frame: pd.DataFrame) -> str:
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join([*lines, "", f"Rule: {' '.join(RULE.split())}"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_bench.report.claims",
-        description="Print the paper claims a sweep covers, with verdicts, as a markdown table.",
-    )
-    parser.add_argument("sweep_dir", help="a Hydra multirun directory (or a saved report's)")
-    args = parser.parse_args(argv)
-    try:
-        frame = results.load(args.sweep_dir)
-    except (OSError, ValueError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    text = markdown(frame)
-    none = f"{args.sweep_dir}: no claim of moe_bench/report/claim_registry.py is covered"
-    print(text or none)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

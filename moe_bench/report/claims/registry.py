@@ -20,8 +20,8 @@ import pandas as pd
 
 from moe_bench import schema
 
-from .frames import ARM, summary_rows
-from .sections import job_specialisation
+from ..frames import ARM, summary_rows
+from ..sections import job_specialisation
 
 # --- measures: one number per job, from its rows ----------------------------------------------
 
