@@ -387,3 +387,22 @@ def test_sweeper_expansion_matches_the_basic_sweeper() -> None:
         for c in ("dense", "switch_cf1")
         for s in (3, 4)
     ]
+
+
+def test_quality_against_the_timed_tasks_ratio_to_dense() -> None:
+    """Loss from one task's table, ratio to dense from a timed task's, matched by variant where
+    each has one arm in both: the points are the two tables' cells."""
+    jobs = [fx.convergence_job(v, seed) for v in ("dense", "switch", "gshard") for seed in (0, 1)]
+    jobs += [fx.throughput_job(v) for v in ("dense", "switch", "gshard")]
+    found = stages(fx.frame([fx.closed(j) for j in jobs]))
+    spec = next(s for s in figures.FIGURES if s.key == "quality-cost")
+    drawn = spec.draw(found.inputs)
+    matched = drawn.data[drawn.data["panel"].str.endswith("(matched by variant)")]
+    assert set(matched["series"]) == {"dense", "switch", "gshard"}
+    loss_board, timed = found.boards["convergence"], found.boards["throughput"]
+    ratio = "ratio to dense fwd+bwd [×] ↓"
+    for arm, x, y in zip(matched["series"], matched["x"], matched["y"]):
+        want_x = timed.table.loc[timed.table["arm"] == arm, ratio].item().mean
+        want_y = loss_board.table.loc[loss_board.table["arm"] == arm, "final val loss [nats] ↓"]
+        assert x == pytest.approx(want_x) and y == pytest.approx(want_y.item().mean)
+    plt.close(drawn.figure)

@@ -5,6 +5,7 @@ and quality against cost. One line, heatmap or point per arm; panels never mix t
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -252,65 +253,120 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
-def quality_vs_cost(inp: Inputs) -> Drawn:
-    """Final validation loss (mean ± 95% CI over seeds) against the same board's training
-    tokens/s, and against ratio to dense where the board has it: one point per arm, the Pareto
-    frontier (faster and lower loss) drawn."""
+class CostPanel(NamedTuple):
+    title: str
+    arms: list[str]
+    loss: list[Estimate]
+    cost: list[Estimate]
+    better: str  # of the cost: "max" (tokens/s) or "min" (ratio to dense)
+    xlabel: str
+    ylabel: str
+
+
+def _label_of(board, metric: str, unit: str | None = None) -> str | None:
+    labels = [
+        lab
+        for lab, f in board.specs.items()
+        if f.col.metric == metric and (unit is None or f.col.unit == unit)
+    ]
+    return next((lab for lab in labels if "fwd+bwd" in lab), labels[0] if labels else None)
+
+
+def _single_arm_cells(board, label: str) -> dict[str, Estimate]:
+    """variant -> its cell, for variants with exactly one arm (row) in the board."""
+    counts = board.table["variant"].value_counts()
+    return {
+        str(v): board.table.at[i, label]
+        for i, v in board.table["variant"].items()
+        if counts[v] == 1 and not board.table.at[i, label].missing
+    }
+
+
+def _cost_panels(inp: Inputs) -> list[CostPanel]:
+    """Loss against the same board's tokens/s and ratio to dense; where the loss board has no
+    ratio, against a timed board's ratio for variants with one arm in each (matched by
+    variant, said in the title)."""
     found = []
+    timed = {t: b for t, b in inp.boards.items() if ranking_label(b.specs) is not None}
     for task, board in inp.boards.items():
-        loss = next(
-            (
-                lab
-                for lab, f in board.specs.items()
-                if f.col.metric == schema.VAL_LOSS.name and f.col.unit == "nats"
-            ),
-            None,
-        )
+        loss = _label_of(board, schema.VAL_LOSS.name, "nats")
         if loss is None:
             continue
-        speed = ranking_label(board.specs)
-        if speed is not None:
-            found.append((task, board, loss, speed, "max"))
-        ratio = next(
-            (lab for lab, f in board.specs.items() if f.col.metric == schema.RATIO_TO_DENSE.name),
-            None,
-        )
-        if ratio is not None:
-            found.append((task, board, loss, ratio, "min"))
+        rows = [i for i in board.table.index if not board.table.at[i, loss].missing]
+        own = [
+            (ranking_label(board.specs), "max"),
+            (_label_of(board, schema.RATIO_TO_DENSE.name), "min"),
+        ]
+        for cost, better in own:
+            if cost is None:
+                continue
+            keep = [i for i in rows if not board.table.at[i, cost].missing]
+            found.append(
+                CostPanel(
+                    f"{task} · {loss.split(' [')[0]} vs {cost.split(' [')[0]}",
+                    [str(board.table.at[i, ARM]) for i in keep],
+                    [board.table.at[i, loss] for i in keep],
+                    [board.table.at[i, cost] for i in keep],
+                    better,
+                    cost,
+                    loss,
+                )
+            )
+        if own[1][0] is not None:
+            continue
+        losses = _single_arm_cells(board, loss)
+        for other, timed_board in timed.items():
+            ratio = _label_of(timed_board, schema.RATIO_TO_DENSE.name)
+            if other == task or ratio is None:
+                continue
+            ratios = _single_arm_cells(timed_board, ratio)
+            both = sorted(set(losses) & set(ratios))
+            if len(both) >= 2:
+                found.append(
+                    CostPanel(
+                        f"{task} · {loss.split(' [')[0]} vs {other} · {ratio.split(' [')[0]} "
+                        "(matched by variant)",
+                        both,
+                        [losses[v] for v in both],
+                        [ratios[v] for v in both],
+                        "min",
+                        f"{other} · {ratio}",
+                        loss,
+                    )
+                )
+    return found
+
+
+def quality_vs_cost(inp: Inputs) -> Drawn:
+    """Final validation loss (mean ± 95% CI over seeds) against training tokens/s and against
+    ratio to dense: one point per arm, the Pareto frontier (faster and lower loss) drawn."""
+    found = _cost_panels(inp)
     if not found:
         raise Missing("no leaderboard holds both a final val loss and tokens/s or ratio to dense")
     fig, axes = panels(len(found), height=4.0)
     records = []
-    for ax, (task, board, loss, cost, better) in zip(axes, found):
-        table = board.table
-        keep = [
-            i
-            for i in table.index
-            if not table.at[i, loss].missing and not table.at[i, cost].missing
-        ]
-        title = f"{task} · {loss.split(' [')[0]} vs {cost.split(' [')[0]}"
-        sign = 1.0 if better == "max" else -1.0
-        points = [(sign * table.at[i, cost].mean, table.at[i, loss].mean) for i in keep]
-        for i in keep:
-            arm = str(table.at[i, ARM])
-            x, y = table.at[i, cost], table.at[i, loss]
+    for ax, panel in zip(axes, found):
+        sign = 1.0 if panel.better == "max" else -1.0
+        points = [(sign * x.mean, y.mean) for x, y in zip(panel.cost, panel.loss)]
+        for arm, x, y in zip(panel.arms, panel.cost, panel.loss):
             color = inp.colors.get(arm, "0.3")
             ax.errorbar(
                 x.mean, y.mean, yerr=_ci95(y), xerr=_ci95(x), fmt="o", color=color, label=arm,
                 capsize=3, ms=7,
             )  # fmt: skip
-            records.append({"panel": title, "series": arm, "x": x.mean, "y": y.mean})
+            records.append({"panel": panel.title, "series": arm, "x": x.mean, "y": y.mean})
         front = pareto(points)
         if len(front) > 1:
+            xs = [sign * points[i][0] for i in front]
             ax.plot(
-                [sign * points[i][0] for i in front],
+                xs,
                 [points[i][1] for i in front],
                 color="0.4",
                 ls=":",
                 lw=1.2,
                 label="Pareto frontier",
             )
-        ax.set(xlabel=cost, ylabel=loss, title=title)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title)
         ax.title.set_fontsize(9)
     legend(fig, axes)
     return Drawn(fig, plotted(records))
