@@ -149,7 +149,7 @@ class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = os.fspath(config.hydra.sweep.dir)
         try:
-            from moe_bench.report.build import build_report
+            from moe_bench.report.render import build_report
         except ImportError as e:
             print(f"moe_bench: warning: no report for {sweep_dir}: report module missing ({e})")
             return

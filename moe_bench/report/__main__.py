@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .build import build_report
 from .compare import compare
+from .render import build_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Compare sweeps side by side (`python -m moe_bench.report BASE CANDIDATE ...`).
 
-Jobs are matched by config: variant, task, backend, dtype, device and every dotted config
-column except seeds; the seeds of one config are pooled. For each leaderboard metric the first
-sweep is the baseline and every other sweep gets its change against it and whether that change
-exceeds the noise (`sections.distinct`: 2 standard errors over seeds, else the timing IQRs), as
+Jobs are matched by arm (`frames.job_arms`: the config identity resume uses, minus the seed);
+the seeds of one arm are pooled. For each leaderboard metric the first sweep is the baseline
+and every other sweep gets its change against it and whether that change exceeds the noise
+(`stats.distinct`: Welch's 95% t interval over seeds, else the timed jobs' intervals), as
 `pytest-benchmark compare` does for timings. Writes compare.html and prints a text table.
 """
 
@@ -12,131 +12,97 @@ from __future__ import annotations
 import datetime
 import math
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from moe_bench import results
+from moe_bench import identity, results
 
-from . import build, sections
+from . import frames, leaderboards, stats
+from .frames import ARM, ARM_ID
+from .render import render_template
+from .stats import Estimate
 
 MATCH = ("variant", "task", "backend", "dtype", "device")
 
 
-def _canon(value: Any) -> str:
-    """One spelling per config value whichever file it came from: a JSON list and its CSV
-    text, 3 and 3.0, None and NaN."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return str(int(number)) if number.is_integer() else repr(number)
+def _canon(value: object) -> str:
+    """A config value as one string whichever file it came from (`identity.canonical`)."""
+    value = identity.canonical(value)
+    return "—" if value is None else str(value)
 
 
-def config_columns(frame: pd.DataFrame) -> list[str]:
-    """The columns that define a job's config: MATCH plus dotted config keys, seeds left out."""
-    dotted = [c for c in frame.columns if "." in c and c.split(".")[-1] != "seed"]
-    return [c for c in MATCH if c in frame.columns] + sorted(dotted)
-
-
-def job_configs(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    """Per job_dir: its config as one hashable tuple of (column, value) pairs."""
-    present = [c for c in columns if c in frame.columns]
-    firsts = frame.groupby("job_dir")[present].agg(
-        lambda s: next((v for v in s if v is not None and not _isnan(v)), None)
-    )
-    return firsts.apply(lambda r: tuple((c, _canon(r.get(c))) for c in columns), axis=1)
-
-
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def estimates(frame: pd.DataFrame, columns: list[str]) -> dict[tuple, sections.Estimate]:
-    """(config, domain, metric label) -> Estimate over the config's seeds, for every
-    leaderboard metric of the sweep's ok rows of jobs that finished."""
-    configs = job_configs(frame, columns)
+def estimates(frame: pd.DataFrame) -> tuple[dict[tuple, Estimate], dict[str, dict[str, str]]]:
+    """(arm id, domain, metric label) -> Estimate over the arm's seeds, for every leaderboard
+    metric of the sweep's ok rows of jobs that finished; and arm id -> its label and config."""
     bad = frame.loc[frame["status"] != "ok", "job_dir"].unique()
-    ok = frame[(frame["status"] == "ok") & ~frame["job_dir"].isin(bad)]
-    out: dict[tuple, sections.Estimate] = {}
-    for col in build.LEADERBOARD:
-        for label, (values, spread) in build._final_values(ok, col).items():
-            table = pd.DataFrame({"value": values, "spread": spread}).reset_index()
-            table["config"] = table["job_dir"].map(configs)
-            for (config, domain), part in table.groupby(["config", "domain"], sort=False):
+    ok = frames.with_arms(frame[(frame["status"] == "ok") & ~frame["job_dir"].isin(bad)])
+    arm_of = ok.groupby("job_dir")[ARM_ID].first()
+    configs = frames.job_configs(ok)
+    shown = {}
+    for job, arm in arm_of.items():
+        config = {c: _canon(v) for c, v in configs.loc[job].items() if c != "seed"}
+        shown.setdefault(arm, {ARM: ok.loc[ok["job_dir"] == job, ARM].iloc[0], **config})
+    out: dict[tuple, Estimate] = {}
+    for col in leaderboards.LEADERBOARD:
+        for label, final in leaderboards.final_values(ok, col).items():
+            table = pd.DataFrame({"value": final.values, "spread": final.spread}).reset_index()
+            table["arm"] = table["job_dir"].map(arm_of)
+            for (arm, domain), part in table.groupby(["arm", "domain"], sort=False):
                 v = part["value"].dropna()
                 if v.empty:
                     continue
                 std = float(v.std()) if len(v) > 1 else math.nan
-                spr = float(part["spread"].mean())
-                out[(config, domain, label)] = sections.Estimate(float(v.mean()), std, len(v), spr)
-    return out
+                out[(arm, domain, label)] = Estimate(
+                    float(v.mean()), std, len(v), float(part["spread"].mean())
+                )
+    return out, shown
 
 
-def compare_frames(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
-    """One row per (config, domain, metric) found in the baseline and at least one other
-    sweep: the value in each sweep, and per other sweep its change vs the baseline and a
-    verdict ("better", "worse": beyond the noise; "~": within it; "=": identical; "?": noise
-    not measured)."""
-    columns = sorted(set().union(*(config_columns(f) for f in frames)), key=_column_order)
-    found = [estimates(f, columns) for f in frames]
-    base, others = found[0], found[1:]
-    specs = {label: col for col in build.LEADERBOARD for label in _labels(col)}
+def compare_frames(frames_: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
+    """One row per (arm, domain, metric) found in the baseline and at least one other sweep:
+    the value in each sweep, and per other sweep its change vs the baseline and a verdict
+    ("better", "worse": beyond the noise; "~": within it; "=": identical; "?": noise not
+    measured)."""
+    found = [estimates(f) for f in frames_]
+    (base, shown), others = found[0], [f[0] for f in found[1:]]
+    better_of = {
+        leaderboards.label_of(col, p): col.better
+        for col in leaderboards.LEADERBOARD
+        for p in (None, *leaderboards.PASS_LABEL)
+    }
     records = []
     for key, a in base.items():
         if not any(key in other for other in others):
             continue
-        config, domain, label = key
-        record = {**dict(config), "domain": domain, "metric": label, names[0]: _fmt(a)}
-        better = _better(label, specs)
+        arm, domain, label = key
+        record = {**shown[arm], "domain": domain, "metric": label, names[0]: _fmt(a)}
         for name, other in zip(names[1:], others):
             b = other.get(key)
             record[name] = _fmt(b) if b else "—"
-            record[f"Δ {name}"] = _change(a, b, better) if b else ""
+            record[f"Δ {name}"] = _change(a, b, better_of.get(label)) if b else ""
         records.append(record)
     table = pd.DataFrame(records)
     if table.empty:
         return table
-    # settings shown: those telling apart configs of one variant and task (a swept size)
+    # settings shown: those telling apart arms of one variant and task (a swept size)
+    config = [c for c in table.columns if identity.is_config_column(c) and c not in MATCH]
     by_job = table.groupby(["variant", "task"])
-    varying = [
-        c for c in columns if c not in MATCH and c in table and by_job[c].nunique().max() > 1
-    ]
-    keep = ["task", "variant", *varying, "domain", "metric"]
-    rest = [c for c in table.columns if c not in columns and c not in ("domain", "metric")]
-    order = [c for c in keep if c in table]
-    return table[order + rest].sort_values(order[:2], kind="stable", ignore_index=True)
+    varying = [c for c in config if by_job[c].nunique().max() > 1]
+    keep = ["task", ARM, *sorted(varying), "domain", "metric"]
+    rest = [c for c in table.columns if c not in (*config, *MATCH, ARM, "domain", "metric")]
+    return table[keep + rest].sort_values(["task", ARM], kind="stable", ignore_index=True)
 
 
-def _column_order(name: str) -> tuple[int, str]:
-    return (MATCH.index(name), "") if name in MATCH else (len(MATCH), name)
-
-
-def _labels(col: build.Column) -> list[str]:
-    unit = f" [{col.unit}]" if col.unit else ""
-    arrow = build.ARROW[col.better]
-    return [f"{col.label}{sfx}{unit}{arrow}" for sfx in ("", " fwd", " fwd+bwd")]
-
-
-def _better(label: str, specs: dict[str, build.Column]) -> str | None:
-    col = specs.get(label)
-    return col.better if col else None
-
-
-def _fmt(e: sections.Estimate) -> str:
+def _fmt(e: Estimate) -> str:
     text = f"{e.mean:.4g}"
     if not math.isnan(e.std):
         return f"{text} ± {e.std:.2g}"
     if not math.isnan(e.spread):
-        return f"{text} (IQR {e.spread:.2g})"
+        return f"{text} (95% ± {e.spread:.2g})"
     return text
 
 
-def _change(a: sections.Estimate, b: sections.Estimate, better: str | None) -> str:
+def _change(a: Estimate, b: Estimate, better: str | None) -> str:
     """Relative change b vs a and its verdict, e.g. "+12.3% worse"."""
     if a.mean == b.mean:  # bit-identical (deterministic metrics): unchanged, noise or not
         return "+0.0% ="
@@ -147,8 +113,8 @@ def _change(a: sections.Estimate, b: sections.Estimate, better: str | None) -> s
     return f"{pct:+.1f}% " + _verdict(a, b, better)
 
 
-def _verdict(a: sections.Estimate, b: sections.Estimate, better: str | None) -> str:
-    beyond = sections.distinct(a, b)
+def _verdict(a: Estimate, b: Estimate, better: str | None) -> str:
+    beyond = stats.distinct(a, b)
     if beyond is None:
         return "?"
     if not beyond:
@@ -172,7 +138,7 @@ def write_html(table: pd.DataFrame, sweeps: list[Path], out: Path) -> Path:
         "table": _styled(table),
         "empty": table.empty,
     }
-    html = build.render_template("compare.html.j2", context)
+    html = render_template("compare.html.j2", context)
     results.atomic_write(out, html)
     return out
 

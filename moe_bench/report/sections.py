@@ -1,8 +1,9 @@
-"""Report sections that read across tasks: what ran, the plain-words summary, which differences
-exceed the noise, identical untrained routers, and expert specialisation by domain.
+"""Report sections that read across tasks: what ran, identical untrained routers, expert
+specialisation by domain, and the plain-words summary (one sentence per question a task's run
+card asks, `card.task_answers`).
 
-Kept apart from `build.py` (page assembly, job counting) so each section is one small function
-of the tidy rows (docs/contract.md §5), read through `moe_bench.schema`.
+Each is a small function of the tidy rows (docs/contract.md §5) keyed by arm (`frames.ARM`);
+none names a task or a variant: rows are told apart by their metrics and columns.
 """
 
 from __future__ import annotations
@@ -16,78 +17,11 @@ import pandas as pd
 
 from moe_bench import schema
 
-from .figures import column, routed
-
-LN2 = math.log(2.0)
-NOISE_SEEDS = 2.0  # seed spread: a difference counts when it exceeds 2 standard errors
-
-
-# --- noise ------------------------------------------------------------------------------------
-
-
-class Estimate(NamedTuple):
-    """One leaderboard cell before formatting: mean over seeds, their std and count, and the
-    timing spread (IQR, same units as `mean`; NaN when the rows carry none)."""
-
-    mean: float
-    std: float = math.nan
-    n: int = 1
-    spread: float = math.nan
-
-    @property
-    def missing(self) -> bool:
-        return math.isnan(self.mean)
-
-
-def distinct(a: Estimate, b: Estimate) -> bool | None:
-    """Whether a and b differ by more than their noise: seed spread (difference > 2 standard
-    errors of the difference) when both have several seeds, else the timing spread (difference
-    > the mean of the two IQRs: their middle halves do not overlap). None: no noise measured."""
-    diff = abs(a.mean - b.mean)
-    if a.n > 1 and b.n > 1 and not (math.isnan(a.std) or math.isnan(b.std)):
-        return diff > NOISE_SEEDS * math.sqrt(a.std**2 / a.n + b.std**2 / b.n)
-    if not (math.isnan(a.spread) or math.isnan(b.spread)):
-        return diff > (a.spread + b.spread) / 2
-    return None
-
-
-class Verdict(NamedTuple):
-    """The leader of a column among rankable rows: who, by how much over the runner-up, and
-    whether that exceeds the noise (None: not measured, e.g. one seed without timing spread)."""
-
-    leader: int  # row position
-    runner_up: int | None
-    margin: float  # leader - runner-up, in the column's units (NaN without a runner-up)
-    beyond_noise: bool | None
-    tied: list[int]  # rows within noise of the leader (the leader included) when not beyond
-
-
-def verdict(
-    cells: list[Estimate], better: str, rankable: list[bool], same: Callable[[float, float], bool]
-) -> Verdict | None:
-    """The best rankable cell, and whether it beats the runner-up beyond the noise. `same`
-    says when two means print alike (then they are a tie whatever the noise)."""
-    sign = 1.0 if better == "max" else -1.0
-    order = sorted(
-        (i for i, c in enumerate(cells) if rankable[i] and not c.missing),
-        key=lambda i: -sign * cells[i].mean,
-    )
-    if len(order) < 2:
-        return None
-    lead, second = order[0], order[1]
-    beyond = distinct(cells[lead], cells[second])
-    if same(cells[lead].mean, cells[second].mean):
-        beyond = False
-    tied = [lead]
-    if beyond is False:
-        tied += [
-            i
-            for i in order[1:]
-            if same(cells[lead].mean, cells[i].mean) or distinct(cells[lead], cells[i]) is False
-        ]
-    margin = cells[lead].mean - cells[second].mean
-    return Verdict(lead, second, margin, beyond, tied)
-
+from . import frames, stats
+from .frames import ARM, column, routed
+from .leaderboards import Board, leaderboard
+from .load import Answer, TaskCard
+from .stats import Estimate, Verdict
 
 # --- what ran ---------------------------------------------------------------------------------
 
@@ -106,19 +40,8 @@ COEFFICIENTS = (
     "variant.alpha",
     "variant.importance_coef",
     "variant.load_coef",
+    "variant.bias_update_rate",
 )
-METHOD = {
-    "dense": "none (one FFN)",
-    "switch": "aux loss f·P (top-1)",
-    "gshard": "aux loss f·P (first choice)",
-    "deepseek_moe": "aux loss f·P, expert + device",
-    "deepseek_v2": "aux losses: expert, device, communication",
-    "deepseek_v3": "loss-free bias + sequence loss",
-    "mixtral": "aux loss f·P",
-    "expert_choice": "experts choose tokens (balanced by construction)",
-    "noisy_topk": "noisy gating, importance + load CV²",
-}
-SIZE_TASKS = ("throughput", "memory", "balance", "convergence")  # whose params are the layer's
 
 
 def _first_value(rows: pd.DataFrame, names: tuple[str, ...]) -> Any:
@@ -144,23 +67,21 @@ def _number(value: Any) -> str:
 
 
 def what_ran(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant (and size, when a variant ran at several): E, K, expert width, shared
-    experts, total/active parameters and FLOPs per token of one layer, capacity factor, balance
-    method and coefficient, all read from the rows' own columns."""
+    """One row per arm (and task, when an arm label recurs with other sizes): E, K, expert
+    width, shared experts, total/active parameters and FLOPs per token of one layer, capacity
+    factor and balance coefficients, all read from the rows' own columns."""
     if frame.empty:
         return pd.DataFrame()
-    task = next((t for t in SIZE_TASKS if (frame["task"] == t).any()), None)
-    rows = frame[frame["task"] == task] if task else frame
-    sizes = [c for c in ("params_total", "params_active", "flops_per_token") if c in rows.columns]
+    frame = frame if ARM in frame else frames.with_arms(frame)
+    sizes = [c for c in ("params_total", "params_active", "flops_per_token") if c in frame.columns]
     records = []
-    for (variant, *_), part in rows.groupby(["variant", *sizes], dropna=False, sort=True):
-        record: dict[str, str] = {"variant": variant}
+    for (arm, *_), part in frame.groupby([ARM, *sizes], dropna=False, sort=True):
+        record: dict[str, str] = {ARM: arm}
         for heading, names in WHAT_RAN:
             record[heading] = _number(_first_value(part, names))
         record["params total"] = _number(_first_value(part, ("params_total",)))
         record["params active"] = _number(_first_value(part, ("params_active",)))
         record["FLOPs / token"] = _number(_first_value(part, ("flops_per_token",)))
-        record["balance method"] = METHOD.get(variant, "see Notes")
         record["coefficient"] = _coefficient(part)
         records.append(record)
     return pd.DataFrame(records).drop_duplicates()
@@ -180,23 +101,32 @@ def _coefficient(rows: pd.DataFrame) -> str:
 BALANCE_METRICS = (schema.MAX_VIO_GLOBAL, schema.LOAD_ENTROPY, schema.MAX_VIO_BATCH)
 
 
-def identical_balance(frame: pd.DataFrame) -> list[list[str]]:
-    """Groups of variants whose balance-task rows are equal value for value: with the same seed
-    and an untrained router of the same shape, routing is the same whatever the method (the
-    methods differ only in how training moves the router)."""
-    rows = frame[(frame["task"] == "balance") & frame["metric"].isin(map(str, BALANCE_METRICS))]
-    rows = routed(rows)
+def trained_jobs(frame: pd.DataFrame) -> set[str]:
+    """Jobs that trained their router (they logged a train_loss)."""
+    return set(frame.loc[frame["metric"] == schema.TRAIN_LOSS.name, "job_dir"])
+
+
+def identical_balance(frame: pd.DataFrame) -> dict[str, list[list[str]]]:
+    """Per task: groups of arms whose untrained-router balance rows are equal value for value
+    (jobs that logged no train_loss). With the same seed and an untrained router of the same
+    shape, routing is the same whatever the method: methods differ in how training moves it."""
+    rows = frame[frame["metric"].isin(map(str, BALANCE_METRICS))]
+    rows = routed(rows[~rows["job_dir"].isin(trained_jobs(frame))])
     if rows.empty:
-        return []
+        return {}
+    rows = rows if ARM in rows else frames.with_arms(rows)
     keys = [k for k in ("metric", "layer", "domain", "step", "seed") if k in rows.columns]
-    signature = {}
-    for variant, part in rows.groupby("variant", sort=True):
-        ordered = part.assign(**{k: part[k].astype(str) for k in keys}).sort_values(keys)
-        signature[variant] = tuple(zip(*(ordered[k] for k in keys), ordered["value"].round(9)))
-    groups: dict[tuple, list[str]] = {}
-    for variant, sig in signature.items():
-        groups.setdefault(sig, []).append(variant)
-    return [group for group in groups.values() if len(group) > 1]
+    out: dict[str, list[list[str]]] = {}
+    for task, by_task in rows.groupby("task", sort=True):
+        groups: dict[tuple, list[str]] = {}
+        for arm, part in by_task.groupby(ARM, sort=True):
+            ordered = part.assign(**{k: part[k].astype(str) for k in keys}).sort_values(keys)
+            sig = tuple(zip(*(ordered[k] for k in keys), ordered["value"].round(9)))
+            groups.setdefault(sig, []).append(str(arm))
+        found = [group for group in groups.values() if len(group) > 1]
+        if found:
+            out[str(task)] = found
+    return out
 
 
 # --- specialisation by domain -----------------------------------------------------------------
@@ -216,11 +146,13 @@ def _js_divergence(p: np.ndarray, q: np.ndarray) -> float:
 
 def job_specialisation(frame: pd.DataFrame) -> pd.DataFrame:
     """Per job and MoE layer: the Jensen-Shannon divergence (bits) between the expert-load
-    distributions of two domains at the job's last recorded step (columns variant, job_dir,
+    distributions of two domains at the job's last recorded step (columns arm, job_dir,
     layer, js); `attrs` name the domains and tasks. Empty without per-domain expert_load rows."""
     loads = routed(frame[frame["metric"] == schema.EXPERT_LOAD.name])
-    if (loads["task"] == "convergence").any():  # trained routers specialise; untrained do not
-        loads = loads[loads["task"] == "convergence"]
+    trained = loads["job_dir"].isin(trained_jobs(frame))
+    if trained.any():  # trained routers specialise; untrained do not
+        loads = loads[trained]
+    loads = loads if ARM in loads else frames.with_arms(loads)
     loads = loads.assign(
         layer=column(loads, "layer"), domain=column(loads, "domain"), expert=column(loads, "expert")
     ).dropna(subset=["layer", "domain", "expert"])
@@ -232,13 +164,13 @@ def job_specialisation(frame: pd.DataFrame) -> pd.DataFrame:
     loads = loads[(step == last) | last.isna()]
     first, second = sorted(loads["domain"].astype(str).unique())[:2]
     records = []
-    for (variant, job, layer), part in loads.groupby(["variant", "job_dir", "layer"]):
+    for (arm, job, layer), part in loads.groupby([ARM, "job_dir", "layer"]):
         table = part.pivot_table(index="expert", columns="domain", values="value", aggfunc="sum")
         if first not in table or second not in table:
             continue
         table = table.fillna(0.0)
         js = _js_divergence(table[first].to_numpy(float), table[second].to_numpy(float))
-        records.append({"variant": variant, "job_dir": job, "layer": layer, "js": js})
+        records.append({ARM: arm, "job_dir": job, "layer": layer, "js": js})
     per_job = pd.DataFrame(records)
     per_job.attrs["domains"] = (first, second)
     per_job.attrs["task"] = ", ".join(sorted(loads["task"].astype(str).unique()))
@@ -246,12 +178,12 @@ def job_specialisation(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def specialisation(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and layer, `job_specialisation` averaged over seeds; a `mean` column
+    """Per arm and layer, `job_specialisation` averaged over seeds; a `mean` column
     averages the layers. Empty without per-domain expert_load rows."""
     per_job = job_specialisation(frame)
     if per_job.empty:
         return pd.DataFrame()
-    table = per_job.pivot_table(index="variant", columns="layer", values="js", aggfunc="mean")
+    table = per_job.pivot_table(index=ARM, columns="layer", values="js", aggfunc="mean")
     table.columns = [f"layer {c}" for c in table.columns]
     table["mean"] = table.mean(axis=1)
     table.attrs = dict(per_job.attrs)
@@ -285,7 +217,7 @@ def finding(
 ) -> Finding | None:
     """One summary sentence: who leads `measure`, by how much over the runner-up, in noise?"""
     same = lambda a, b: fmt(a) == fmt(b)
-    v = verdict(cells, better, rankable, same)
+    v = stats.verdict(cells, better, rankable, same)
     if v is None:
         return None
     lead, second = cells[v.leader], cells[v.runner_up]
@@ -303,3 +235,72 @@ def finding(
         f"{fmt(abs(v.margin))} ({rel:.1f}%), {_noise_words(v, lead.n)}."
     )
     return Finding(question, text)
+
+
+# words for answers whose metric counts per routed assignment: with K experts per token an arm
+# sends up to K copies, so traffic is compared per unit of K where the arms' K differ
+PER_K = {schema.DEVICES_PER_TOKEN.name, schema.BYTES_PER_TOKEN.name}
+TOP_K = "variant.top_k"
+
+
+def _answer_label(board: Board, answer: Answer) -> str | None:
+    for label, final in board.specs.items():
+        if final.col.metric != answer.metric or (answer.pass_ or None) != final.pass_:
+            continue
+        if answer.unit is None or final.col.unit == answer.unit:
+            return label
+    return None
+
+
+def answer_group(board: Board) -> tuple[pd.DataFrame, list[bool]]:
+    """The board rows one summary sentence compares: those sharing settings (the largest such
+    block), since stars are per block too."""
+    table = board.table.assign(_rankable=board.rankable)
+    if board.ties:
+        blocks = [part for _, part in table.groupby(board.ties, dropna=False, sort=False)]
+        table = max(blocks, key=len)
+    table = table.reset_index(drop=True)
+    return table, table.pop("_rankable").astype(bool).tolist()
+
+
+def _per_k(table: pd.DataFrame, label: str, rows: pd.DataFrame) -> tuple[list[Estimate], str]:
+    """The cells divided by each arm's K (its rows' variant.top_k) when the arms' K differ."""
+    cells = list(table[label])
+    if TOP_K not in rows:
+        return cells, ""
+    k_of = rows.groupby(ARM)[TOP_K].first()
+    ks = [pd.to_numeric(k_of.get(a), errors="coerce") for a in table[ARM]]
+    known = [k for k in ks if not pd.isna(k) and k > 0]
+    if len(set(known)) < 2 or len(known) < len(ks):
+        return cells, ""
+    scaled = [Estimate(c.mean / k, c.std / k, c.n, c.spread / k) for c, k in zip(cells, ks)]
+    return scaled, " per unit of K (the arms route to different numbers of experts K)"
+
+
+def findings(frame: pd.DataFrame, cards: list[TaskCard]) -> list[str]:
+    """The summary: one generated sentence per question a task's card asks that its board can
+    answer."""
+    frame = frame if ARM in frame else frames.with_arms(frame)
+    out = []
+    for card in cards:
+        rows = frame[frame["task"] == card.task]
+        if rows.empty or not card.answers:
+            continue
+        board = leaderboard(card.task, rows)
+        for answer in card.answers:
+            label = _answer_label(board, answer)
+            if label is None:
+                continue
+            table, rankable = answer_group(board)
+            final = board.specs[label]
+            cells, per = (
+                _per_k(table, label, rows) if answer.metric in PER_K else (list(table[label]), "")
+            )
+            names = [str(a) for a in table[ARM]]
+            found = finding(
+                answer.question, answer.words + per, names, cells, final.col.better, rankable,
+                final.col.fmt,
+            )  # fmt: skip
+            if found is not None:
+                out.append(found.text)
+    return out

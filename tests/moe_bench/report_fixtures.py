@@ -21,6 +21,76 @@ VARIANTS = ("dense", "switch", "gshard", "deepseek_moe", "mixtral", "expert_choi
 DOMAINS = ("prose", "code")
 
 
+def answer(question: str, metric: str, words: str, pass_: str | None = None, unit=None) -> dict:
+    return {"question": question, "metric": metric, "pass": pass_, "unit": unit, "words": words}
+
+
+# The run card a task writes on its closing `job` row (docs/contract.md §5): made-up texts
+# shaped like the tasks' own, so the report reads them from the rows as it does in a real sweep.
+TASK_CARDS = {
+    "throughput": (
+        0,
+        "How fast is one layer?",
+        "Measure: tokens/s of one layer; beside it, ratio to dense: layer time / time of a "
+        "dense FFN with the same active FLOPs per token, timed interleaved in the same job.",
+        [answer("fastest", "tokens_per_s", "forward + backward tokens/s", "fwd_bwd")],
+    ),
+    "memory": (1, "How much memory does one training step take?", "Measure: peak memory.", []),
+    "balance": (
+        2,
+        "How evenly does an untrained router spread tokens?",
+        "Measure: MaxVio_global of untrained routers.",
+        [answer("most balanced untrained", "max_vio_global", "MaxVio_global")],
+    ),
+    "convergence": (
+        3,
+        "How well and how fast does a small LM train with the layer?",
+        "Measure: final validation loss of a small byte-level LM.",
+        [
+            answer("most balanced after training", "max_vio_global", "MaxVio_global"),
+            answer("best quality", "val_loss", "validation bits per byte", unit="bits/byte"),
+        ],
+    ),
+    "expert_parallel": (
+        4,
+        "How much traffic does expert parallelism send?",
+        "Measure: ranks and bytes per token of one eval forward.",
+        [
+            answer("least traffic", "devices_per_token", "ranks per token"),
+            answer("best rank balance", "rank_imbalance", "rank imbalance"),
+        ],
+    ),
+}
+VARIANT_NOTES = {v: f"{v}: how this layer normalises its balance loss (made up)." for v in VARIANTS}
+ENV_CARD = {
+    "env.cpu": "Synthetic CPU",
+    "env.gpu": None,
+    "env.cores": 2,
+    "env.threads": 2,
+    "env.torch": "2.13.0",
+    "env.cuda": None,
+    "env.python": "3.12.1",
+    "env.platform": "Linux-synthetic",
+    "env.commit": "abc1234",
+    "env.date": "2026-01-02 03:04:05 UTC",
+}
+
+
+def card(task: str, variant: str) -> dict[str, Any]:
+    """The run card columns of one job's closing `job` row."""
+    if task not in TASK_CARDS:
+        return dict(ENV_CARD)
+    order, ask, measure, answers = TASK_CARDS[task]
+    return {
+        **ENV_CARD,
+        "card.task_order": order,
+        "card.task_ask": ask,
+        "card.task_measure": measure,
+        "card.task_answers": json.dumps(answers),
+        "card.variant_note": VARIANT_NOTES.get(variant, ""),
+    }
+
+
 def base(variant: str, task: str, seed: int = 0, **config: Any) -> dict[str, Any]:
     """Columns every row of one job carries."""
     experts = config.pop("variant.num_experts", 8)
@@ -69,9 +139,13 @@ def throughput_job(
     for pass_, factor in (("fwd", 1.0), ("fwd_bwd", 1 / 3)):
         ms = tokens / (speed * factor) * 1e3
         at = {"pass": pass_}
-        rows.append(row(common, "tokens_per_s", speed * factor, "tok/s", **at, **flags))
+        rate = speed * factor
+        rows.append(row(common, "tokens_per_s", rate, "tok/s", **at, **flags))
+        rows.append(row(common, "tflops", rate * common["flops_per_token"] / 1e12, **at, **flags))
         rows.append(row(common, f"{pass_}_ms", ms, "ms", iqr_ms=iqr * ms, **at, **flags))
-        rows.append(row(common, "ratio_to_dense", ratio, "x", **at, **flags))
+        # `iqr` also sets the interleaved ratio's 95% half-width, relative to the ratio
+        ci = {"ratio_ci95": iqr * ratio}
+        rows.append(row(common, "ratio_to_dense", ratio, "x", **at, **ci, **flags))
     return rows
 
 
@@ -106,21 +180,12 @@ def convergence_job(
     for layer in range(layers):
         for name, value in (("max_vio_global", 0.3 + offset), ("load_entropy", 0.95 - offset)):
             rows.append(row(common, name, value, "", step=steps - 1, layer=layer))
-        for domain_i, domain in enumerate(DOMAINS):
-            for expert in range(experts):
-                count = 100 + 40 * ((expert + domain_i + layer) % experts)
-                rows.append(
-                    row(
-                        common,
-                        "expert_load",
-                        count,
-                        "assignments",
-                        step=steps - 1,
-                        layer=layer,
-                        expert=expert,
-                        domain=domain,
-                    )
-                )
+        for step in (steps // 2, steps - 1):  # expert load at two steps: it moves in training
+            for domain_i, domain in enumerate(DOMAINS):
+                for expert in range(experts):
+                    count = 100 + 40 * ((expert + domain_i + layer + step) % experts)
+                    at = {"layer": layer, "expert": expert, "domain": domain}
+                    rows.append(row(common, "expert_load", count, step=step, **at))
     for name, value in (("max_vio_global", 0.3 + offset), ("load_entropy", 0.95 - offset)):
         rows.append(row(common, name, value, "", step=steps - 1, layer="mean"))
     rows.append(row(common, "drop_fraction", 0.02 * VARIANTS.index(variant), "", step=steps - 1))
@@ -158,15 +223,19 @@ def expert_parallel_job(
 
 
 def failed_job(variant: str, task: str, error: str, seed: int = 0) -> list[dict]:
-    failed = row(base(variant, task, seed), "job", None)
+    failed = {**row(base(variant, task, seed), "job", None), **card(task, variant)}
     return [{**failed, "status": "failed", "error": error}]
 
 
-def closed(rows: list[dict]) -> list[dict]:
-    """A finished job's rows: they end with its `job` row (docs/contract.md §5, §7)."""
+def closed(rows: list[dict], carded: bool = True) -> list[dict]:
+    """A finished job's rows: they end with its `job` row (docs/contract.md §5, §7), which
+    carries the run card unless `carded` is False (rows from before the card)."""
     if rows and rows[-1].get("metric") == "job":
         return rows
-    return [*rows, row({k: v for k, v in rows[0].items() if k not in SELF}, "job", 1.0, "s")]
+    first = rows[0]
+    end = row({k: v for k, v in first.items() if k not in SELF}, "job", 1.0, "s")
+    extra = card(first["task"], first.get("variant", "")) if carded and "task" in first else {}
+    return [*rows, {**end, **extra}]
 
 
 SELF = ("metric", "value", "unit", "step", "status", "error", "pass", "layer", "domain", "expert")
@@ -177,8 +246,11 @@ def frame(jobs: list[list[dict]]) -> pd.DataFrame:
     return pd.DataFrame([{**r, "job_dir": str(n)} for n, rows in enumerate(jobs) for r in rows])
 
 
-def write_sweep(root: Path, jobs: list[list[dict]], overrides: list[str] | None = None) -> Path:
-    """Write a multirun directory with one job per entry of `jobs`; returns its path."""
+def write_sweep(
+    root: Path, jobs: list[list[dict]], overrides: list[str] | None = None, carded: bool = True
+) -> Path:
+    """Write a multirun directory with one job per entry of `jobs` (their `job` rows with the
+    run card unless `carded` is False: then an env.json per job, as before the card)."""
     root.mkdir(parents=True, exist_ok=True)
     overrides = overrides or ["variant=dense,switch", "task=throughput"]
     (root / "multirun.yaml").write_text(
@@ -192,7 +264,10 @@ def write_sweep(root: Path, jobs: list[list[dict]], overrides: list[str] | None 
         (job / ".hydra" / "overrides.yaml").write_text(
             f"- variant={variant}\n- task={task}\n- seed={first['seed']}\n"
         )
-        (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in closed(rows)))
+        done = closed(rows, carded)
+        (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done))
+        if carded:
+            continue
         env = {
             "torch": "2.13.0",
             "device": "cpu",

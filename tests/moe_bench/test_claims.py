@@ -1,5 +1,5 @@
-"""Paper claims (moe_bench/claims.py): the verdict rule on planted seeds, combined checks, the
-steps-to-dense-loss measure, the report's Claims section, and the claims presets."""
+"""Paper claims (moe_bench/report/claims.py): the verdict rule on planted seeds, combined checks,
+the steps-to-dense-loss measure, the report's Claims section, and the claims presets."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import variants
-from moe_bench import claims
 from moe_bench.config import resolve
-from moe_bench.report.build import build_report
+from moe_bench.report import build_report, claims, load
+from moe_bench.report.claims.__main__ import main as claims_main
 
 from . import report_fixtures as fx
 from .conftest import SWEEPS
@@ -146,7 +146,7 @@ def test_only_covered_claims_render(tmp_path: Path) -> None:
     assert 'id="claims"' in html
     assert "Switch (top-1) beats dense" in html
     assert "Loss-free bias balancing" not in html and "Expert choice converges" not in html
-    assert "SE = sd(d) / sqrt(n)" in html  # the rule, under the table
+    assert "t(0.975, n - 1) · sd(d) / sqrt(n)" in html  # the rule, under the table
     assert "What the papers do that we do not" in html
 
 
@@ -170,6 +170,8 @@ def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     batches = expand(cfg)
     assert len(batches) == jobs
+    given = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    assert load.expand(given) == batches  # the report's own expansion counts the same jobs
     for option in {o for batch in batches for o in batch if o.startswith("+claims=")}:
         name = option.split("=", 1)[1]
         assert (SWEEPS / "claims" / f"{name}.yaml").is_file()
@@ -188,7 +190,7 @@ def test_every_claims_job_option_is_a_claim_side() -> None:
 
 
 def test_markdown_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`python -m moe_bench.claims SWEEP` prints the covered claims (for the README) and the
+    """`python -m moe_bench.report.claims SWEEP` prints the covered claims (for the README) and the
     rule; a sweep that covers none says so."""
     rows = [job("dense", s, 4.0) for s in range(3)]
     rows += [job("switch", s, 3.5 + 0.01 * s, **SWITCH) for s in range(3)]
@@ -196,9 +198,9 @@ def test_markdown_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert text.count("\n| 1a.") == 1 and "**reproduced**" in text and "Rule: For each seed" in text
     assert claims.markdown(frame(*rows[:3])) == ""
     sweep = fx.write_sweep(tmp_path / "s", [fx.convergence_job("switch")])
-    assert claims.main([str(sweep)]) == 0
+    assert claims_main([str(sweep)]) == 0
     assert "no claim" in capsys.readouterr().out
-    assert claims.main([str(tmp_path / "absent")]) == 2
+    assert claims_main([str(tmp_path / "absent")]) == 2
 
 
 def test_gaps_state_the_measured_drop_fraction() -> None:
@@ -207,7 +209,7 @@ def test_gaps_state_the_measured_drop_fraction() -> None:
     for seed, drop in enumerate((0.1, 0.3)):
         rows.append(job("switch", seed, 3.5, **SWITCH))
         rows[-1].append(fx.row(rows[-1][0], "drop_fraction", drop, step=0, layer="mean"))
-    lines = claims.gaps(frame(*rows))
+    lines = claims.claim_gaps(frame(*rows))
     assert any(
         line.startswith("Measured: switch at capacity factor 1 dropped 20.0%") and "2 seeds" in line
         for line in lines

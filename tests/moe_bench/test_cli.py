@@ -89,9 +89,9 @@ def test_joblib_launcher_runs_jobs_in_parallel(tmp_path: Path) -> None:
 
 def test_report_callback_prints_the_path(tmp_path: Path, monkeypatch, capsys) -> None:
     built = []
-    fake = types.ModuleType("moe_bench.report.build")
+    fake = types.ModuleType("moe_bench.report.render")
     fake.build_report = lambda sweep_dir: built.append(sweep_dir) or Path(sweep_dir, "report.html")
-    monkeypatch.setitem(sys.modules, "moe_bench.report.build", fake)
+    monkeypatch.setitem(sys.modules, "moe_bench.report.render", fake)
     ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert built == [str(tmp_path)]
     assert capsys.readouterr().out == f"report: {tmp_path / 'report.html'}\n"
@@ -99,14 +99,14 @@ def test_report_callback_prints_the_path(tmp_path: Path, monkeypatch, capsys) ->
 
 @pytest.mark.parametrize("problem", ["missing", "raises"])
 def test_report_failure_is_one_warning_not_a_crash(tmp_path, monkeypatch, capsys, problem) -> None:
-    fake = types.ModuleType("moe_bench.report.build")
+    fake = types.ModuleType("moe_bench.report.render")
 
     def broken(sweep_dir):
         raise RuntimeError("no figures")
 
     fake.build_report = broken
     monkeypatch.setitem(
-        sys.modules, "moe_bench.report.build", None if problem == "missing" else fake
+        sys.modules, "moe_bench.report.render", None if problem == "missing" else fake
     )
     ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     out = capsys.readouterr().out

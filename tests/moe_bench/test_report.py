@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 
 from moe_bench import results, schema
-from moe_bench.report import build, compare, figures, sections
+from moe_bench.report import build_report, compare, figures, frames, leaderboards, load, sections
 from moe_bench.report.__main__ import main
-from moe_bench.report.build import build_report
 
 from . import headless_chromium
 from . import report_fixtures as fx
@@ -54,8 +53,9 @@ def figure_ids(html: str) -> set[str]:
 
 def test_full_sweep_draws_every_figure(full_report: Path) -> None:
     html = full_report.read_text()
-    assert figure_ids(html) == ALL_FIGURES
-    assert html.count("<svg") == len(ALL_FIGURES)
+    # switch without a capacity factor against dense covers claim 1c: its own figure
+    assert figure_ids(html) == ALL_FIGURES | {"claim-1c-0"}
+    assert html.count("<svg") == len(ALL_FIGURES) + 1
     assert "could not be drawn" not in html
     for task in ("throughput", "memory", "convergence", "expert_parallel"):
         assert f"<h3>{task}</h3>" in html
@@ -91,27 +91,27 @@ def test_failed_job_is_listed_with_its_error(tmp_path: Path) -> None:
     assert "Traceback (most recent call last)" in failed  # the full text, folded
     assert "<td><code>1</code></td>" in failed  # its job directory
     assert "1 failed" in html
-    board = build.leaderboard("throughput", fx.frame(jobs))
-    gshard = board.shown[board.shown["variant"] == "gshard"].iloc[0]
+    board = leaderboards.leaderboard("throughput", fx.frame(jobs))
+    gshard = board.shown[board.shown["arm"] == "gshard"].iloc[0]
     assert gshard["runs"] == "1 (1 failed)"
 
 
 def test_single_job_sweep_says_what_is_missing(tmp_path: Path) -> None:
     html = build_report(fx.write_sweep(tmp_path, [fx.convergence_job("switch")])).read_text()
     assert figure_ids(html) == {
-        "training-throughput", "loss-step", "loss-wall", "dynamics", "maxvio", "load-layers",
-        "load-domains",
+        "speed", "quality-cost", "loss-step", "loss-wall", "dynamics", "maxvio", "load-layers",
+        "load-steps", "load-domains",
     }  # fmt: skip
     missing = html[html.index('id="missing"') : html.index('<section id="run">')]
-    assert "no throughput-task tokens_per_s rows in this sweep" in missing
-    assert "no peak_memory_bytes rows in this sweep" in missing
+    assert "no tflops rows" in missing
+    assert "no peak_memory_bytes column in any leaderboard" in missing
     assert "★" not in html  # one row per column: nothing to be best against
 
 
 def test_throughput_only_sweep(tmp_path: Path) -> None:
     jobs = [fx.throughput_job(v, tokens=t) for v in ("dense", "switch") for t in (256, 512)]
     html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
-    assert figure_ids(html) == {"throughput-tokens", "throughput"}
+    assert figure_ids(html) == {"throughput-tokens", "speed", "efficiency"}
     missing = html[html.index('id="missing"') : html.index('<section id="run">')]
     assert "no variant ran at two or more values of number of experts" in missing
     for metric in ("train_loss", "max_vio_batch", "expert_load", "peak_memory_bytes"):
@@ -159,7 +159,7 @@ def test_command_line_prints_the_report_path(tmp_path: Path) -> None:
 def test_leaderboard_pools_seeds_and_marks_the_best(tmp_path: Path) -> None:
     jobs = [fx.convergence_job(v, seed) for v in ("dense", "switch", "gshard") for seed in (0, 1)]
     rows = fx.frame(jobs)
-    board = build.leaderboard("convergence", rows)
+    board = leaderboards.leaderboard("convergence", rows)
     loss = "final val loss [nats] ↓"
     # the expected spread, straight from the rows: each job's last val_loss, over seeds
     val = rows[rows["metric"] == "val_loss"]
@@ -167,27 +167,31 @@ def test_leaderboard_pools_seeds_and_marks_the_best(tmp_path: Path) -> None:
     stats = final.groupby("variant")["value"].agg(["mean", "std"])
     best_variant = stats["mean"].idxmin()
     for _, line in board.shown.iterrows():
-        mean, std = stats.loc[line["variant"]]
+        mean, std = stats.loc[line["arm"]]
         assert line[loss].startswith(f"{mean:,.3f} ± {std:,.3f}")
-    marked = board.shown.loc[board.best[loss], "variant"].tolist()
+    marked = board.shown.loc[board.best[loss], "arm"].tolist()
     assert marked == [best_variant]
     assert board.shown.loc[board.best[loss], loss].item().endswith("★")
 
 
 def test_leaderboard_separates_swept_settings(tmp_path: Path) -> None:
     jobs = [fx.throughput_job(v, tokens=t) for v in ("dense", "switch") for t in (256, 1024)]
-    board = build.leaderboard("throughput", fx.frame(jobs))
+    board = leaderboards.leaderboard("throughput", fx.frame(jobs))
     assert board.ties == ["model.tokens"]
     assert len(board.shown) == 4
     fwd = "tokens/s fwd [tok/s] ↑"
     # one best per token count: the faster variant at that size
     assert board.best[fwd].sum() == 2
-    assert set(board.shown.loc[board.best[fwd], "variant"]) == {"dense"}
+    assert set(board.table.loc[board.best[fwd], "variant"]) == {"dense"}
+    # each row is one arm, labelled by the setting that tells it apart from its variant's others
+    assert set(board.shown["arm"]) == {
+        f"{v} · tokens={t}" for v in ("dense", "switch") for t in (256, 1024)
+    }
 
 
 def test_expert_parallel_table_and_figures(tmp_path: Path) -> None:
     jobs = [fx.expert_parallel_job("switch", **{"variant.max_devices": m}) for m in (1, 2)]
-    board = build.leaderboard("expert_parallel", fx.frame(jobs))
+    board = leaderboards.leaderboard("expert_parallel", fx.frame(jobs))
     shown = board.shown
     assert len(shown) == 2 and "variant.max_devices" in shown.columns  # one row per setting
     for label in ("devices/token", "bytes/token", "remote fraction", "rank imbalance"):
@@ -204,43 +208,46 @@ def test_balance_columns_leave_out_single_expert_layers() -> None:
     routed = fx.base("switch", "balance", **{"variant.num_experts": 8})
     single = {**fx.base("dense", "balance"), "variant.num_experts": 1}
     jobs = [[fx.row(common, "max_vio_global", 0.5)] for common in (routed, single)]
-    board = build.leaderboard("balance", fx.frame(jobs))
-    assert board.shown["variant"].tolist() == ["switch"]  # dense's 0.0 is no balance at all
-    alone = build.leaderboard("balance", fx.frame(jobs[1:]))
+    board = leaderboards.leaderboard("balance", fx.frame(jobs))
+    assert board.shown["arm"].tolist() == ["switch"]  # dense's 0.0 is no balance at all
+    alone = leaderboards.leaderboard("balance", fx.frame(jobs[1:]))
     assert alone.shown.empty
 
 
 def test_notes_give_loss_normalisation_and_flag_expert_choice(tmp_path: Path) -> None:
     jobs = [fx.convergence_job("switch"), fx.convergence_job("mixtral")]
-    jobs.append(fx.convergence_job("expert_choice"))
+    leaky = [{**r, "leaks_future_tokens": True} for r in fx.convergence_job("expert_choice")]
+    jobs.append(leaky)
     html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
     notes = html[html.index('<section id="notes">') :]
     for variant in ("switch", "mixtral", "expert_choice"):
-        assert str(markupsafe.escape(build.NOTES[variant].loss)) in notes
+        assert str(markupsafe.escape(fx.VARIANT_NOTES[variant])) in notes
     assert "⚠ non-causal" in notes
     assert "expert_choice  ⚠ non-causal" in html  # flagged in the leaderboard row too
 
 
 @pytest.mark.parametrize(
     ("recorded", "flagged"),
-    [(True, True), (False, False), ("true", True), (None, True)],  # None: old rows, default config
+    [(True, True), (False, False), ("true", True), (None, False)],  # None: not known to leak
 )
 def test_non_causal_flag_follows_each_jobs_recorded_leak(recorded: object, flagged: bool) -> None:
     """The runner's `leaks_future_tokens` column decides (expert_choice with
-    selection_scope=position is causal); rows without it fall back to the variant's default."""
+    selection_scope=position is causal); the report never guesses from a variant's name."""
     rows = [{**r, "leaks_future_tokens": recorded} for r in fx.convergence_job("expert_choice")]
     frame = fx.frame([rows, fx.convergence_job("switch")])
-    assert build.non_causal(frame) == (["expert_choice"] if flagged else [])
-    board = build.leaderboard("convergence", frame)
-    assert ("expert_choice  ⚠ non-causal" in board.shown["variant"].tolist()) is flagged
-    assert "switch" in board.shown["variant"].tolist()
+    assert frames.non_causal(frame) == (["expert_choice"] if flagged else [])
+    board = leaderboards.leaderboard("convergence", frame)
+    assert ("expert_choice  ⚠ non-causal" in board.shown["arm"].tolist()) is flagged
+    assert "switch" in board.shown["arm"].tolist()
 
 
-def test_variant_colours_are_fixed_and_distinct() -> None:
-    alone = figures.variant_colors([])
-    with_extra = figures.variant_colors(["megablocks_dmoe", "switch"])
-    assert {k: with_extra[k] for k in alone} == alone
-    assert len(set(with_extra.values())) == len(with_extra)
+def test_arm_colours_are_distinct_and_family_shaded() -> None:
+    arms = {"dense": "dense", "switch · dropless": "switch", "switch · capacity_factor=1": "switch"}
+    colors = figures.arm_colors(arms)
+    assert set(colors) == set(arms) and len(set(colors.values())) == len(colors)
+    assert figures.arm_colors(arms) == colors  # the same arms, the same colours
+    alone = figures.arm_colors({"dense": "dense", "switch": "switch"})
+    assert alone["dense"] == colors["dense"]  # a variant's hue does not depend on its arms
 
 
 def assert_opens_cleanly(report: Path, profile: Path) -> None:
@@ -291,14 +298,14 @@ def test_real_multirun_ends_with_a_report_that_opens(tmp_path: Path) -> None:
     assert_opens_cleanly(report, tmp_path / "profile")
 
 
-# --- issue 14: one answer per question, noise-aware marks, what ran, compare, compressed CSV ---
+# --- one answer per question, noise-aware marks, what ran, compare, compressed CSV ---
 
 FWD_BWD = "tokens/s fwd+bwd [tok/s] ↑"
 RATIO = "ratio to dense fwd+bwd [×] ↓"
 
 
-def marks_of(board: build.Board, label: str) -> dict[str, str]:
-    return dict(zip(board.shown["variant"], board.marks[label]))
+def marks_of(board: leaderboards.Board, label: str) -> dict[str, str]:
+    return dict(zip(board.shown["arm"], board.marks[label]))
 
 
 def test_throughput_board_ranks_by_tokens_and_says_where_ratio_disagrees() -> None:
@@ -308,9 +315,9 @@ def test_throughput_board_ranks_by_tokens_and_says_where_ratio_disagrees() -> No
         fx.throughput_job("gshard", speed=2e5, ratio=1.2),
         fx.throughput_job("mixtral", speed=1e5, ratio=2.0),
     ]
-    board = build.leaderboard("throughput", fx.frame(jobs))
-    assert board.shown["variant"].tolist() == ["switch", "gshard", "mixtral"]  # by tokens/s
-    ranks = dict(zip(board.shown["variant"], board.shown["ranks"]))
+    board = leaderboards.leaderboard("throughput", fx.frame(jobs))
+    assert board.shown["arm"].tolist() == ["switch", "gshard", "mixtral"]  # by tokens/s
+    ranks = dict(zip(board.shown["arm"], board.shown["ranks"]))
     assert ranks == {
         "switch": "ratio ranks it #2, tokens/s #1",
         "gshard": "ratio ranks it #1, tokens/s #2",
@@ -326,25 +333,28 @@ def test_no_star_on_a_tie() -> None:
         fx.throughput_job("switch", speed=1.01e5, iqr=0.05),
         fx.throughput_job("gshard", speed=1.00e5, iqr=0.05),
     ]
-    board = build.leaderboard("throughput", fx.frame(close))
+    board = leaderboards.leaderboard("throughput", fx.frame(close))
     assert marks_of(board, FWD_BWD) == {"switch": "tie", "gshard": "tie"}
     assert "★" not in "".join(board.shown[FWD_BWD]) and "(tie)" in board.shown[FWD_BWD].iloc[0]
     apart = [fx.throughput_job("switch", speed=2e5), fx.throughput_job("gshard", speed=1e5)]
-    assert marks_of(build.leaderboard("throughput", fx.frame(apart)), FWD_BWD)["switch"] == "best"
+    assert (
+        marks_of(leaderboards.leaderboard("throughput", fx.frame(apart)), FWD_BWD)["switch"]
+        == "best"
+    )
     # seed spread: means 0.01 apart with a std of 0.05 over two seeds each is within 2 SE
     jobs = []
     for variant, shift in (("switch", 0.0), ("gshard", 0.01)):
         for seed, noise in ((0, -0.05), (1, 0.05)):
             common = fx.base(variant, "convergence", seed)
             jobs.append([fx.row(common, "val_loss", 2.0 + shift + noise, step=10)])
-    board = build.leaderboard("convergence", fx.frame(jobs))
+    board = leaderboards.leaderboard("convergence", fx.frame(jobs))
     assert set(marks_of(board, "final val loss [nats] ↓").values()) == {"tie"}
-    # one seed, equal as printed (the issue's deepseek_v3 vs dense 2.3691): a tie, no star
+    # one seed, equal as printed (a committed report's deepseek_v3 vs dense 2.3691): a tie, no star
     same = [
         [fx.row(fx.base(v, "convergence"), "val_loss", 2.3691 + d, step=10)]
         for v, d in (("dense", 0.0), ("switch", 1e-6))
     ]
-    board = build.leaderboard("convergence", fx.frame(same))
+    board = leaderboards.leaderboard("convergence", fx.frame(same))
     assert set(marks_of(board, "final val loss [nats] ↓").values()) == {"tie"}
 
 
@@ -354,17 +364,18 @@ def test_noisy_rows_are_shown_and_never_starred() -> None:
         fx.throughput_job("gshard", speed=2e5, noisy=False),
         fx.throughput_job("mixtral", speed=1e5, noisy=False),
     ]
-    board = build.leaderboard("throughput", fx.frame(jobs))
+    board = leaderboards.leaderboard("throughput", fx.frame(jobs))
     marks = marks_of(board, FWD_BWD)
     assert marks["switch"] == "" and marks["gshard"] == "best"
-    runs = dict(zip(board.shown["variant"], board.shown["runs"]))
+    runs = dict(zip(board.shown["arm"], board.shown["runs"]))
     assert runs["switch"] == "1 (1 noisy)"
 
 
 def finished(rows: list[dict]) -> list[dict]:
     """A job that ended: its `job` row, as the Recorder's finish writes it."""
     common = {k: rows[0][k] for k in ("variant", "task", "seed", "backend", "device", "dtype")}
-    return [*rows, {**common, **schema.row(schema.JOB, 12.0)}]
+    card = fx.card(common["task"], common["variant"])
+    return [*rows, {**common, **schema.row(schema.JOB, 12.0), **card}]
 
 
 def test_incomplete_and_failed_jobs_are_not_ranked() -> None:
@@ -374,12 +385,13 @@ def test_incomplete_and_failed_jobs_are_not_ranked() -> None:
         finished(fx.throughput_job("mixtral", speed=1e5)),
         [{**r, "status": "failed", "error": "boom"} for r in fx.throughput_job("dense", speed=8e5)],
     ]
-    board = build.leaderboard("throughput", fx.frame(jobs))
+    board = leaderboards.leaderboard("throughput", fx.frame(jobs))
     marks = marks_of(board, FWD_BWD)
     assert marks["switch"] == "" and marks["gshard"] == "best" and marks["dense"] == ""
-    runs = dict(zip(board.shown["variant"], board.shown["runs"]))
+    runs = dict(zip(board.shown["arm"], board.shown["runs"]))
     assert runs["switch"] == "1 (1 incomplete)" and runs["dense"] == "1 (1 failed)"
-    summary = build._findings(fx.frame(jobs))
+    rows = fx.frame(jobs)
+    summary = sections.findings(rows, load.task_cards(rows))
     assert summary[0].startswith("Fastest: gshard")
 
 
@@ -387,8 +399,8 @@ def test_notes_only_for_variants_present(tmp_path: Path) -> None:
     html = build_report(fx.write_sweep(tmp_path, [fx.convergence_job("switch")])).read_text()
     notes = html[html.index('<section id="notes">') :]
     assert "Expert choice (Zhou" not in notes and "non-causal" not in notes
-    assert str(markupsafe.escape(build.NOTES["switch"].loss)) in notes
-    assert str(markupsafe.escape(build.NOTES["gshard"].loss)) not in notes
+    assert str(markupsafe.escape(fx.VARIANT_NOTES["switch"])) in notes
+    assert str(markupsafe.escape(fx.VARIANT_NOTES["gshard"])) not in notes
 
 
 def test_summary_what_ran_and_sections_come_first(full_report: Path) -> None:
@@ -404,7 +416,7 @@ def test_summary_what_ran_and_sections_come_first(full_report: Path) -> None:
     for task, words in (("throughput", "dense FFN with the same active FLOPs"),):
         assert words in html[html.index(f"<h3>{task}</h3>") :]
     assert "Throughput by variant" not in html  # figures are titled by their task
-    assert "Convergence task: training tokens/s" in html
+    assert "Tokens/s by arm" in html  # one panel per task: the chart never mixes them
 
 
 def test_identical_untrained_routers_are_named() -> None:
@@ -413,7 +425,7 @@ def test_identical_untrained_routers_are_named() -> None:
         common = fx.base(variant, "balance", **{"variant.num_experts": 8})
         value = 0.7 if variant == "switch" else 0.4
         jobs.append([fx.row(common, "max_vio_global", value, layer=0, domain="prose")])
-    assert sections.identical_balance(fx.frame(jobs)) == [["deepseek_moe", "mixtral"]]
+    assert sections.identical_balance(fx.frame(jobs)) == {"balance": [["deepseek_moe", "mixtral"]]}
 
 
 def test_specialisation_is_a_jensen_shannon_number() -> None:
