@@ -116,6 +116,19 @@ class ThroughputConfig(TaskConfig):
 
 
 @dataclass
+class RaceConfig(ThroughputConfig):  # moe_bench/tasks/race.py
+    name: str = "race"
+    variants: list[str] = field(default_factory=list)  # raced beside the job's own variant
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [name for name in self.variants if name not in components.names()]
+        if unknown:
+            allowed = ", ".join(components.names())
+            raise ValueError(f"variants: {unknown[0]!r} is not one of {allowed}")
+
+
+@dataclass
 class MemoryConfig(TaskConfig):
     name: str = "memory"
     warmup: int = 1
@@ -204,6 +217,7 @@ class ExpertParallelConfig(TaskConfig):
 
 TASK_SCHEMAS: dict[str, type[TaskConfig]] = {
     "throughput": ThroughputConfig,
+    "race": RaceConfig,
     "memory": MemoryConfig,
     "balance": BalanceConfig,
     "convergence": ConvergenceConfig,
@@ -272,9 +286,9 @@ def expert_tflop(cfg: DictConfig) -> float | None:
     of width d_ff per token, SwiGLU, backward = 2 forwards); None for a task it does not know."""
     m, t = cfg.model, cfg.task
     per_token = m.active * 6 * m.d_model * m.d_ff
-    if t.name == "throughput":  # layer and twin, warm-up and repeats, 1 (fwd) or 3 (fwd_bwd)
+    if t.name in ("throughput", "race"):  # arms and twin, warm-up and repeats, 1 or 3 passes
         passes = sum(1 if p == "fwd" else 3 for p in t.passes)
-        tokens = 2 * (t.warmup + t.repeats) * m.tokens * passes
+        tokens = (2 + len(t.get("variants", []))) * (t.warmup + t.repeats) * m.tokens * passes
     elif t.name == "memory":
         tokens = 2 * (t.warmup + t.repeats) * m.tokens * 3
     elif t.name == "balance":  # two corpus domains and the skewed inputs

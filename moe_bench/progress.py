@@ -14,8 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# tasks whose numbers are wall-clock times (throughput's rows, convergence's tokens_per_s)
-TIMED_TASKS = ("throughput", "convergence")
+# tasks whose numbers are wall-clock times (throughput's and race's rows, convergence's
+# tokens_per_s)
+TIMED_TASKS = ("throughput", "race", "convergence")
 MULTIRUN_YAML = "multirun.yaml"
 
 
@@ -81,7 +82,8 @@ def _throughput(rows: list[dict[str, Any]]) -> str | None:
         shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
         text = f"{pass_} {shown} ms (x{ratio_row['value']:.2f} dense, iqr {iqr / ms:.0%})"
         if time_row.get("noisy") or ratio_row.get("noisy"):
-            text += " NOISY"
+            reason = ratio_row.get("noisy_reason")
+            text += f" NOISY ({reason})" if reason else " NOISY"
         if time_row.get("load_avg") is not None:
             text += f", load {time_row['load_avg']:.1f}"
         return text

@@ -23,6 +23,7 @@ from moe_bench.results import Recorder
 
 TASKS: dict[str, str] = {
     "throughput": "moe_bench.tasks.throughput",
+    "race": "moe_bench.tasks.race",
     "memory": "moe_bench.tasks.memory",
     "balance": "moe_bench.tasks.balance",
     "convergence": "moe_bench.tasks.convergence",
