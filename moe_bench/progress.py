@@ -90,6 +90,19 @@ def _throughput(rows: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _race(rows: list[dict[str, Any]]) -> str | None:
+    """Each arm's ratio to dense, fastest first, in the last pass that has them."""
+    for pass_ in ("fwd_bwd", "fwd"):
+        found = [r for r in rows if r.get("metric") == "ratio_to_dense" and r.get("pass") == pass_]
+        if found:
+            arms = [
+                f"{r['variant']} x{r['value']:.2f}" + (" NOISY" if r.get("noisy") else "")
+                for r in sorted(found, key=lambda r: r["value"])
+            ]
+            return f"{pass_} vs dense: " + ", ".join(arms)
+    return None
+
+
 def _memory(rows: list[dict[str, Any]]) -> str | None:
     peak, ratio = _row(rows, "peak_memory_bytes"), _row(rows, "ratio_to_dense")
     if peak is None or ratio is None:
@@ -115,6 +128,7 @@ def _balance(rows: list[dict[str, Any]]) -> str | None:
 
 SUMMARIES = {
     "throughput": _throughput,
+    "race": _race,
     "memory": _memory,
     "convergence": _convergence,
     "balance": _balance,

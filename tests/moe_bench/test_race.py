@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_bench import config, results
+from moe_bench import config, progress, results
 from moe_bench.__main__ import execute
 from tests.moe_bench.conftest import FAST
 
@@ -49,6 +49,8 @@ def test_race_rows_per_arm(compose_cfg, tmp_path: Path) -> None:
             assert row[key] == own[key], (name, key)
     assert set(frame["task.variants"]) == {"gshard,switch,deepseek_moe"}
     assert set(frame["backend"]) == {cfg.backend}
+    line = progress.job_summary("race", results.read_rows(tmp_path / results.RESULTS)[0])
+    assert line.startswith("fwd_bwd vs dense: ") and line.count(" x") == 3
 
 
 def test_race_refuses_an_unknown_variant(compose_cfg) -> None:
