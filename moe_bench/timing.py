@@ -47,7 +47,7 @@ Clock = Callable[[], float]  # seconds
 # fraction of it. Calibrated on a dense layer timed against its identical twin at the quick and
 # tiny sizes (true ratio 1): scripts/calibrate_noise.py, output in
 # reports/benchmarks/noise_calibration.txt, which gives the runs, the machine and its load.
-NOISY_RATIO_CI = 0.05
+NOISY_RATIO_CI = 0.07
 MIN_CI_ROUNDS = 6  # fewer rounds give no distribution-free 95% interval of the median
 
 
