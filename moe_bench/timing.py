@@ -46,7 +46,10 @@ Clock = Callable[[], float]  # seconds
 # A median ratio is noisy when the half-width of its 95% confidence interval exceeds this
 # fraction of it. Calibrated on a dense layer timed against its identical twin at the quick and
 # tiny sizes (true ratio 1): scripts/calibrate_noise.py, output in
-# reports/benchmarks/noise_calibration.txt, which gives the runs, the machine and its load.
+# reports/benchmarks/noise_calibration.txt (the runs, the machine and its load: a 2-core VM
+# shared with other test runs, load average 12-21). There the interval held 1 in 17 of 18
+# quick-size runs, and |ratio - 1| stayed within 6.3% in all of them: 7% trusts no interval
+# narrower than the error the protocol delivers on a shared machine.
 NOISY_RATIO_CI = 0.07
 MIN_CI_ROUNDS = 6  # fewer rounds give no distribution-free 95% interval of the median
 
