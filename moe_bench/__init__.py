@@ -19,21 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe_bench.paths import config_dir
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from moe_bench.config import Job
-
-
-def config_dir() -> Path:
-    """The Hydra config directory (`sweeps/`), the one place the app and `compose` read it from.
-
-    An installed package (a wheel, `pip install .`) carries it as `moe_bench/sweeps/` (package
-    data); in the clone (an editable install, or the clone on sys.path) it is `sweeps/` at the
-    repository root, beside this package."""
-    package = Path(__file__).resolve().parent
-    installed = package / "sweeps"
-    return installed if (installed / "config.yaml").is_file() else package.parent / "sweeps"
 
 
 SWEEPS = config_dir()

@@ -106,7 +106,8 @@ METRICS: dict[str, Metric] = {
 
 # extra columns of task=throughput rows (docs/contract.md §5): spread, noise flag, machine
 TIMING_COLUMNS = (
-    "iqr_ms", "min_ms", "max_ms", "repeats", "noisy",  # fwd_ms / fwd_bwd_ms (noisy: every row)
+    "iqr_ms", "min_ms", "max_ms", "repeats",  # fwd_ms / fwd_bwd_ms
+    "noisy", "noisy_reason",  # every row: can the pass's median ratio be trusted, and why not
     "dense_ms", "dense_iqr_ms", "ratio_iqr", "ratio_min", "ratio_max", "ratio_ci95",  # ratio
     "load_avg", "load_avg_after", "threads",  # every throughput row
 )  # fmt: skip

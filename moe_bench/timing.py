@@ -5,9 +5,10 @@ would measure kernel launches, not kernels); on CPU, `time.perf_counter`. `time_
 two steps interleaved in one loop: both run `warmup` times untimed first (allocator growth,
 caches, lazy initialisation), then each of `repeats` rounds times A then B, so a change of load,
 clock or cache state hits both alike; the ratio of the two is the median of the per-round
-ratios, not a ratio of medians. The median, the interquartile range and min/max describe the
-samples, and `noisy` flags a spread past NOISY_IQR (IQR over median) or NOISY_MAX_MIN (max over
-min): docs/contract.md, section 5.
+ratios, not a ratio of medians. `time_rounds` does the same for any number of steps (the race
+task's arms), rotating which step goes first each round. The median, the interquartile range
+and min/max describe the samples; `ratio_noise` says whether a median ratio can be trusted,
+from the 95% confidence interval of that median: docs/contract.md, section 5.
 
 (`torch.utils.benchmark.Timer` handles CUDA sync and threads too, but it times blocks of one
 statement and sets its own thread count; interleaving two steps per round needs this loop, the
@@ -28,7 +29,7 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,15 @@ from tqdm import tqdm
 Step = Callable[[], Any]
 Clock = Callable[[], float]  # seconds
 
-NOISY_IQR = 0.10  # interquartile range over median above this: noisy
-NOISY_MAX_MIN = 2.0  # slowest over fastest sample above this: noisy
+# A median ratio is noisy when the half-width of its 95% confidence interval exceeds this
+# fraction of it. Calibrated on a dense layer timed against its identical twin at the quick and
+# tiny sizes (true ratio 1): scripts/calibrate_noise.py, output in
+# reports/benchmarks/noise_calibration.txt (the runs, the machine and its load: a 2-core VM
+# shared with other test runs, load average 12-21). There the interval held 1 in 17 of 18
+# quick-size runs, and |ratio - 1| stayed within 6.3% in all of them: 7% trusts no interval
+# narrower than the error the protocol delivers on a shared machine.
+NOISY_RATIO_CI = 0.07
+MIN_CI_ROUNDS = 6  # fewer rounds give no distribution-free 95% interval of the median
 
 
 def synchronize(device: torch.device) -> None:
@@ -86,25 +94,23 @@ class Timing:
     def relative_iqr(self) -> float:
         return self.iqr_ms / self.median_ms if self.median_ms > 0 else float("inf")
 
-    @property
-    def noisy(self) -> bool:
-        """The spread passes a threshold: IQR > NOISY_IQR x median, or max > NOISY_MAX_MIN x min."""
-        too_wide = self.relative_iqr > NOISY_IQR
-        return too_wide or self.max_ms > NOISY_MAX_MIN * self.min_ms
-
     def spread(self) -> dict[str, Any]:
-        """The columns of a timing row: iqr_ms, min_ms, max_ms, repeats, noisy."""
+        """The spread columns of a timing row: iqr_ms, min_ms, max_ms, repeats."""
         return {
             "iqr_ms": self.iqr_ms,
             "min_ms": self.min_ms,
             "max_ms": self.max_ms,
             "repeats": len(self.samples_ms),
-            "noisy": self.noisy,
         }
 
 
 def ratio(a_ms: float, b_ms: float) -> float:
     return a_ms / b_ms if b_ms > 0 else math.inf
+
+
+def per_round(a_ms: list[float], b_ms: list[float]) -> list[float]:
+    """The ratio a / b of each round."""
+    return [ratio(a, b) for a, b in zip(a_ms, b_ms)]
 
 
 @dataclass
@@ -116,7 +122,7 @@ class PairTiming:
 
     @property
     def ratio(self) -> Timing:
-        return Timing([ratio(a, b) for a, b in zip(self.a.samples_ms, self.b.samples_ms)])
+        return Timing(per_round(self.a.samples_ms, self.b.samples_ms))
 
 
 @contextmanager
@@ -162,9 +168,76 @@ def median_ci_halfwidth(samples: list[float]) -> float:
     return (ordered[hi] - ordered[lo]) / 2
 
 
+def relative_ci(ratios: list[float]) -> float:
+    """The median's 95% confidence half-width over the median (infinite below 6 samples)."""
+    median = statistics.median(ratios)
+    return median_ci_halfwidth(ratios) / median if median > 0 else math.inf
+
+
 def precise(ratios: list[float], precision: float) -> bool:
     """The median ratio is known within +-precision (relative, 95% confidence)."""
-    return median_ci_halfwidth(ratios) <= precision * statistics.median(ratios)
+    return relative_ci(ratios) <= precision
+
+
+def ratio_noise(ratios: list[float]) -> str:
+    """Why the median of these per-round ratios cannot be trusted; "" when it can.
+
+    The rule reads the quantity a comparison reads, the median per-round ratio, and asks
+    whether its 95% interval is within NOISY_RATIO_CI of it. Load that hits both steps of a
+    round alike cancels in the ratio and widens nothing; load that hits one step and not the
+    other scatters the ratios and widens the interval."""
+    if len(ratios) < MIN_CI_ROUNDS:
+        return f"ratio CI undefined: {len(ratios)} rounds < {MIN_CI_ROUNDS}"
+    rel = relative_ci(ratios)
+    if rel > NOISY_RATIO_CI:
+        return f"ratio CI ±{rel:.1%} > {NOISY_RATIO_CI:.0%}"
+    return ""
+
+
+def time_rounds(
+    steps: Sequence[Step],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    desc: str,
+    clock: Clock = time.perf_counter,
+    max_repeats: int | None = None,
+    precision: float = 0.0,
+) -> list[Timing]:
+    """Warm up every step in turn, then time rounds of all of them, round-robin: round r starts
+    at step r mod n, so no step always runs first (two steps: A B, B A, ...). `repeats` rounds,
+    and more, up to `max_repeats`, until every step's median per-round ratio to the last step
+    (the reference) is known within +-precision."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    synchronize(device)
+    timer = _StepTimer(device, clock)
+    n = len(steps)
+    samples: list[list[float]] = [[] for _ in steps]
+    limit = max(repeats, max_repeats or repeats)
+
+    def done() -> bool:
+        rounds = len(samples[-1])
+        if rounds < repeats:
+            return False
+        return rounds >= limit or all(
+            precise(per_round(s, samples[-1]), precision) for s in samples[:-1]
+        )
+
+    bar = tqdm(total=repeats, desc=desc, unit="round", leave=False, disable=None)
+    with gc_paused(), bar:
+        while not done():
+            first = len(samples[-1]) % n
+            order = [*range(first, n), *range(first)]
+            reads = {i: timer(steps[i]) for i in order}
+            synchronize(device)
+            for i in range(n):
+                samples[i].append(reads[i]())
+            if len(samples[-1]) > bar.total:
+                bar.total = len(samples[-1]) + 1  # extra rounds for precision
+            bar.update()
+    return [Timing(s) for s in samples]
 
 
 def time_pair(
@@ -178,32 +251,13 @@ def time_pair(
     max_repeats: int | None = None,
     precision: float = 0.0,
 ) -> PairTiming:
-    """Warm up A and B (A B A B ...), then time rounds of A and B: `repeats` of them, and more,
-    up to `max_repeats`, until the median per-round ratio A / B is known within +-precision."""
-    for _ in range(warmup):
-        a()
-        b()
-    synchronize(device)
-    timer = _StepTimer(device, clock)
-    a_ms: list[float] = []
-    b_ms: list[float] = []
-    ratios: list[float] = []
-    limit = max(repeats, max_repeats or repeats)
-    bar = tqdm(total=repeats, desc=desc, unit="round", leave=False, disable=None)
-    with gc_paused(), bar:
-        while len(ratios) < limit and (len(ratios) < repeats or not precise(ratios, precision)):
-            if len(ratios) % 2 == 0:
-                read_a, read_b = timer(a), timer(b)
-            else:  # B first every other round: neither step always runs first in a round
-                read_b, read_a = timer(b), timer(a)
-            synchronize(device)
-            a_ms.append(read_a())
-            b_ms.append(read_b())
-            ratios.append(ratio(a_ms[-1], b_ms[-1]))
-            if len(ratios) > bar.total:
-                bar.total = len(ratios) + 1  # extra rounds for precision
-            bar.update()
-    return PairTiming(Timing(a_ms), Timing(b_ms))
+    """Warm up A and B (A B A B ...), then time rounds of A and B (A B, then B A, ...):
+    `repeats` of them, and more, up to `max_repeats`, until the median per-round ratio A / B is
+    known within +-precision."""
+    a_time, b_time = time_rounds(
+        [a, b], device, warmup, repeats, desc, clock, max_repeats=max_repeats, precision=precision
+    )
+    return PairTiming(a_time, b_time)
 
 
 def time_steps(step: Step, device: torch.device, warmup: int, repeats: int, desc: str) -> Timing:

@@ -7,16 +7,16 @@ up to `task.max_repeats`, run until the median ratio is known within +-`task.pre
 
 Rows per pass (`pass` column `fwd` or `fwd_bwd`), docs/contract.md section 5:
 - `fwd_ms` / `fwd_bwd_ms`: the layer's median step time; columns `iqr_ms`, `min_ms`, `max_ms`,
-  `repeats` and `noisy` (the spread passed `moe_bench.timing`'s threshold).
-- `tokens_per_s` and `tflops` (analytic FLOPs of `moe_bench.isocompute`) over that median;
-  `noisy` as the time's.
+  `repeats`.
+- `tokens_per_s` and `tflops` (analytic FLOPs of `moe_bench.isocompute`) over that median.
 - `ratio_to_dense`: the median over rounds of (layer time / twin time); columns `dense_ms`
   (the twin's median), `dense_iqr_ms`, the per-round ratios' `ratio_iqr`, `ratio_min`,
-  `ratio_max`, `ratio_ci95` (half-width of the median's 95% confidence interval) and `noisy`
-  (of those ratios). Above 1 is what routing, dispatch and imbalance
-  cost.
-Every row also carries `load_avg` (the 1-minute load average before the job's timing),
-`load_avg_after` (after that pass) and `threads` (torch's intra-op threads).
+  `ratio_max`, `ratio_ci95` (half-width of the median's 95% confidence interval). Above 1 is
+  what routing, dispatch and imbalance cost.
+Every row of a pass carries the pass's `noisy` and `noisy_reason` (`moe_bench.timing.ratio_noise`
+over its per-round ratios: "" when the ratio can be trusted), `load_avg` (the 1-minute load
+average before the job's timing), `load_avg_after` (after that pass) and `threads` (torch's
+intra-op threads).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from moe_bench.progress import Rows, find_row
 from moe_bench.recorder import Recorder, load_average
 from moe_bench.task import Answer, Asks, Task
 from moe_bench.tasks import STEPS, build_dense, build_layer, random_input
-from moe_bench.timing import PairTiming, median_ci_halfwidth, time_pair
+from moe_bench.timing import PairTiming, Timing, median_ci_halfwidth, ratio_noise, time_pair
 from variants.contract.config import check_int, check_number
 
 PASSES = ("fwd", "fwd_bwd")
@@ -64,22 +64,38 @@ class ThroughputConfig(TaskConfig):
             )
 
 
-def log_pass(recorder: Recorder, job: Job, pass_: str, pair: PairTiming, **machine: Any) -> None:
-    """The four rows of one pass from its interleaved timing."""
-    moe, ratio = pair.a, pair.ratio
-    seconds = moe.median_ms / 1e3
-    keys = {"pass": pass_, **machine}
-    recorder.log(TIME_METRICS[pass_], moe.median_ms, **moe.spread(), **keys)
-    recorder.log(schema.TOKENS_PER_S, job.model.tokens / seconds, noisy=moe.noisy, **keys)
-    factor = 1 if pass_ == "fwd" else 1 + BACKWARD_FACTOR
-    flops = factor * ffn_flops_per_token(job.layer) * job.model.tokens
-    recorder.log(schema.TFLOPS, flops / seconds / 1e12, noisy=moe.noisy, **keys)
+def log_speed(recorder: Recorder, job: Job, pass_: str, time: Timing, **keys: Any) -> None:
+    """The time, tokens/s and TFLOP/s rows of one pass of `job`'s layer."""
+    seconds = time.median_ms / 1e3
+    keys = {"pass": pass_, **keys}
+    recorder.log(TIME_METRICS[pass_], time.median_ms, **time.spread(), **keys)
+    recorder.log(schema.TOKENS_PER_S, job.model.tokens / seconds, **keys)
+    flops = pass_factor(pass_) * ffn_flops_per_token(job.layer) * job.model.tokens
+    recorder.log(schema.TFLOPS, flops / seconds / 1e12, **keys)
+
+
+def log_ratio(recorder: Recorder, pass_: str, pair: PairTiming, **keys: Any) -> None:
+    """The ratio_to_dense row of one pass: layer (A) over dense (B), round by round."""
+    ratio = pair.ratio
     recorder.log(
         schema.RATIO_TO_DENSE, ratio.median_ms, dense_ms=pair.b.median_ms,
         dense_iqr_ms=pair.b.iqr_ms, ratio_iqr=ratio.iqr_ms, ratio_min=ratio.min_ms,
         ratio_max=ratio.max_ms, ratio_ci95=median_ci_halfwidth(ratio.samples_ms),
-        repeats=len(ratio.samples_ms), noisy=ratio.noisy, **keys,
+        repeats=len(ratio.samples_ms), **{"pass": pass_, **keys},
     )  # fmt: skip
+
+
+def noise(pair: PairTiming) -> dict[str, Any]:
+    """`noisy` and `noisy_reason` of a pass: whether its median ratio can be trusted."""
+    reason = ratio_noise(pair.ratio.samples_ms)
+    return {"noisy": bool(reason), "noisy_reason": reason}
+
+
+def log_pass(recorder: Recorder, job: Job, pass_: str, pair: PairTiming, **machine: Any) -> None:
+    """The four rows of one pass from its interleaved timing."""
+    keys = {**noise(pair), **machine}
+    log_speed(recorder, job, pass_, pair.a, **keys)
+    log_ratio(recorder, pass_, pair, **keys)
 
 
 def run(job: Job, recorder: Recorder) -> None:
@@ -124,8 +140,8 @@ def summary(rows: Rows) -> str | None:
         ms, iqr = time_row["value"], time_row.get("iqr_ms") or 0.0
         shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
         text = f"{pass_} {shown} ms (x{ratio_row['value']:.2f} dense, iqr {iqr / ms:.0%})"
-        if time_row.get("noisy") or ratio_row.get("noisy"):
-            text += " NOISY"
+        if ratio_row.get("noisy"):
+            text += f" NOISY ({ratio_row.get('noisy_reason') or 'ratio spread'})"
         if time_row.get("load_avg") is not None:
             text += f", load {time_row['load_avg']:.1f}"
         return text

@@ -24,6 +24,7 @@ def domain_text(corpus: data.Corpus, split: str, domain: int) -> bytes:
     return bytes(corpus.split(split).data_N[start:end].tolist())
 
 
+@pytest.mark.slow  # measures real time: one process, nothing else running beside it
 def test_embedded_loads_fast():
     start = time.perf_counter()
     data.load(DataConfig())

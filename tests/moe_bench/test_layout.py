@@ -4,8 +4,8 @@ Rooms, top to bottom (docs/architecture.md): the entry points (the package's fac
 app and its callbacks), the runner, the tasks (with their registry, the rank launcher and the
 benchmark layers), the torch side (job record, components, recorder, model, data, timing), the
 report (torch-free stages, claims included), and the base (schema, identity, reading results,
-locks). Every import counts, those inside functions too; the graph code is the one the
-`variants` layout test uses.
+locks, where the configs are). Every import counts, those inside functions too; the graph
+code is the one the `variants` layout test uses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2] / "moe_bench"
 ROOMS = ("entry", "runner", "tasks", "torch", "report", "base")  # top to bottom
 ENTRY = {"moe_bench", "moe_bench.__main__", "moe_bench.callbacks"}
 TASKS = {"moe_bench.registry", "moe_bench.launch"}
-BASE = {"moe_bench.schema", "moe_bench.identity", "moe_bench.results", "moe_bench.locks"}
+BASE = {"moe_bench.schema", "moe_bench.identity", "moe_bench.results", "moe_bench.locks",
+        "moe_bench.paths"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:
