@@ -7,7 +7,9 @@ job's closing `job` row (docs/contract.md §5), from facts given on the command 
 
 `--texts` names a JSON file: {"tasks": {TASK: {"order": 0, "ask": "...", "measure": "...",
 "answers": [{"question": ..., "metric": ..., "pass": ..., "unit": ..., "words": ...}]}},
-"variants": {VARIANT: "its loss note"}}. Only what is given is written; columns the rows
+"variants": {VARIANT: "its loss note"}}; `--texts-from-code` takes them from this checkout's task
+objects and variant config classes instead (what a job run now would write). Only what is
+given is written; columns the rows
 already carry are overwritten only with --force. Writes the file in place (gzip kept, same
 bytes for the same input) or to --out.
 """
@@ -88,6 +90,24 @@ def add_card(
     return frame
 
 
+def texts_from_code() -> dict[str, Any]:
+    """The card texts a job of this checkout writes: each task object's `report`, each
+    component's config `note` (imports the runner side, hence torch)."""
+    from moe_bench import components, registry
+
+    tasks = {}
+    for name in registry.names():
+        card = registry.lookup(name).report.card()
+        tasks[name] = {
+            "order": card["card.task_order"],
+            "ask": card["card.task_ask"],
+            "measure": card["card.task_measure"],
+            "answers": json.loads(card["card.task_answers"]),
+        }
+    notes = {name: components.lookup(name).config.note for name in components.names()}
+    return {"tasks": tasks, "variants": notes}
+
+
 def write(frame: pd.DataFrame, path: Path) -> None:
     text = frame.to_csv(index=False)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -106,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rows", type=Path, help="results.csv or results.csv.gz")
     for flag in ENV_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
-    parser.add_argument("--texts", type=Path, help="JSON file of task and variant texts")
+    texts_from = parser.add_mutually_exclusive_group()
+    texts_from.add_argument("--texts", type=Path, help="JSON file of task and variant texts")
+    texts_from.add_argument(
+        "--texts-from-code", action="store_true", help="the texts of this checkout's code"
+    )
     parser.add_argument("--out", type=Path, help="write here instead of in place")
     parser.add_argument("--force", action="store_true", help="overwrite card values present")
     args = parser.parse_args(argv)
@@ -114,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.rows.is_file() or not args.rows.name.endswith((".csv", ".csv.gz")):
             raise ValueError(f"rows={args.rows}: not a file; allowed: results.csv[.gz]")
         texts = json.loads(args.texts.read_text()) if args.texts else {}
+        if args.texts_from_code:
+            texts = texts_from_code()
         frame = pd.read_csv(args.rows, dtype=str)  # text in, the same text out
         frame = add_card(frame, card_columns(args, texts), texts.get("variants") or {}, args.force)
     except (OSError, ValueError) as err:

@@ -9,7 +9,9 @@ harmonic mean, as `TrainLog.emit` computes it), at the window's last step and it
 `expert_load` rows are kept at each job's last evaluation only (the report and the claims read
 no other); the other evaluation rows (`val_loss`, `val_ppl`, `max_vio_global`) and `job` rows
 are kept as they are. With steps a multiple of the window, the mean over a job's training rows
-is unchanged.
+is unchanged. The rows then say what they are: `task.log_every` becomes the window on every row
+(training is the same whatever it logs, so jobs windowed this way and jobs run with that
+`log_every` are one arm). Windowing rows already windowed at the same size changes nothing else.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def windowed(rows: pd.DataFrame, window: int) -> pd.DataFrame:
     load = kept["metric"] == "expert_load"
     last = kept["step"].where(load).groupby(kept["job_dir"]).transform("max")
     kept = kept[~load | (kept["step"] == last)]
-    return pd.concat([kept, pd.DataFrame(out).drop(columns="_window")], ignore_index=True)
+    out = pd.concat([kept, pd.DataFrame(out).drop(columns="_window")], ignore_index=True)
+    if "task.log_every" in out:
+        out["task.log_every"] = window
+    return out
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -227,14 +228,17 @@ def test_rows_without_step_anywhere_still_make_a_report(tmp_path: Path) -> None:
 # --- a deleted env.json -----------------------------------------------------------------------
 
 
-def test_deleted_env_json_is_flagged_then_rebuilt_on_resume(job_cfg, tmp_path: Path) -> None:
+def test_deleted_env_json_keeps_the_card_then_is_rebuilt_on_resume(job_cfg, tmp_path: Path) -> None:
     job = tmp_path / "0"
     OmegaConf.save(
         OmegaConf.create({"hydra": {"overrides": {"task": []}}}), tmp_path / "multirun.yaml"
     )
     assert runner.execute(job_cfg(), job, "first") == "ok"
     (job / results.ENV).unlink()
-    assert "env.json missing" in build_report(tmp_path).read_text()
+    page = build_report(tmp_path).read_text()
+    # the run card on the job row still says where it ran: nothing to flag
+    assert "env.json missing" not in page and "no run card" not in page
+    assert platform.python_version() in page
     assert runner.execute(job_cfg(), job, "resume") == "skipped"
     env = json.loads((job / results.ENV).read_text())
     assert env["rebuilt"].startswith("on resume") and env["torch"]
