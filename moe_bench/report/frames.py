@@ -2,8 +2,10 @@
 
 The one home of the report's config identity: `job_arms` groups jobs into arms with
 `moe_bench.identity.arm_key` (a job's config minus its seed and run-only keys; the same key
-resume compares, less the seed) and labels each arm (`identity.arm_labels`). The leaderboards,
-figures, claims and compare all key their rows by the `arm` column `with_arms` adds. Also here:
+resume compares, less the seed) and labels each arm (`identity.arm_labels`). Arms are taken per
+run (`runs`): a job folder, or each config of a job that wrote rows of several into one folder
+(the race: one run per raced variant, one for its dense reference). The leaderboards, figures,
+claims and compare all key their rows by the `run` and `arm` columns `with_arms` adds. Also here:
 selecting rows (summary rows over layers, routed layers) and the timing spread of a job.
 """
 
