@@ -61,6 +61,9 @@ RUN_ONLY = ("seed", "overwrite", "out_dir", "output_dir")
 # how a label spells a null value of a field whose null has a name
 NULL_WORDS = {"capacity_factor": "dropless"}
 LABEL_SEPARATOR = " · "
+# key of an arm of reference rows (a race's dense reference, the base of its ratios): never a
+# config column, added by the report; its label is the rest's with " (reference)"
+REFERENCE = "reference"
 
 
 def canonical(value: Any) -> Any:
@@ -114,13 +117,17 @@ def arm_labels(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
     """arm id -> label, from the keys that vary between arms of the same variant and task:
     `switch · capacity_factor=1.0`, `switch · dropless`, `deepseek_v3 · bias_update_rate=0`; a
     variant with one arm keeps its bare name. The variant's derived sizes (SIZE_FIELDS) are
-    left out where another of its fields varies (granularity sets them)."""
+    left out where another of its fields varies (granularity sets them). An arm keyed
+    `reference` (a race's reference rows) is labelled as the rest with " (reference)":
+    `dense (reference)` beside a raced `dense`."""
     groups: dict[tuple, list[str]] = {}
     for arm, key in arms.items():
         groups.setdefault((key.get("variant"), key.get("task")), []).append(arm)
     labels = {}
     for (variant, _), members in groups.items():
-        names = sorted({k for m in members for k in arms[m]} - {"variant", "task", "variant.name"})
+        names = sorted(
+            {k for m in members for k in arms[m]} - {"variant", "task", "variant.name", REFERENCE}
+        )
         varying = [n for n in names if len({repr(arms[m].get(n)) for m in members}) > 1]
         sizes = {f"variant.{s}" for s in SIZE_FIELDS}
         if any(n.startswith("variant.") and n not in sizes for n in varying):
@@ -135,5 +142,6 @@ def arm_labels(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
                     parts.append(NULL_WORDS.get(text, f"{text}=none"))
                 else:
                     parts.append(f"{text}={_shown(canonical(value))}")
-            labels[m] = LABEL_SEPARATOR.join([str(variant), *parts])
+            label = LABEL_SEPARATOR.join([str(variant), *parts])
+            labels[m] = label + (" (reference)" if arms[m].get(REFERENCE) else "")
     return labels

@@ -18,7 +18,7 @@ import pandas as pd
 from moe_bench import identity, results
 
 from . import frames, leaderboards, stats
-from .frames import ARM, ARM_ID
+from .frames import ARM, ARM_ID, RUN
 from .render import render_template
 from .stats import Estimate
 
@@ -36,17 +36,17 @@ def estimates(frame: pd.DataFrame) -> tuple[dict[tuple, Estimate], dict[str, dic
     metric of the sweep's ok rows of jobs that finished; and arm id -> its label and config."""
     bad = frame.loc[frame["status"] != "ok", "job_dir"].unique()
     ok = frames.with_arms(frame[(frame["status"] == "ok") & ~frame["job_dir"].isin(bad)])
-    arm_of = ok.groupby("job_dir")[ARM_ID].first()
+    arm_of = ok.groupby(RUN)[ARM_ID].first()
     configs = frames.job_configs(ok)
     shown = {}
     for job, arm in arm_of.items():
         config = {c: _canon(v) for c, v in configs.loc[job].items() if c != "seed"}
-        shown.setdefault(arm, {ARM: ok.loc[ok["job_dir"] == job, ARM].iloc[0], **config})
+        shown.setdefault(arm, {ARM: ok.loc[ok[RUN] == job, ARM].iloc[0], **config})
     out: dict[tuple, Estimate] = {}
     for col in leaderboards.LEADERBOARD:
         for label, final in leaderboards.final_values(ok, col).items():
             table = pd.DataFrame({"value": final.values, "spread": final.spread}).reset_index()
-            table["arm"] = table["job_dir"].map(arm_of)
+            table["arm"] = table[RUN].map(arm_of)
             for (arm, domain), part in table.groupby(["arm", "domain"], sort=False):
                 v = part["value"].dropna()
                 if v.empty:

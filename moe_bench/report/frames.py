@@ -2,8 +2,10 @@
 
 The one home of the report's config identity: `job_arms` groups jobs into arms with
 `moe_bench.identity.arm_key` (a job's config minus its seed and run-only keys; the same key
-resume compares, less the seed) and labels each arm (`identity.arm_labels`). The leaderboards,
-figures, claims and compare all key their rows by the `arm` column `with_arms` adds. Also here:
+resume compares, less the seed) and labels each arm (`identity.arm_labels`). Arms are taken per
+run (`runs`): a job folder, or each config of a job that wrote rows of several into one folder
+(the race: one run per raced variant, one for its dense reference). The leaderboards, figures,
+claims and compare all key their rows by the `run` and `arm` columns `with_arms` adds. Also here:
 selecting rows (summary rows over layers, routed layers) and the timing spread of a job.
 """
 
@@ -43,21 +45,59 @@ def config_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if identity.is_config_column(c)]
 
 
+RUN = "run"  # a job folder's rows of one config: its job_dir, or job_dir#n (see `runs`)
+
+
+def runs(frame: pd.DataFrame) -> pd.Series:
+    """Per row: its run, the unit an arm pools. A job folder's rows share one config, so its
+    run is the job_dir; a job that writes rows of several configs into one folder (the race:
+    each raced variant's rows carry that variant's columns, the dense reference's rows
+    `reference` true) has one run per config, `job_dir#n` in order of first appearance. The
+    `run` column where the frame has it (`with_arms`)."""
+    if RUN in frame.columns:
+        return frame[RUN]
+    out = frame["job_dir"].astype(str)
+    if frame.empty:
+        return out
+    cols = config_columns(frame)
+    reference = column(frame, "reference").map(is_true)
+    several = frame.groupby("job_dir", sort=False)[cols].nunique().gt(1).any(axis=1)
+    mixed = several | reference.groupby(frame["job_dir"], sort=False).any()
+    for job in mixed[mixed].index:
+        part = frame[frame["job_dir"] == job]
+        canon = part[cols].map(identity.canonical)
+        varying = [c for c in cols if canon[c].dropna().map(repr).nunique() > 1]
+        key = canon[varying].map(repr).agg("|".join, axis=1) if varying else ""
+        key = key + reference.loc[part.index].map({True: "|reference", False: ""})
+        codes = pd.factorize(key)[0]
+        if codes.max() > 0:
+            out.loc[part.index] = [f"{job}#{c}" for c in codes]
+    return out
+
+
 def job_configs(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per job_dir: its config columns (first value present in its rows)."""
+    """One row per run (`runs`: per job_dir, or per config within a job that wrote several):
+    its config columns (first value present in its rows)."""
     if frame.empty:
         return pd.DataFrame(columns=config_columns(frame))
-    return frame.groupby("job_dir", sort=False)[config_columns(frame)].first()
+    return frame.groupby(runs(frame).rename(RUN), sort=False)[config_columns(frame)].first()
 
 
-def job_arms(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per job_dir: variant, task, seed, its arm's id (`arm_id`) and label (`arm`)."""
+def job_arms(frame: pd.DataFrame, without: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Per run (`runs`): variant, task, seed, its arm's id (`arm_id`) and label (`arm`); the
+    config columns `without` left out of the arm (the figures' series over a swept column). A
+    race's reference rows are their own arm (`reference` in its key: "dense (reference)")."""
     configs = job_configs(frame)
     if configs.empty:
         return pd.DataFrame(columns=["variant", "task", "seed", ARM_ID, ARM])
-    keys = {job: identity.arm_key(row.to_dict()) for job, row in configs.iterrows()}
-    ids = {job: identity.config_hash(key) for job, key in keys.items()}
-    labels = identity.arm_labels({ids[job]: key for job, key in keys.items()})
+    reference = column(frame, "reference").map(is_true).groupby(runs(frame)).any()
+    keys = {}
+    for run, row in configs.drop(columns=list(without), errors="ignore").iterrows():
+        keys[run] = identity.arm_key(row.to_dict())
+        if reference.get(run, False):
+            keys[run][identity.REFERENCE] = True
+    ids = {run: identity.config_hash(key) for run, key in keys.items()}
+    labels = identity.arm_labels({ids[run]: key for run, key in keys.items()})
     out = configs[[c for c in ("variant", "task", "seed") if c in configs]].copy()
     out[ARM_ID] = out.index.map(ids)
     out[ARM] = out[ARM_ID].map(labels)
@@ -65,14 +105,14 @@ def job_arms(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_arms(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows with their job's `arm` label and `arm_id` (both replaced when present)."""
-    frame = frame.drop(columns=[c for c in (ARM, ARM_ID) if c in frame.columns])
+    """The rows with their `run`, their run's `arm` label and `arm_id` (replaced when
+    present)."""
+    frame = frame.drop(columns=[c for c in (ARM, ARM_ID, RUN) if c in frame.columns])
     if frame.empty:
-        return frame.assign(**{ARM: pd.Series(dtype=object), ARM_ID: pd.Series(dtype=object)})
+        return frame.assign(**{c: pd.Series(dtype=object) for c in (ARM, ARM_ID, RUN)})
+    run = runs(frame)
     arms = job_arms(frame)
-    return frame.assign(
-        **{ARM: frame["job_dir"].map(arms[ARM]), ARM_ID: frame["job_dir"].map(arms[ARM_ID])}
-    )
+    return frame.assign(**{RUN: run, ARM: run.map(arms[ARM]), ARM_ID: run.map(arms[ARM_ID])})
 
 
 def arm_variants(frame: pd.DataFrame) -> dict[str, str]:
@@ -97,7 +137,7 @@ def summary_rows(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     per_layer = rows[~pooled & ~rows["job_dir"].isin(rows.loc[pooled, "job_dir"])]
     if per_layer.empty:
         return rows[pooled]
-    keys = [k for k in POOL_KEYS if k in rows.columns]
+    keys = [k for k in (*POOL_KEYS, RUN) if k in rows.columns]
     first = {c: "first" for c in rows.columns if c not in keys}
     means = per_layer.groupby(keys, dropna=False, sort=False).agg({**first, "value": "mean"})
     return pd.concat([rows[pooled], means.reset_index().assign(layer="mean")], ignore_index=True)
@@ -131,9 +171,9 @@ def is_true(value: Any) -> bool:
 
 
 def leaks(rows: pd.DataFrame) -> pd.Series:
-    """Per job: whether its layer's routing sees later tokens of its sequence (the runner's
+    """Per run (`runs`): whether its layer's routing sees later tokens of its sequence (the runner's
     `leaks_future_tokens` column; rows without it: not known to leak)."""
-    recorded = column(rows, "leaks_future_tokens").groupby(rows["job_dir"]).first()
+    recorded = column(rows, "leaks_future_tokens").groupby(runs(rows)).first()
     return recorded.map(lambda v: False if v is None or pd.isna(v) else is_true(v)).astype(bool)
 
 
@@ -143,7 +183,7 @@ def non_causal(rows: pd.DataFrame) -> list[str]:
         return []
     rows = rows if ARM in rows else with_arms(rows)
     flagged = leaks(rows)
-    arm = rows.groupby("job_dir")[ARM].first()
+    arm = rows.groupby(runs(rows))[ARM].first()
     return sorted(arm[flagged.reindex(arm.index, fill_value=False)].unique())
 
 
@@ -151,7 +191,7 @@ def non_causal(rows: pd.DataFrame) -> list[str]:
 
 
 def timing_half_width(rows: pd.DataFrame, pass_: str | None) -> pd.Series:
-    """Per job: the relative half-width of the 95% interval of its layer time, from the
+    """Per run (`runs`): the relative half-width of the 95% interval of its layer time, from the
     interleaved ratio to its dense twin (`ratio_ci95` / `ratio_to_dense` of the pass): a rate
     over that time has, to first order, the same relative interval. Empty without the column."""
     timed = rows[(rows["metric"] == schema.RATIO_TO_DENSE.name) & (column(rows, "pass") == pass_)]
@@ -159,7 +199,7 @@ def timing_half_width(rows: pd.DataFrame, pass_: str | None) -> pd.Series:
         return pd.Series(dtype=float)
     half = pd.to_numeric(timed["ratio_ci95"], errors="coerce")
     ratio = pd.to_numeric(timed["value"], errors="coerce")
-    return (half / ratio).groupby(timed["job_dir"]).mean()
+    return (half / ratio).groupby(runs(timed)).mean()
 
 
 def steps_half_width(values: pd.Series) -> float:

@@ -19,7 +19,7 @@ from moe_bench import schema
 from moe_bench.schema import Metric
 
 from . import frames, stats
-from .frames import ARM, column, summary_rows
+from .frames import ARM, RUN, column, summary_rows
 from .stats import Estimate
 
 
@@ -88,7 +88,8 @@ def label_of(col: Column, pass_: str | None) -> str:
 
 
 class Final(NamedTuple):
-    """A column's values per (job_dir, domain) and their timing half-widths."""
+    """A column's values per (run, domain) and their timing half-widths (`frames.runs`: a job
+    folder, or one config of a job that wrote several, the race's arms)."""
 
     col: Column
     pass_: str | None
@@ -97,9 +98,10 @@ class Final(NamedTuple):
 
 
 def final_values(rows: pd.DataFrame, col: Column) -> dict[str, Final]:
-    """The column's value per job, indexed by (job_dir, domain): at the job's last recorded step
+    """The column's value per run, indexed by (run, domain): at the run's last recorded step
     (or the mean over its steps, `col.reduce`), with its 95% half-width where timed (NaN
     otherwise); one entry per `pass` when the metric has one."""
+    rows = rows if RUN in rows else rows.assign(**{RUN: frames.runs(rows)})
     picked = summary_rows(frames.routed(rows) if col.routing else rows, col.metric)
     picked = picked.dropna(subset=["value"])
     picked = picked.assign(domain=column(picked, "domain").fillna(ALL_DOMAINS))
@@ -107,7 +109,7 @@ def final_values(rows: pd.DataFrame, col: Column) -> dict[str, Final]:
     out = {}
     for pass_ in sorted(passes.dropna().unique()) or ([None] if len(picked) else []):
         part = picked if pass_ is None else picked[passes == pass_]
-        last = part.sort_values("step", na_position="first").groupby(["job_dir", "domain"])
+        last = part.sort_values("step", na_position="first").groupby([RUN, "domain"])
         values = (
             last["value"].mean() if col.reduce == "mean" else last["value"].last()
         ) * col.scale
@@ -115,7 +117,7 @@ def final_values(rows: pd.DataFrame, col: Column) -> dict[str, Final]:
         if col.reduce == "mean":  # a mean over steps: the t half-width of that mean
             spread = last["value"].agg(frames.steps_half_width) * col.scale
         if col.metric in TIMED and (rel := frames.timing_half_width(rows, pass_)).notna().any():
-            jobs = values.index.get_level_values("job_dir")
+            jobs = values.index.get_level_values(RUN)
             spread = values * rel.reindex(jobs).to_numpy()
         out[label_of(col, pass_)] = Final(col, pass_, values, spread)
     return out
@@ -151,17 +153,25 @@ def _key_columns(rows: pd.DataFrame) -> list[str]:
 
 
 def _job_flags(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per job: `noisy` (a timing row flagged noisy), `incomplete` (no `job` row while other
-    jobs of the sweep have one: it was killed or is still running) and `leaks`."""
+    """Per run: `noisy` (a timing row flagged noisy), `reference` (a race's reference rows),
+    `failed` (a row of its job not ok),
+    `incomplete` (its job has no `job` row while other jobs of the sweep have one: it was
+    killed or is still running) and `leaks`. Failure and completion are the job folder's: every
+    run of a race job shares them."""
     noisy = column(rows, "noisy").map(frames.is_true)
+    run = rows[RUN]
     has_end = (rows["metric"] == schema.JOB.name).groupby(rows["job_dir"]).any()
     # rows written before `job` rows existed (or hand-made ones) have none at all: not incomplete
     incomplete = ~has_end if has_end.any() else pd.Series(False, index=has_end.index)
+    failed = (rows["status"] != "ok").groupby(rows["job_dir"]).any()
+    job_of = rows.groupby(run)["job_dir"].first()
     return pd.DataFrame(
         {
-            "noisy": noisy.groupby(rows["job_dir"]).any(),
-            "incomplete": incomplete,
+            "failed": job_of.map(failed).astype(bool),
+            "noisy": noisy.groupby(run).any(),
+            "incomplete": job_of.map(incomplete).astype(bool),
             "leaks": frames.leaks(rows),
+            "reference": column(rows, "reference").map(frames.is_true).groupby(run).any(),
         }
     )
 
@@ -170,10 +180,10 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
     """Rows of one task -> one leaderboard row per arm and domain, seeds pooled."""
     rows = rows if ARM in rows else frames.with_arms(rows)
     keys = _key_columns(rows)
-    jobs = rows.groupby("job_dir").agg(
+    rows = rows if RUN in rows else rows.assign(**{RUN: frames.runs(rows)})
+    jobs = rows.groupby(RUN).agg(
         arm=(ARM, "first"),
         variant=("variant", "first"),
-        failed=("status", lambda s: (s != "ok").any()),
         **{k: (k, "first") for k in keys},
         **{p: (p, "first") for p in ("params_total", "params_active") if p in rows.columns},
     )
@@ -183,9 +193,9 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
     for col in LEADERBOARD:
         for label, final in final_values(rows[rows["status"] == "ok"], col).items():
             specs[label], values[label], values[label + SPREAD] = final, final.values, final.spread
-    index = pd.MultiIndex.from_tuples([], names=["job_dir", "domain"])
+    index = pd.MultiIndex.from_tuples([], names=[RUN, "domain"])
     cases = pd.DataFrame(values, columns=list(values), index=index if not values else None)
-    cases = cases.reset_index().merge(jobs, left_on="job_dir", right_index=True, how="right")
+    cases = cases.reset_index().merge(jobs, left_on=RUN, right_index=True, how="right")
     cases["domain"] = cases["domain"].fillna(ALL_DOMAINS)
     split = ["domain"] if (cases["domain"] != ALL_DOMAINS).any() else []
     # a job none of whose rows this board shows (dense under balance metrics) gets no row,
@@ -197,9 +207,11 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
         record: dict[str, Any] = dict(zip([ARM, *split], group))
         record["variant"] = part["variant"].iloc[0]
         record.update({k: part[k].iloc[0] for k in keys})
-        each = part.drop_duplicates("job_dir")
+        each = part.drop_duplicates(RUN)
         record["runs"] = _runs_text(each)
-        record["_rankable"] = not (each[["failed", "incomplete", "noisy"]].any().any())
+        # a race's reference (the base of every ratio) is shown beside its arms, never ranked
+        flags = ["failed", "incomplete", "noisy", "reference"]
+        record["_rankable"] = not (each[flags].any().any())
         record["_leaks"] = bool(each["leaks"].any())
         for label in specs:
             found = part[label].dropna()

@@ -173,7 +173,7 @@ TASK = Task(
             "forward + backward and forward only, every layer and the dense reference timed "
             "round-robin in one process, so the ranking is taken at one moment; ratio to "
             "dense: the median over rounds of layer time / reference time, with its 95% "
-            "interval."
+            "interval. The reference is its own row, dense (reference): shown, never ranked."
         ),
         answers=(Answer("fastest", schema.TOKENS_PER_S, "forward + backward tokens/s", "fwd_bwd"),),
     ),

@@ -8,7 +8,7 @@ import math
 
 import pandas as pd
 
-from moe_bench import identity, schema
+from moe_bench import schema
 
 from .. import frames
 from ..frames import ARM, column, find_column, summary_rows
@@ -87,11 +87,7 @@ def _inverse(cell: Estimate) -> Estimate:
 
 def _labels_without(rows: pd.DataFrame, x: str) -> pd.Series:
     """Per row: its arm's label with column `x` left out of the arm (the lines' series)."""
-    configs = frames.job_configs(rows).drop(columns=[x], errors="ignore")
-    keys = {job: identity.arm_key(r.to_dict()) for job, r in configs.iterrows()}
-    ids = {job: identity.config_hash(k) for job, k in keys.items()}
-    labels = identity.arm_labels({ids[j]: k for j, k in keys.items()})
-    return rows["job_dir"].map({j: labels[i] for j, i in ids.items()})
+    return frames.runs(rows).map(frames.job_arms(rows, without=(x,))[ARM])
 
 
 def _throughput_vs(inp: Inputs, names: tuple[str, ...], label: str) -> Drawn:
