@@ -22,6 +22,7 @@ from matplotlib.patches import Rectangle
 
 import variants
 from moe_bench import identity
+from moe_bench.registry import TASKS
 from moe_bench.report import (
     build_report,
     claims,
@@ -33,7 +34,6 @@ from moe_bench.report import (
     stats,
 )  # fmt: skip
 from moe_bench.report.render import stages
-from moe_bench.tasks import TASKS
 from scripts import add_run_card
 
 from . import report_fixtures as fx
