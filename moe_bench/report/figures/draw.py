@@ -23,7 +23,7 @@ import pandas as pd
 import seaborn as sns
 
 from ..frames import ARM, column
-from ..stats import Estimate, t_critical
+from ..stats import Estimate, half_width
 
 # Text stays text (small, crisp, selectable); fixed hash salt keeps the SVG reproducible.
 STYLE = {
@@ -191,7 +191,7 @@ def lines(
 def half_ci(cell: Estimate) -> float:
     """The 95% half-width of a table cell: t over seeds, else its timing half-width, else 0."""
     if cell.n > 1 and not math.isnan(cell.std):
-        return t_critical(cell.n - 1) * cell.std / math.sqrt(cell.n)
+        return half_width(cell.std, cell.n)
     return 0.0 if math.isnan(cell.spread) else cell.spread
 
 
