@@ -219,6 +219,19 @@ def bars(
     ]
 
 
+def bar_panels(
+    found: list[tuple[str, tuple[str, list[str], list[Estimate]]]], colors: dict[str, str]
+) -> Drawn:
+    """One bar panel (`bars`) per (y label, (title, arms, cells)) of leaderboard cells."""
+    fig, axes = panels(len(found), height=3.8)
+    records = []
+    for ax, (ylabel, (title, arms, cells)) in zip(axes, found):
+        records += bars(ax, arms, cells, colors, title)
+        ax.set(ylabel=ylabel, title=title)
+        ax.title.set_fontsize(9)
+    return Drawn(fig, plotted(records))
+
+
 def short(value: float) -> str:
     """Bar labels: 3 significant digits with k/M, so a label fits its bar."""
     for div, suffix in ((1e6, "M"), (1e3, "k")):
