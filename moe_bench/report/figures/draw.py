@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
 
 from ..frames import ARM, column
 from ..stats import Estimate, half_width
@@ -144,7 +145,7 @@ def numeric(rows: pd.DataFrame, *names: str) -> dict[str, pd.Series]:
 
 
 def lines(
-    ax,
+    ax: Axes,
     rows: pd.DataFrame,
     x: str,
     y: str,
@@ -196,7 +197,7 @@ def half_ci(cell: Estimate) -> float:
 
 
 def bars(
-    ax, labels: list[str], cells: list[Estimate], colors: dict[str, str], panel: str
+    ax: Axes, labels: list[str], cells: list[Estimate], colors: dict[str, str], panel: str
 ) -> list[dict]:
     """One bar per table row (an arm): the cell's mean, its value written on it, and its 95%
     interval as the error bar (t over seeds, or the timed job's half-width). A log axis when
@@ -249,7 +250,7 @@ def legend(fig: plt.Figure, axes: list) -> None:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", frameon=False)
 
 
-def log_x_if_wide(ax, values: pd.Series) -> None:
+def log_x_if_wide(ax: Axes, values: pd.Series) -> None:
     values = pd.to_numeric(values, errors="coerce").dropna()
     if len(values) and values.min() > 0 and values.max() / values.min() >= 8:
         ax.set_xscale("log", base=2)
