@@ -278,6 +278,18 @@ def check_top_level(cfg: DictConfig) -> None:
         )
 
 
+def derived_columns(component: Component, layer: MoEConfig) -> dict[str, Any]:
+    """The counts the code derives from a layer config (`identity.DERIVED`), as row columns."""
+    total, active = component.param_counts(layer)
+    return {
+        "params_total": total,
+        "params_active": active,
+        "flops_per_token": ffn_flops_per_token(layer),
+        # the layer says whether its routing sees later tokens (expert_choice, scope "batch")
+        "leaks_future_tokens": layer.leaks_future_tokens,
+    }
+
+
 def resolve(cfg: DictConfig) -> Job:
     """Validate every group and build the job record; ValueError names the key."""
     check_top_level(cfg)
@@ -294,16 +306,11 @@ def resolve(cfg: DictConfig) -> Job:
     except ValueError as e:
         raise ValueError(f"variant {name!r}: {e}") from None
     resolved_device = device.resolve()
-    total, active = component.param_counts(layer)
     columns = {
         **config_columns(cfg),
         **flatten(dataclasses.asdict(layer), "variant"),
         "device": resolved_device.type,
-        "params_total": total,
-        "params_active": active,
-        "flops_per_token": ffn_flops_per_token(layer),
-        # the layer says whether its routing sees later tokens (expert_choice, scope "batch")
-        "leaks_future_tokens": layer.leaks_future_tokens,
+        **derived_columns(component, layer),
     }
     return Job(
         component=component,

@@ -21,9 +21,9 @@ MULTIRUN_YAML = "multirun.yaml"
 
 def sweep_size(sweep_dir: str | Path) -> int | None:
     """How many jobs the multirun in sweep_dir asked for (its multirun.yaml, as the basic
-    sweeper expands it); None when unknown (no file, another sweeper)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    sweeper expands it, `report.load.expand`); None when unknown (no file, another sweeper)."""
+    # imported here: the report stage loads pandas and matplotlib, which only a multirun needs
+    from moe_bench.report.load import expand
 
     path = Path(sweep_dir) / MULTIRUN_YAML
     if not path.is_file():
@@ -32,8 +32,7 @@ def sweep_size(sweep_dir: str | Path) -> int | None:
     if "BasicSweeper" not in str(hydra.sweeper.get("_target_", "")):
         return None
     params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create().parse_overrides([*params, *hydra.overrides.task])
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    return len(expand([*params, *hydra.overrides.task]))
 
 
 def sweep_position(job_num: int, sweep_dir: str | Path) -> str:

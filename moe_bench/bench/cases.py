@@ -125,8 +125,6 @@ def moe_fields(case: Case) -> dict[str, Any]:
         "activation": ACTIVATION,
         **size,
     }
-    if case.variant == "mixtral":
-        fields.pop("num_shared_experts")
     if case.backend == "padded":
         fields["capacity_factor"] = PADDED_CAPACITY_FACTOR
     return fields

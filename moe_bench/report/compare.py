@@ -22,8 +22,6 @@ from .frames import ARM, ARM_ID, RUN
 from .render import render_template
 from .stats import Estimate
 
-MATCH = ("variant", "task", "backend", "dtype", "device")
-
 
 def _canon(value: object) -> str:
     """A config value as one string whichever file it came from (`identity.canonical`)."""
@@ -85,11 +83,12 @@ def compare_frames(frames_: list[pd.DataFrame], names: list[str]) -> pd.DataFram
     if table.empty:
         return table
     # settings shown: those telling apart arms of one variant and task (a swept size)
-    config = [c for c in table.columns if identity.is_config_column(c) and c not in MATCH]
+    base = identity.CONFIG_BASE  # every arm's variant, task, backend, device and dtype
+    config = [c for c in table.columns if identity.is_config_column(c) and c not in base]
     by_job = table.groupby(["variant", "task"])
     varying = [c for c in config if by_job[c].nunique().max() > 1]
     keep = ["task", ARM, *sorted(varying), "domain", "metric"]
-    rest = [c for c in table.columns if c not in (*config, *MATCH, ARM, "domain", "metric")]
+    rest = [c for c in table.columns if c not in (*config, *base, ARM, "domain", "metric")]
     return table[keep + rest].sort_values(["task", ARM], kind="stable", ignore_index=True)
 
 

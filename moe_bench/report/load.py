@@ -27,7 +27,7 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from moe_bench import results, schema
+from moe_bench import identity, results, schema
 
 EMPTY_COLUMNS = [
     "variant", "task", "metric", "value", "unit", "step", "seed", "status", "error", "job_dir",
@@ -212,13 +212,13 @@ def failed_jobs(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 # --- the run card ---------------------------------------------------------------------------
 
-ENV_PREFIX = "env."
-CARD_PREFIX = "card."
+# the card's machine part (env.*) and what its task asks (card.*): identity.CARD_PREFIXES
+ENV_PREFIX, _ = identity.CARD_PREFIXES
 
 
 def card_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """The closing `job` rows that carry a run card (any env.* or card.* value)."""
-    cols = [c for c in frame.columns if c.startswith((ENV_PREFIX, CARD_PREFIX))]
+    cols = [c for c in frame.columns if c.startswith(identity.CARD_PREFIXES)]
     if not cols or frame.empty:
         return frame.iloc[0:0]
     ends = frame[frame["metric"] == schema.JOB.name]

@@ -110,16 +110,22 @@ def paired(differences: Sequence[float]) -> Interval:
         return Interval(n, mean, math.nan, math.nan, math.nan)
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     se = sd / math.sqrt(n)
-    half = t_critical(n - 1) * se
+    half = half_width(sd, n)
     return Interval(n, mean, se, mean - half, mean + half)
+
+
+def half_width(sd: float, n: int) -> float:
+    """Half-width of the 95% t interval of a mean of n values with sample sd `sd`:
+    t(0.975, n-1) · sd / sqrt(n); NaN with fewer than 2 values or no sd."""
+    if n < 2 or math.isnan(sd):
+        return math.nan
+    return t_critical(n - 1) * sd / math.sqrt(n)
 
 
 def detectable(sd: float, n: int) -> float:
     """The smallest mean difference whose interval would exclude 0 with n pairs at spread sd:
-    t(0.975, n-1) · sd / sqrt(n)."""
-    if n < 2 or math.isnan(sd):
-        return math.nan
-    return t_critical(n - 1) * sd / math.sqrt(n)
+    the interval's half-width (`half_width`)."""
+    return half_width(sd, n)
 
 
 def seeds_needed(mean: float, sd: float, limit: int = 1000) -> int | None:

@@ -233,7 +233,9 @@ def eval_traffic(ep: ExpertParallel, x: torch.Tensor) -> EPStats:
     return ep.stats
 
 
-def reference_ms(layer: torch.nn.Module, x_BSD: torch.Tensor, task: ExpertParallelConfig):
+def reference_ms(
+    layer: torch.nn.Module, x_BSD: torch.Tensor, task: ExpertParallelConfig
+) -> dict[str, float]:
     """The unsharded layer on all tokens, on this rank alone (the ep_size=1 baseline)."""
     device = x_BSD.device
     return {

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_bench import components, schema
 from moe_bench.components import Component
-from moe_bench.config import Job, flatten, variant_fields, variant_schema
+from moe_bench.config import Job, derived_columns, flatten, variant_fields, variant_schema
 from moe_bench.isocompute import dense_reference, ffn_flops_per_token
 from moe_bench.paths import config_dir
 from moe_bench.progress import Rows
@@ -65,15 +65,11 @@ class RaceConfig(ThroughputConfig):
 
 def with_layer(job: Job, component: Component, layer: MoEConfig) -> Job:
     """The job with another layer, its columns describing that layer (the rest the job's)."""
-    total, active = component.param_counts(layer)
     columns = {
         **{key: None for key in job.columns if key.startswith("variant.")},
         **flatten(dataclasses.asdict(layer), "variant"),
         "variant": component.name,
-        "params_total": total,
-        "params_active": active,
-        "flops_per_token": ffn_flops_per_token(layer),
-        "leaks_future_tokens": layer.leaks_future_tokens,
+        **derived_columns(component, layer),
     }
     return dataclasses.replace(job, component=component, layer=layer, columns=columns)
 

@@ -1,4 +1,4 @@
-"""Paper claims (moe_bench/report/claims.py): the verdict rule on planted seeds, combined checks,
+"""Paper claims (moe_bench/report/claims/): the verdict rule on planted seeds, combined checks,
 the steps-to-dense-loss measure, the report's Claims section, and the claims presets."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_reproduced_contradicted_inconclusive_and_one_seed() -> None:
     assert claims.paired_verdict([3.6, 3.7, 3.5], [3.0, 3.1, 2.9], "min").verdict == (
         claims.CONTRADICTED
     )
-    # differences of both signs: |mean d| < 2 SE
+    # differences of both signs: the t interval of mean d holds 0
     noisy = claims.paired_verdict([3.0, 3.4, 3.1], [3.2, 3.1, 3.15], "min")
     assert noisy.verdict == claims.INCONCLUSIVE
     assert claims.paired_verdict([3.0], [3.5], "min").verdict == claims.NO_VERDICT

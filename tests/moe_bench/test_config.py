@@ -185,7 +185,7 @@ def test_component_registry_says_what_each_is() -> None:
         (["variant=deepseek_moe", "variant.granularity=nan"], r"granularity=nan must be a finite"),
     ],
 )
-def test_issue_cases_get_one_line_naming_field_value_and_rule(compose_cfg, overrides, match):
+def test_bad_values_get_one_line_naming_field_value_and_rule(compose_cfg, overrides, match):
     with pytest.raises(ValueError, match=match) as info:
         resolve(compose_cfg(*overrides))
     assert "\n" not in str(info.value)

@@ -341,7 +341,7 @@ def test_no_star_on_a_tie() -> None:
         marks_of(leaderboards.leaderboard("throughput", fx.frame(apart)), FWD_BWD)["switch"]
         == "best"
     )
-    # seed spread: means 0.01 apart with a std of 0.05 over two seeds each is within 2 SE
+    # seed spread: means 0.01 apart, std 0.05 over two seeds each: Welch's t interval holds 0
     jobs = []
     for variant, shift in (("switch", 0.0), ("gshard", 0.01)):
         for seed, noise in ((0, -0.05), (1, 0.05)):

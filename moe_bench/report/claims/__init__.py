@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from moe_bench import schema
+from moe_bench.identity import SIZE_FIELDS
 
 from .. import frames, stats
 from ..frames import ARM, column
@@ -35,8 +36,6 @@ INCONCLUSIVE = "inconclusive at this scale"
 NO_VERDICT = "needs 2+ seeds"
 SETTING_PREFIXES = ("task.", "model.", "data.")  # with SETTING_COLUMNS: one setting
 SETTING_COLUMNS = ("task", "backend", "dtype", "device")
-# sizes derived from a compared field (granularity sets E, K and H at equal active FLOPs)
-DERIVED = ("variant.num_experts", "variant.top_k", "variant.expert_hidden", "variant.d_ff")
 
 
 # --- the verdict rule -------------------------------------------------------------------------
@@ -147,7 +146,8 @@ def _group_key(claim: Claim, jobs: pd.DataFrame) -> list[str]:
     key = ["_setting"]
     if claim.treatment.variant == claim.control.variant:
         compared = {*claim.treatment.where, *claim.control.where}
-        skip = {*compared, *DERIVED}
+        # sizes derived from a compared field (granularity sets E, K and H at equal FLOPs)
+        skip = {*compared, *(f"variant.{s}" for s in SIZE_FIELDS)}
         key += [c for c in jobs.columns if c.startswith("variant.") and c not in skip]
     return key
 

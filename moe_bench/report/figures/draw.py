@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
 
 from ..frames import ARM, column
-from ..stats import Estimate, t_critical
+from ..stats import Estimate, half_width
 
 # Text stays text (small, crisp, selectable); fixed hash salt keeps the SVG reproducible.
 STYLE = {
@@ -144,7 +145,7 @@ def numeric(rows: pd.DataFrame, *names: str) -> dict[str, pd.Series]:
 
 
 def lines(
-    ax,
+    ax: Axes,
     rows: pd.DataFrame,
     x: str,
     y: str,
@@ -191,12 +192,12 @@ def lines(
 def half_ci(cell: Estimate) -> float:
     """The 95% half-width of a table cell: t over seeds, else its timing half-width, else 0."""
     if cell.n > 1 and not math.isnan(cell.std):
-        return t_critical(cell.n - 1) * cell.std / math.sqrt(cell.n)
+        return half_width(cell.std, cell.n)
     return 0.0 if math.isnan(cell.spread) else cell.spread
 
 
 def bars(
-    ax, labels: list[str], cells: list[Estimate], colors: dict[str, str], panel: str
+    ax: Axes, labels: list[str], cells: list[Estimate], colors: dict[str, str], panel: str
 ) -> list[dict]:
     """One bar per table row (an arm): the cell's mean, its value written on it, and its 95%
     interval as the error bar (t over seeds, or the timed job's half-width). A log axis when
@@ -219,6 +220,19 @@ def bars(
     ]
 
 
+def bar_panels(
+    found: list[tuple[str, tuple[str, list[str], list[Estimate]]]], colors: dict[str, str]
+) -> Drawn:
+    """One bar panel (`bars`) per (y label, (title, arms, cells)) of leaderboard cells."""
+    fig, axes = panels(len(found), height=3.8)
+    records = []
+    for ax, (ylabel, (title, arms, cells)) in zip(axes, found):
+        records += bars(ax, arms, cells, colors, title)
+        ax.set(ylabel=ylabel, title=title)
+        ax.title.set_fontsize(9)
+    return Drawn(fig, plotted(records))
+
+
 def short(value: float) -> str:
     """Bar labels: 3 significant digits with k/M, so a label fits its bar."""
     for div, suffix in ((1e6, "M"), (1e3, "k")):
@@ -236,7 +250,7 @@ def legend(fig: plt.Figure, axes: list) -> None:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", frameon=False)
 
 
-def log_x_if_wide(ax, values: pd.Series) -> None:
+def log_x_if_wide(ax: Axes, values: pd.Series) -> None:
     values = pd.to_numeric(values, errors="coerce").dropna()
     if len(values) and values.min() > 0 and values.max() / values.min() >= 8:
         ax.set_xscale("log", base=2)
