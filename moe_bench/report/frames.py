@@ -19,7 +19,7 @@ import pandas as pd
 
 from moe_bench import identity, schema
 
-from .stats import t_critical
+from .stats import half_width
 
 ARM = "arm"  # the label column every stage keys its rows by
 ARM_ID = "arm_id"  # the arm's hash (identity.arm_hash)
@@ -207,4 +207,4 @@ def steps_half_width(values: pd.Series) -> float:
     found = pd.to_numeric(values, errors="coerce").dropna()
     if len(found) < 2:
         return math.nan
-    return t_critical(len(found) - 1) * float(found.std()) / math.sqrt(len(found))
+    return half_width(float(found.std()), len(found))

@@ -14,7 +14,17 @@ from .. import frames
 from ..frames import ARM, column, find_column, summary_rows
 from ..leaderboards import ranking_label
 from ..stats import Estimate
-from .draw import Drawn, Inputs, Missing, bars, legend, lines, log_x_if_wide, panels, plotted
+from .draw import (
+    Drawn,
+    Inputs,
+    Missing,
+    bar_panels,
+    legend,
+    lines,
+    log_x_if_wide,
+    panels,
+    plotted,
+)
 
 
 def board_panels(inp: Inputs, metric: str) -> list[tuple[str, list[str], list[Estimate]]]:
@@ -37,13 +47,7 @@ def _bar_figure(inp: Inputs, metric: str, ylabel: str) -> Drawn:
     found = board_panels(inp, metric)
     if not found:
         raise Missing(f"no {metric} column in any leaderboard")
-    fig, axes = panels(len(found), height=3.8)
-    records = []
-    for ax, (title, arms, cells) in zip(axes, found):
-        records += bars(ax, arms, cells, inp.colors, title)
-        ax.set(ylabel=ylabel, title=title)
-        ax.title.set_fontsize(9)
-    return Drawn(fig, plotted(records))
+    return bar_panels([(ylabel, panel) for panel in found], inp.colors)
 
 
 def speed(inp: Inputs) -> Drawn:
@@ -68,13 +72,7 @@ def efficiency(inp: Inputs) -> Drawn:
             )
     if not any(kind == "TFLOP/s" for kind, _ in found):
         raise Missing("no tflops rows (timed rows of a sweep that logs TFLOP/s)")
-    fig, axes = panels(len(found), height=3.8)
-    records = []
-    for ax, (ylabel, (title, arms, cells)) in zip(axes, found):
-        records += bars(ax, arms, cells, inp.colors, title)
-        ax.set(ylabel=ylabel, title=title)
-        ax.title.set_fontsize(9)
-    return Drawn(fig, plotted(records))
+    return bar_panels(found, inp.colors)
 
 
 def _inverse(cell: Estimate) -> Estimate:
