@@ -251,24 +251,31 @@ class BackendSpec:
         return self.compute(x_TD, routing, bank)
 
     def check(self, cfg: LayerConfig) -> None:
-        """ValueError naming the field when `cfg` asks for what this backend cannot compute."""
+        """ValueError naming the field when `cfg` asks for what this backend cannot compute;
+        the backends that can are read from `BACKENDS`, never listed by hand."""
         if self.capacity == "required" and cfg.capacity_factor is None:
             raise ValueError(
                 f"backend={self.name!r} needs capacity buffers, but capacity_factor=None "
-                "(dropless); set capacity_factor or use backend 'loop' or 'grouped'"
+                f"(dropless); set capacity_factor or use {able(lambda b: b.capacity != 'required')}"
             )
         if not self.uneven_top_k and cfg.uneven_top_k is not None:
             raise ValueError(
                 f"backend={self.name!r} cannot compute this variant: {cfg.uneven_top_k}, and "
                 f"{self.name} needs exactly top_k experts per token; "
-                "use 'grouped', 'padded' or 'loop'"
+                f"use {able(lambda b: b.uneven_top_k)}"
             )
         if self.capacity == "refused" and cfg.capacity_factor is not None:
             raise ValueError(
                 f"capacity_factor={cfg.capacity_factor} must be None for backend={self.name!r} "
-                "(dropless kernels only); set capacity_factor=None or use 'padded', 'grouped' or "
-                "'loop'"
+                "(dropless kernels only); set capacity_factor=None or use "
+                f"{able(lambda b: b.capacity != 'refused')}"
             )
+
+
+def able(fits: Callable[[BackendSpec], bool]) -> str:
+    """ "'loop' or 'grouped'": the backends for which `fits` holds, in registry order."""
+    names = [repr(name) for name, spec in BACKENDS.items() if fits(spec)]
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 BACKENDS: dict[str, BackendSpec] = {
