@@ -208,8 +208,6 @@ def test_backend_specs_are_the_one_list_expert_parallelism_reads() -> None:
 def test_a_refusal_names_the_backends_that_can_compute_it() -> None:
     """The alternatives in a backend's refusal come from BACKENDS, so a new backend that can
     compute the config is offered without editing the message."""
-    from variants.compute.backends import BACKENDS
-
     dropless = [f"'{n}'" for n, spec in BACKENDS.items() if spec.capacity != "required"]
     with pytest.raises(ValueError, match="capacity_factor=None") as err:
         variants.make_config("switch", d_model=8, num_experts=4, expert_hidden=8,
