@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 import variants
-from moe_bench import identity
+from moe_bench import identity, registry
 from moe_bench.report import (
     build_report,
     claims,
@@ -33,7 +33,6 @@ from moe_bench.report import (
     stats,
 )  # fmt: skip
 from moe_bench.report.render import stages
-from moe_bench.tasks import TASKS
 from scripts import add_run_card
 
 from . import report_fixtures as fx
@@ -368,7 +367,7 @@ def test_report_imports_no_torch_and_no_task_or_variant_code() -> None:
 def test_report_names_no_task_and_no_variant() -> None:
     """No report code special-cases a name: tasks and variants are data of the rows. The claims
     registry is the one exception by design: the papers' claims name their variants."""
-    names = {*variants.names(), *TASKS}
+    names = {*variants.names(), *registry.names()}
     found = []
     for path in sorted((REPO / "moe_bench" / "report").rglob("*")):
         if path.suffix not in (".py", ".j2", ".css") or path.name == "registry.py":
@@ -406,3 +405,45 @@ def test_quality_against_the_timed_tasks_ratio_to_dense() -> None:
         want_y = loss_board.table.loc[loss_board.table["arm"] == arm, "final val loss [nats] ↓"]
         assert x == pytest.approx(want_x) and y == pytest.approx(want_y.item().mean)
     plt.close(drawn.figure)
+
+
+# --- timings of the earlier, sequential protocol -------------------------------------------------
+
+
+def test_timings_without_a_ratio_interval_are_said_to_predate_the_interleaved_protocol(
+    tmp_path: Path,
+) -> None:
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "ratio_ci95"} for r in rows]
+
+    jobs = [fx.throughput_job(v) for v in ("dense", "switch")] + [fx.memory_job("switch")]
+    old = fx.frame([fx.closed(strip(j)) for j in jobs])
+    assert frames.sequential_timing(old[old["task"] == "throughput"])
+    assert not frames.sequential_timing(old[old["task"] == "memory"])  # not timed
+    new = fx.frame([fx.closed(j) for j in jobs])
+    assert not frames.sequential_timing(new[new["task"] == "throughput"])
+    nulled = new.assign(ratio_ci95=None)
+    assert frames.sequential_timing(nulled[nulled["task"] == "throughput"])
+
+    html = build_report(fx.write_sweep(tmp_path / "old", [strip(j) for j in jobs])).read_text()
+    part = html[html.index("<h3>throughput</h3>") :]
+    part = part[: part.index("<h3>", 4) if "<h3>" in part[4:] else part.index("</section>")]
+    assert "predate the interleaved protocol" in part
+    assert "★" not in part.split("<table", 1)[1].split("</table>", 1)[0]  # no star from them
+    assert "☆" in part  # the leader is named, its noise said to be unmeasured
+    html = build_report(fx.write_sweep(tmp_path / "new", jobs)).read_text()
+    assert "predate the interleaved protocol" not in html
+
+
+def test_add_run_card_takes_the_texts_from_code(tmp_path: Path) -> None:
+    rows = fx.frame([fx.closed(fx.throughput_job("switch"), carded=False)])
+    path = tmp_path / "results.csv"
+    rows.to_csv(path, index=False)
+    assert add_run_card.main([str(path), "--gpu", "Some GPU", "--texts-from-code"]) == 0
+    end = pd.read_csv(path).query("metric == 'job'").iloc[0]
+    asks = registry.lookup("throughput").report
+    assert end["card.task_ask"] == asks.ask and end["card.task_order"] == asks.order
+    assert end["card.variant_note"] == variants.lookup("switch").config.note
+    assert end["env.gpu"] == "Some GPU"
+    both = [str(path), "--texts", str(path), "--texts-from-code"]
+    assert add_run_card.main(both) == 2
