@@ -7,10 +7,10 @@ job's closing `job` row (docs/contract.md §5), from facts given on the command 
 
 `--texts` names a JSON file: {"tasks": {TASK: {"order": 0, "ask": "...", "measure": "...",
 "answers": [{"question": ..., "metric": ..., "pass": ..., "unit": ..., "words": ...}]}},
-"variants": {VARIANT: "its loss note"}}. `--texts-from-code` takes the same texts from this checkout instead: each task object's
-`report` (moe_bench.registry) and each variant's config `note` (moe_bench.components), as
-new runs write them. Only what is given is written; columns the rows
-already carry are overwritten only with --force. Writes the file in place (gzip kept, same
+"variants": {VARIANT: "its loss note"}}. `--texts-from-code` takes the same texts from this
+checkout instead: each task object's `report` (moe_bench.registry) and each variant's config
+`note` (moe_bench.components), as new runs write them. Only what is given is written; columns
+the rows already carry are overwritten only with --force. Writes the file in place (gzip kept, same
 bytes for the same input) or to --out.
 """
 
