@@ -299,9 +299,10 @@ def artist_values(fig) -> list[float]:
             if isinstance(line, Line2D):
                 found += [float(v) for v in np.asarray(line.get_ydata(), float).ravel()]
                 found += [float(v) for v in np.asarray(line.get_xdata(), float).ravel()]
-        for patch in ax.patches:
+        for patch in ax.patches:  # a bar's value is its length: along x for horizontal bars
             if isinstance(patch, Rectangle):
-                found.append(float(patch.get_height()))
+                level = patch.get_x() == 0 and patch.get_y() != 0
+                found.append(float(patch.get_width() if level else patch.get_height()))
         for image in ax.get_images():
             if isinstance(image, AxesImage):
                 found += [float(v) for v in np.asarray(image.get_array(), float).ravel()]

@@ -35,6 +35,7 @@ STYLE = {
 }
 WIDTH_IN = 10.0  # one figure spans the page's text column
 PANEL_HEIGHT_IN = 3.4
+LEGEND_BESIDE = 8  # legend entries that fit beside the panels; more go below in two columns
 BAND_NOTE = "lines are means over seeds, bands span min to max over seeds"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DASHES = ("-", "--", "-.", ":")
@@ -127,6 +128,11 @@ def panels(n: int, ncols: int = 2, height: float = PANEL_HEIGHT_IN) -> tuple[plt
     return fig, list(axes.flat[:n])
 
 
+def bar_panels(n: int, bars_per_panel: int) -> tuple[plt.Figure, list]:
+    """One bar panel per row, tall enough for a level label per bar."""
+    return panels(n, ncols=1, height=1.1 + 0.24 * max(1, bars_per_panel))
+
+
 def smoothing_alpha(points: int) -> float:
     """EMA weight of the newest point for a line of `points` points (span = points / 15)."""
     span = max(2.0, points / EMA_POINTS)
@@ -198,21 +204,25 @@ def half_ci(cell: Estimate) -> float:
 def bars(
     ax, labels: list[str], cells: list[Estimate], colors: dict[str, str], panel: str
 ) -> list[dict]:
-    """One bar per table row (an arm): the cell's mean, its value written on it, and its 95%
-    interval as the error bar (t over seeds, or the timed job's half-width). A log axis when
-    the bars span more than a decade. Returns the plotted values."""
+    """One horizontal bar per table row (an arm), in the table's order from the top: the
+    cell's mean, its value written at its end, and its 95% interval as the error bar (t over
+    seeds, or the timed job's half-width). Horizontal, so that long arm labels read level and
+    never overlap. A log axis when the bars span more than a decade. Returns the plotted
+    values."""
     means = np.array([c.mean for c in cells], float)
     half = np.array([half_ci(c) for c in cells], float)
     pos = np.arange(len(cells))
     err = np.vstack([np.minimum(half, np.abs(means) * 0.999), half])  # stays > 0 on log axes
-    drawn = ax.bar(pos, means, color=[colors.get(a, "0.5") for a in labels], yerr=err, capsize=3)
-    ax.bar_label(drawn, labels=[short(v) for v in means], padding=2, fontsize=8)
+    colored = [colors.get(a, "0.5") for a in labels]
+    drawn = ax.barh(pos, means, color=colored, xerr=err, capsize=2, height=0.7)
+    ax.bar_label(drawn, labels=[short(v) for v in means], padding=3, fontsize=8)
     positive = means[means > 0]
     if len(positive) and positive.max() / positive.min() >= 10:
-        ax.set_yscale("log")
-    ax.margins(y=0.15)
-    ax.set_xticks(pos, labels, rotation=30, ha="right", fontsize=8)
-    ax.grid(axis="x", visible=False)
+        ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.5 / max(1, len(cells)))
+    ax.set_yticks(pos, labels, fontsize=8)
+    ax.invert_yaxis()  # the table's first row on top
+    ax.grid(axis="y", visible=False)
     return [
         {"panel": panel, "series": a, "x": i, "y": float(m)}
         for i, (a, m) in enumerate(zip(labels, means))
@@ -232,8 +242,15 @@ def legend(fig: plt.Figure, axes: list) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    if handles:
+    if not handles:
+        return
+    if len(handles) <= LEGEND_BESIDE:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", frameon=False)
+    else:  # beside the panels a long legend squeezes them and runs off the figure's foot
+        fig.set_figheight(fig.get_figheight() + 0.22 * math.ceil(len(handles) / 2))
+        fig.legend(
+            handles.values(), handles.keys(), loc="outside lower center", ncols=2, frameon=False
+        )
 
 
 def log_x_if_wide(ax, values: pd.Series) -> None:

@@ -11,7 +11,7 @@ from matplotlib.ticker import MaxNLocator
 from moe_bench import schema
 
 from ..frames import ARM, column, plain
-from .draw import Drawn, Inputs, Missing, bars, legend, lines, panels, plotted
+from .draw import Drawn, Inputs, Missing, bar_panels, bars, legend, lines, panels, plotted
 from .speed import board_panels
 
 TRAFFIC = (
@@ -29,11 +29,11 @@ def ep_traffic(inp: Inputs) -> Drawn:
     ]
     if not found:
         raise Missing("no expert-parallel traffic columns (devices_per_token, ...) in any table")
-    fig, axes = panels(len(found), height=3.8)
+    fig, axes = bar_panels(len(found), max(len(p[1]) for _, p in found))
     records = []
-    for ax, (ylabel, (title, arms, cells)) in zip(axes, found):
+    for ax, (xlabel, (title, arms, cells)) in zip(axes, found):
         records += bars(ax, arms, cells, inp.colors, title)
-        ax.set(ylabel=ylabel, title=title)
+        ax.set(xlabel=xlabel, title=title)
         ax.title.set_fontsize(9)
     return Drawn(fig, plotted(records))
 

@@ -14,7 +14,18 @@ from .. import frames
 from ..frames import ARM, column, find_column, summary_rows
 from ..leaderboards import ranking_label
 from ..stats import Estimate
-from .draw import Drawn, Inputs, Missing, bars, legend, lines, log_x_if_wide, panels, plotted
+from .draw import (
+    Drawn,
+    Inputs,
+    Missing,
+    bar_panels,
+    bars,
+    legend,
+    lines,
+    log_x_if_wide,
+    panels,
+    plotted,
+)
 
 
 def board_panels(inp: Inputs, metric: str) -> list[tuple[str, list[str], list[Estimate]]]:
@@ -37,11 +48,11 @@ def _bar_figure(inp: Inputs, metric: str, ylabel: str) -> Drawn:
     found = board_panels(inp, metric)
     if not found:
         raise Missing(f"no {metric} column in any leaderboard")
-    fig, axes = panels(len(found), height=3.8)
+    fig, axes = bar_panels(len(found), max(len(arms) for _, arms, _ in found))
     records = []
     for ax, (title, arms, cells) in zip(axes, found):
         records += bars(ax, arms, cells, inp.colors, title)
-        ax.set(ylabel=ylabel, title=title)
+        ax.set(xlabel=ylabel, title=title)
         ax.title.set_fontsize(9)
     return Drawn(fig, plotted(records))
 
@@ -68,11 +79,11 @@ def efficiency(inp: Inputs) -> Drawn:
             )
     if not any(kind == "TFLOP/s" for kind, _ in found):
         raise Missing("no tflops rows (timed rows of a sweep that logs TFLOP/s)")
-    fig, axes = panels(len(found), height=3.8)
+    fig, axes = bar_panels(len(found), max(len(p[1]) for _, p in found))
     records = []
-    for ax, (ylabel, (title, arms, cells)) in zip(axes, found):
+    for ax, (xlabel, (title, arms, cells)) in zip(axes, found):
         records += bars(ax, arms, cells, inp.colors, title)
-        ax.set(ylabel=ylabel, title=title)
+        ax.set(xlabel=xlabel, title=title)
         ax.title.set_fontsize(9)
     return Drawn(fig, plotted(records))
 
