@@ -448,3 +448,21 @@ def test_add_run_card_takes_the_texts_from_code(tmp_path: Path) -> None:
     assert end["env.gpu"] == "Some GPU"
     both = [str(path), "--texts", str(path), "--texts-from-code"]
     assert add_run_card.main(both) == 2
+
+
+def test_a_setting_that_repeats_another_is_said_once() -> None:
+    arms = {
+        f"{b}{e}": {"variant": "mixtral", "task": "throughput", "backend": b,
+                    "variant.backend": b, "model.expansion": e}
+        for b in ("grouped", "megablocks") for e in (8, 16)
+    }  # fmt: skip
+    labels = identity.arm_labels(arms)
+    assert labels["grouped8"] == "mixtral · backend=grouped · expansion=8"
+    assert len(set(labels.values())) == 4
+    other = {**arms["grouped8"], "variant.backend": "megablocks"}  # varies on its own: said
+    assert "variant.backend=megablocks" in identity.arm_labels({**arms, "x": other})["x"]
+    rows = pd.DataFrame(
+        [{"variant": "mixtral", **{k: v for k, v in a.items() if k != "variant"}}
+         for a in arms.values()]
+    )  # fmt: skip
+    assert leaderboards._key_columns(rows) == ["backend", "model.expansion"]
