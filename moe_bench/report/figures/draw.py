@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -126,6 +127,18 @@ def panels(n: int, ncols: int = 2, height: float = PANEL_HEIGHT_IN) -> tuple[plt
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
+
+
+def wrapped(title: str, width: int) -> str:
+    """A panel title in lines of about `width` characters, broken at its " · " separators
+    (then at spaces), so that titles of narrow panels never run into their neighbours."""
+    lines: list[str] = []
+    for part in title.split(" · "):
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " · " + part
+        else:
+            lines.append(part)
+    return "\n".join(textwrap.fill(line, width, break_on_hyphens=False) for line in lines)
 
 
 def bar_panels(n: int, bars_per_panel: int) -> tuple[plt.Figure, list]:
