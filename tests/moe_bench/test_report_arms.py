@@ -466,3 +466,15 @@ def test_a_setting_that_repeats_another_is_said_once() -> None:
          for a in arms.values()]
     )  # fmt: skip
     assert leaderboards._key_columns(rows) == ["backend", "model.expansion"]
+
+
+def test_the_run_card_reads_back_as_written(tmp_path: Path) -> None:
+    rows = fx.frame([fx.closed(fx.throughput_job("switch"), carded=False)])
+    path = tmp_path / "results.csv"
+    rows.to_csv(path, index=False)
+    argv = [str(path), "--cuda", "13.0", "--cores", "2", "--device-memory-gib", "140.4"]
+    assert add_run_card.main(argv) == 0
+    html = build_report(tmp_path).read_text()
+    run = html[html.index('id="run"') :]
+    for key, value in (("cuda", "13.0"), ("cores", "2"), ("device_memory_gib", "140.4")):
+        assert f"<dt>{key}</dt><dd><code>{value}</code>" in run, key
