@@ -117,8 +117,9 @@ def arm_labels(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
     """arm id -> label, from the keys that vary between arms of the same variant and task:
     `switch · capacity_factor=1.0`, `switch · dropless`, `deepseek_v3 · bias_update_rate=0`; a
     variant with one arm keeps its bare name. The variant's derived sizes (SIZE_FIELDS) are
-    left out where another of its fields varies (granularity sets them). An arm keyed
-    `reference` (a race's reference rows) is labelled as the rest with " (reference)":
+    left out where another of its fields varies (granularity sets them), and a key whose value
+    repeats an earlier key's in every arm (`backend` and `variant.backend`) is said once. An arm
+    keyed `reference` (a race's reference rows) is labelled as the rest with " (reference)":
     `dense (reference)` beside a raced `dense`."""
     groups: dict[tuple, list[str]] = {}
     for arm, key in arms.items():
@@ -132,6 +133,12 @@ def arm_labels(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
         sizes = {f"variant.{s}" for s in SIZE_FIELDS}
         if any(n.startswith("variant.") and n not in sizes for n in varying):
             varying = [n for n in varying if n not in sizes]
+        seen: set[tuple] = set()  # a key that repeats another's value in every arm is said once
+        for name in list(varying):
+            values = tuple(repr(canonical(arms[m].get(name))) for m in members)
+            if values in seen:
+                varying.remove(name)
+            seen.add(values)
         short = [n.split(".")[-1] for n in varying]
         shown = [s if short.count(s) == 1 else n for s, n in zip(short, varying)]
         for m in members:

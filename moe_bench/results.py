@@ -275,7 +275,10 @@ def saved_table(path: str | Path) -> pd.DataFrame | None:
         path = next((path / name for name in SAVED if (path / name).is_file()), path)
     if not (path.is_file() and path.name.endswith((".csv", ".csv.gz"))):
         return None
-    frame = pd.read_csv(path, low_memory=False)  # pandas infers gzip from the suffix
+    # the run card's machine facts stay as written ("13.0" is a CUDA version, not 13)
+    header = pd.read_csv(path, nrows=0).columns
+    text = {c: str for c in header if c.startswith("env.")}
+    frame = pd.read_csv(path, low_memory=False, dtype=text)  # gzip inferred from the suffix
     frame = frame.astype(object).where(frame.notna(), None)
     for col in ("value", "step", "seed", "params_total", "params_active", "flops_per_token"):
         if col in frame.columns:

@@ -7,10 +7,10 @@ job's closing `job` row (docs/contract.md §5), from facts given on the command 
 
 `--texts` names a JSON file: {"tasks": {TASK: {"order": 0, "ask": "...", "measure": "...",
 "answers": [{"question": ..., "metric": ..., "pass": ..., "unit": ..., "words": ...}]}},
-"variants": {VARIANT: "its loss note"}}; `--texts-from-code` takes them from this checkout's task
-objects and variant config classes instead (what a job run now would write). Only what is
-given is written; columns the rows
-already carry are overwritten only with --force. Writes the file in place (gzip kept, same
+"variants": {VARIANT: "its loss note"}}. `--texts-from-code` takes the same texts from this
+checkout instead: each task object's `report` (moe_bench.registry) and each variant's config
+`note` (moe_bench.components), as new runs write them. Only what is given is written; columns
+the rows already carry are overwritten only with --force. Writes the file in place (gzip kept, same
 bytes for the same input) or to --out.
 """
 
@@ -63,6 +63,24 @@ def card_columns(args: argparse.Namespace, texts: dict[str, Any]) -> dict[str, d
     return out
 
 
+def texts_from_code() -> dict[str, Any]:
+    """The `--texts` content from this checkout: what each task asks, each variant's note."""
+    # imported here: they load torch, which the other options do not need
+    from moe_bench import components, registry
+
+    tasks = {}
+    for name in registry.names():
+        card = registry.lookup(name).report.card()
+        tasks[name] = {
+            "order": card["card.task_order"],
+            "ask": card["card.task_ask"],
+            "measure": card["card.task_measure"],
+            "answers": json.loads(card["card.task_answers"]),
+        }
+    notes = {name: components.lookup(name).config.note for name in components.names()}
+    return {"tasks": tasks, "variants": notes}
+
+
 def add_card(
     frame: pd.DataFrame, columns: dict[str, dict[str, Any]], notes: dict[str, str], force: bool
 ) -> pd.DataFrame:
@@ -90,24 +108,6 @@ def add_card(
     return frame
 
 
-def texts_from_code() -> dict[str, Any]:
-    """The card texts a job of this checkout writes: each task object's `report`, each
-    component's config `note` (imports the runner side, hence torch)."""
-    from moe_bench import components, registry
-
-    tasks = {}
-    for name in registry.names():
-        card = registry.lookup(name).report.card()
-        tasks[name] = {
-            "order": card["card.task_order"],
-            "ask": card["card.task_ask"],
-            "measure": card["card.task_measure"],
-            "answers": json.loads(card["card.task_answers"]),
-        }
-    notes = {name: components.lookup(name).config.note for name in components.names()}
-    return {"tasks": tasks, "variants": notes}
-
-
 def write(frame: pd.DataFrame, path: Path) -> None:
     text = frame.to_csv(index=False)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -126,10 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rows", type=Path, help="results.csv or results.csv.gz")
     for flag in ENV_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
-    texts_from = parser.add_mutually_exclusive_group()
-    texts_from.add_argument("--texts", type=Path, help="JSON file of task and variant texts")
-    texts_from.add_argument(
-        "--texts-from-code", action="store_true", help="the texts of this checkout's code"
+    parser.add_argument("--texts", type=Path, help="JSON file of task and variant texts")
+    parser.add_argument(
+        "--texts-from-code", action="store_true", help="task and variant texts of this checkout"
     )
     parser.add_argument("--out", type=Path, help="write here instead of in place")
     parser.add_argument("--force", action="store_true", help="overwrite card values present")
@@ -137,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.rows.is_file() or not args.rows.name.endswith((".csv", ".csv.gz")):
             raise ValueError(f"rows={args.rows}: not a file; allowed: results.csv[.gz]")
+        if args.texts and args.texts_from_code:
+            raise ValueError("--texts and --texts-from-code: both given; allowed: one of them")
         texts = json.loads(args.texts.read_text()) if args.texts else {}
         if args.texts_from_code:
             texts = texts_from_code()

@@ -202,6 +202,17 @@ def timing_half_width(rows: pd.DataFrame, pass_: str | None) -> pd.Series:
     return (half / ratio).groupby(runs(timed)).mean()
 
 
+def sequential_timing(rows: pd.DataFrame) -> bool:
+    """Whether these rows time a layer (`tokens_per_s`) against its dense twin
+    (`ratio_to_dense`) without a per-round interval on the ratio (`ratio_ci95` absent or all
+    null): rows of the earlier protocol, which timed the layer and its twin one after the
+    other."""
+    timed = rows[rows["metric"] == schema.RATIO_TO_DENSE.name]
+    if timed.empty or not (rows["metric"] == schema.TOKENS_PER_S.name).any():
+        return False
+    return bool(pd.to_numeric(column(timed, "ratio_ci95"), errors="coerce").isna().all())
+
+
 def steps_half_width(values: pd.Series) -> float:
     """Half-width of the t interval of a mean over logged steps (NaN with fewer than 2)."""
     found = pd.to_numeric(values, errors="coerce").dropna()

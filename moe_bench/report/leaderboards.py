@@ -139,17 +139,21 @@ class Board(NamedTuple):
 
 def _key_columns(rows: pd.DataFrame) -> list[str]:
     """Settings that tell a task's arms apart besides the variant: config columns that take
-    several values within one variant (swept config values, backend, dtype)."""
+    several values within one variant (swept config values, backend, dtype); a column equal to
+    an earlier one in every row (`variant.backend` beside `backend`) is shown once."""
     candidates = ["backend", "dtype", "device"] + [c for c in rows.columns if "." in c]
     by_variant = rows.groupby("variant")
-    return [
-        c
-        for c in candidates
-        if c in rows.columns
-        and c.split(".")[-1] != "seed"
-        and not c.startswith(("env.", "card."))
-        and by_variant[c].nunique(dropna=False).max() > 1
-    ]
+    keys: list[str] = []
+    for c in candidates:
+        if (
+            c in rows.columns
+            and c.split(".")[-1] != "seed"
+            and not c.startswith(("env.", "card."))
+            and by_variant[c].nunique(dropna=False).max() > 1
+            and not any(rows[c].astype(str).equals(rows[k].astype(str)) for k in keys)
+        ):
+            keys.append(c)
+    return keys
 
 
 def _job_flags(rows: pd.DataFrame) -> pd.DataFrame:

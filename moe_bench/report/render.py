@@ -160,6 +160,7 @@ def context(
                 "asks": c.ask,
                 "identical": identical.get(c.task, []),
                 "marked": bool((boards[c.task].marks != "").to_numpy().any()),
+                "sequential": frames.sequential_timing(frame[frame["task"] == c.task]),
             }
             for c in cards
         ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ STYLE = {
 }
 WIDTH_IN = 10.0  # one figure spans the page's text column
 PANEL_HEIGHT_IN = 3.4
+LEGEND_BESIDE = 8  # legend entries that fit beside the panels; more go below in two columns
 BAND_NOTE = "lines are means over seeds, bands span min to max over seeds"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DASHES = ("-", "--", "-.", ":")
@@ -128,6 +130,18 @@ def panels(n: int, ncols: int = 2, height: float = PANEL_HEIGHT_IN) -> tuple[plt
     return fig, list(axes.flat[:n])
 
 
+def wrapped(title: str, width: int) -> str:
+    """A panel title in lines of about `width` characters, broken at its " · " separators
+    (then at spaces), so that titles of narrow panels never run into their neighbours."""
+    lines: list[str] = []
+    for part in title.split(" · "):
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " · " + part
+        else:
+            lines.append(part)
+    return "\n".join(textwrap.fill(line, width, break_on_hyphens=False) for line in lines)
+
+
 def smoothing_alpha(points: int) -> float:
     """EMA weight of the newest point for a line of `points` points (span = points / 15)."""
     span = max(2.0, points / EMA_POINTS)
@@ -199,21 +213,25 @@ def half_ci(cell: Estimate) -> float:
 def bars(
     ax: Axes, labels: list[str], cells: list[Estimate], colors: dict[str, str], panel: str
 ) -> list[dict]:
-    """One bar per table row (an arm): the cell's mean, its value written on it, and its 95%
-    interval as the error bar (t over seeds, or the timed job's half-width). A log axis when
-    the bars span more than a decade. Returns the plotted values."""
+    """One horizontal bar per table row (an arm), in the table's order from the top: the
+    cell's mean, its value written at its end, and its 95% interval as the error bar (t over
+    seeds, or the timed job's half-width). Horizontal, so that long arm labels read level and
+    never overlap. A log axis when the bars span more than a decade. Returns the plotted
+    values."""
     means = np.array([c.mean for c in cells], float)
     half = np.array([half_ci(c) for c in cells], float)
     pos = np.arange(len(cells))
     err = np.vstack([np.minimum(half, np.abs(means) * 0.999), half])  # stays > 0 on log axes
-    drawn = ax.bar(pos, means, color=[colors.get(a, "0.5") for a in labels], yerr=err, capsize=3)
-    ax.bar_label(drawn, labels=[short(v) for v in means], padding=2, fontsize=8)
+    colored = [colors.get(a, "0.5") for a in labels]
+    drawn = ax.barh(pos, means, color=colored, xerr=err, capsize=2, height=0.7)
+    ax.bar_label(drawn, labels=[short(v) for v in means], padding=3, fontsize=8)
     positive = means[means > 0]
     if len(positive) and positive.max() / positive.min() >= 10:
-        ax.set_yscale("log")
-    ax.margins(y=0.15)
-    ax.set_xticks(pos, labels, rotation=30, ha="right", fontsize=8)
-    ax.grid(axis="x", visible=False)
+        ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.5 / max(1, len(cells)))
+    ax.set_yticks(pos, labels, fontsize=8)
+    ax.invert_yaxis()  # the table's first row on top
+    ax.grid(axis="y", visible=False)
     return [
         {"panel": panel, "series": a, "x": i, "y": float(m)}
         for i, (a, m) in enumerate(zip(labels, means))
@@ -223,12 +241,14 @@ def bars(
 def bar_panels(
     found: list[tuple[str, tuple[str, list[str], list[Estimate]]]], colors: dict[str, str]
 ) -> Drawn:
-    """One bar panel (`bars`) per (y label, (title, arms, cells)) of leaderboard cells."""
-    fig, axes = panels(len(found), height=3.8)
+    """One bar panel (`bars`) per (value label, (title, arms, cells)) of leaderboard cells: one
+    panel per row, tall enough for a level label per bar."""
+    most = max(len(arms) for _, (_, arms, _) in found)
+    fig, axes = panels(len(found), ncols=1, height=1.1 + 0.24 * max(1, most))
     records = []
-    for ax, (ylabel, (title, arms, cells)) in zip(axes, found):
+    for ax, (xlabel, (title, arms, cells)) in zip(axes, found):
         records += bars(ax, arms, cells, colors, title)
-        ax.set(ylabel=ylabel, title=title)
+        ax.set(xlabel=xlabel, title=title)
         ax.title.set_fontsize(9)
     return Drawn(fig, plotted(records))
 
@@ -246,8 +266,15 @@ def legend(fig: plt.Figure, axes: list) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    if handles:
+    if not handles:
+        return
+    if len(handles) <= LEGEND_BESIDE:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", frameon=False)
+    else:  # beside the panels a long legend squeezes them and runs off the figure's foot
+        fig.set_figheight(fig.get_figheight() + 0.22 * math.ceil(len(handles) / 2))
+        fig.legend(
+            handles.values(), handles.keys(), loc="outside lower center", ncols=2, frameon=False
+        )
 
 
 def log_x_if_wide(ax: Axes, values: pd.Series) -> None:

@@ -28,6 +28,7 @@ from .draw import (
     panels,
     plotted,
     require,
+    wrapped,
 )
 
 
@@ -167,7 +168,9 @@ def _load_maps(inp: Inputs, rows_by: str) -> Drawn:
         image = ax.imshow(
             share.to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest"
         )
-        ax.set_title(title, color=inp.colors.get(arm, "0.2"), fontweight="bold", fontsize=8)
+        ax.set_title(
+            wrapped(title, 40), color=inp.colors.get(arm, "0.2"), fontweight="bold", fontsize=8
+        )
         ax.set_yticks(range(len(share)), share.index)
         ax.set_xlabel("expert")
         ax.grid(False)
@@ -221,7 +224,9 @@ def load_over_steps(inp: Inputs) -> Drawn:
         image = ax.imshow(
             share.to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest"
         )
-        ax.set_title(title, color=inp.colors.get(arm, "0.2"), fontweight="bold", fontsize=8)
+        ax.set_title(
+            wrapped(title, 40), color=inp.colors.get(arm, "0.2"), fontweight="bold", fontsize=8
+        )
         ticks = list(range(0, len(share), max(1, len(share) // 6)))
         ax.set_yticks(ticks, [plain(share.index[i]) for i in ticks])
         ax.set(xlabel="expert", ylabel="step")
@@ -366,7 +371,7 @@ def quality_vs_cost(inp: Inputs) -> Drawn:
                 lw=1.2,
                 label="Pareto frontier",
             )
-        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=wrapped(panel.title, 48))
         ax.title.set_fontsize(9)
     legend(fig, axes)
     return Drawn(fig, plotted(records))
