@@ -1,6 +1,6 @@
 """Every figure kind plots the values of the table (or frame, or claims result) it illustrates.
 
-The values are read back from the matplotlib artists (bar heights, line data, image arrays,
+The values are read back from the matplotlib artists (bar lengths, line data, image arrays,
 error-bar points) and held against values this test computes itself from the source: the
 leaderboard cells for bars and points, the ok rows of the frame for step curves and heatmaps
 (plain pandas: mean over seeds per arm and step, load shares E · c_i / Σ c), the claims results
@@ -140,7 +140,7 @@ def check_bars(metrics: set[str], share: str | None = None) -> Callable:
         want = board_cells(found, metrics)
         axes = visible_axes(fig)
         for title, ax in axes.items():
-            heights = [p.get_height() for p in ax.patches]
+            heights = [p.get_width() for p in ax.patches]  # horizontal bars: value = length
             if title in want:
                 close(heights, want[title][1], title)
                 continue
@@ -445,7 +445,7 @@ def spoil_one(fig: plt.Figure) -> None:
         array.flat[0] = array.flat[0] * factor + 1e-6
         ax.images[0].set_data(array)
     elif ax.patches:
-        ax.patches[0].set_height(ax.patches[0].get_height() * factor)
+        ax.patches[0].set_width(ax.patches[0].get_width() * factor)
     elif any(isinstance(c, ErrorbarContainer) for c in ax.containers):
         line = next(c for c in ax.containers if isinstance(c, ErrorbarContainer)).lines[0]
         line.set_xdata(np.asarray(line.get_xdata(), float) * factor + 1e-6)

@@ -77,7 +77,7 @@ def ep_imbalance_vs_step(inp: Inputs) -> Drawn:
     title = "rank_imbalance · training"
     records = lines(ax, rows, "step", "value", inp.colors, "step", title)
     ax.axhline(1, color="0.3", lw=0.8)
-    ax.set(xlabel="training step", ylabel="max / mean token rows received per rank")
+    ax.set(xlabel="training step", ylabel="max / mean token rows received per rank", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     legend(fig, axes)
     return Drawn(fig, plotted(records))
