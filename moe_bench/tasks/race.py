@@ -39,7 +39,7 @@ from moe_bench.recorder import Recorder, load_average
 from moe_bench.task import Answer, Asks, Task
 from moe_bench.tasks import STEPS, build_layer, random_input
 from moe_bench.tasks.throughput import (
-    TIME_METRICS,
+    METRICS,
     ThroughputConfig,
     log_ratio,
     log_speed,
@@ -157,7 +157,7 @@ TASK = Task(
     name="race",
     config=RaceConfig,
     run=run,
-    metrics=(*TIME_METRICS.values(), schema.TOKENS_PER_S, schema.TFLOPS, schema.RATIO_TO_DENSE),
+    metrics=METRICS,
     cost_tflop=cost_tflop,
     summary=summary,
     timed=True,
