@@ -32,8 +32,10 @@ EP = [
 # what the traffic forward and the training run give: exact, whatever starts the ranks
 UNTIMED = ["devices_per_token", "bytes_per_token", "remote_fraction", "rank_imbalance",
            "rank_tokens"]  # fmt: skip
-UNTIMED_COLUMNS = ["metric", "layer", "phase", "step", "src", "dst", "value",
-                   "devices_per_token_max", "dispatch_bytes", "combine_bytes", "assignments"]  # fmt: skip
+UNTIMED_COLUMNS = [
+    "metric", "layer", "phase", "step", "src", "dst", "value", "devices_per_token_max",
+    "dispatch_bytes", "combine_bytes", "assignments",
+]  # fmt: skip
 
 
 def run_group(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
