@@ -58,3 +58,24 @@ def run_cli(
         [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+@pytest.fixture
+def sketched_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build report pages with every figure drawn (its data, its `Missing`, its matplotlib
+    figure) but not laid out and saved as SVG: layout and SVG are most of a page's build time.
+    For tests that read a page's text and which figures it holds. The real SVG is checked by
+    test_report.py's full page (every figure, self-contained, opened in a browser) and the
+    figure tests, which draw every figure."""
+    from matplotlib import pyplot as plt
+
+    from moe_bench.report import figures
+    from moe_bench.report.figures import draw
+
+    def sketch(make: Callable[[], draw.Drawn], prefix: str) -> tuple[str, object]:
+        with plt.rc_context(draw.STYLE):
+            drawn = make()
+        plt.close(drawn.figure)
+        return f'<svg class="sketch" data-figure="{prefix}"></svg>', drawn.data
+
+    monkeypatch.setattr(figures, "render_svg", sketch)

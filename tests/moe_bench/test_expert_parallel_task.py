@@ -68,6 +68,7 @@ def test_job_runs_on_two_gloo_ranks_and_rank0_writes_every_metric(v2_job) -> Non
     assert (frame["task.ep_size"] == 2).all()
 
 
+@pytest.mark.slow  # several processes (the module's 2-rank job): the slow run
 def test_rank_tokens_add_up_to_the_routed_tokens(v2_job) -> None:
     _, frame = v2_job
     matrix = _rows(frame, "rank_tokens")
@@ -80,6 +81,7 @@ def test_rank_tokens_add_up_to_the_routed_tokens(v2_job) -> None:
     assert imbalance == pytest.approx(received.max() / received.mean())
 
 
+@pytest.mark.slow  # several processes (the module's 2-rank job): the slow run
 def test_deepseek_v2_never_reaches_more_than_max_devices(v2_job) -> None:
     _, frame = v2_job
     per_token = _rows(frame, "devices_per_token", layer="mean").iloc[0]

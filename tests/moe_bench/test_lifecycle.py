@@ -59,7 +59,9 @@ def killed_job(folder: Path) -> None:
     (folder / results.STATE).write_text(json.dumps({**record, "pid": dead_pid()}))
 
 
-def test_killed_job_is_incomplete_and_kept_out_of_the_leaderboard(tmp_path: Path) -> None:
+def test_killed_job_is_incomplete_and_kept_out_of_the_leaderboard(
+    tmp_path: Path, sketched_figures: None
+) -> None:
     jobs = [fx.convergence_job("dense"), fx.convergence_job("gshard")]
     sweep = fx.write_sweep(tmp_path, jobs, ["variant=dense,gshard,switch,mixtral"])
     killed_job(tmp_path / "2")  # job 3 (mixtral) never started: no folder at all
@@ -202,7 +204,9 @@ def test_a_code_change_keeps_ok_rows_and_says_so(job_cfg, tmp_path: Path, capsys
         (lambda r: r.pop("variant"), "missing required column variant"),
     ],
 )
-def test_a_bad_row_is_named_and_its_job_shown_unreadable(tmp_path: Path, edit, what) -> None:
+def test_a_bad_row_is_named_and_its_job_shown_unreadable(
+    tmp_path: Path, edit, what, sketched_figures: None
+) -> None:
     jobs = [fx.memory_job(v) for v in ("dense", "switch", "gshard")]
     for row in jobs[1]:
         edit(row)
@@ -216,7 +220,9 @@ def test_a_bad_row_is_named_and_its_job_shown_unreadable(tmp_path: Path, edit, w
     assert re.search(r">\s*gshard\s*</td>", html[html.index('<section id="leaderboards">') :])
 
 
-def test_rows_without_step_anywhere_still_make_a_report(tmp_path: Path) -> None:
+def test_rows_without_step_anywhere_still_make_a_report(
+    tmp_path: Path, sketched_figures: None
+) -> None:
     jobs = [fx.convergence_job(v) for v in ("dense", "switch")]
     for job in jobs:
         for row in job:
@@ -228,7 +234,9 @@ def test_rows_without_step_anywhere_still_make_a_report(tmp_path: Path) -> None:
 # --- a deleted env.json -----------------------------------------------------------------------
 
 
-def test_deleted_env_json_keeps_the_card_then_is_rebuilt_on_resume(job_cfg, tmp_path: Path) -> None:
+def test_deleted_env_json_keeps_the_card_then_is_rebuilt_on_resume(
+    job_cfg, tmp_path: Path, sketched_figures: None
+) -> None:
     job = tmp_path / "0"
     OmegaConf.save(
         OmegaConf.create({"hydra": {"overrides": {"task": []}}}), tmp_path / "multirun.yaml"
@@ -318,7 +326,7 @@ def test_a_second_multirun_on_a_held_sweep_folder_exits(tmp_path: Path, hold) ->
 
 
 def test_a_cut_line_is_rerun_by_resume_and_named_by_the_report(
-    job_cfg, tmp_path: Path, capsys
+    job_cfg, tmp_path: Path, capsys, sketched_figures: None
 ) -> None:
     job = tmp_path / "0"
     OmegaConf.save(

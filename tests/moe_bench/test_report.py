@@ -82,7 +82,7 @@ def test_report_is_self_contained(full_report: Path) -> None:
         assert anchor in ids, f"dangling reference #{anchor}"
 
 
-def test_failed_job_is_listed_with_its_error(tmp_path: Path) -> None:
+def test_failed_job_is_listed_with_its_error(tmp_path: Path, sketched_figures: None) -> None:
     error = 'Traceback (most recent call last):\n  File "x.py"\nValueError: top_k=9 <= 8 & <b>'
     jobs = [fx.throughput_job("switch"), fx.failed_job("gshard", "throughput", error)]
     html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
@@ -96,7 +96,7 @@ def test_failed_job_is_listed_with_its_error(tmp_path: Path) -> None:
     assert gshard["runs"] == "1 (1 failed)"
 
 
-def test_single_job_sweep_says_what_is_missing(tmp_path: Path) -> None:
+def test_single_job_sweep_says_what_is_missing(tmp_path: Path, sketched_figures: None) -> None:
     html = build_report(fx.write_sweep(tmp_path, [fx.convergence_job("switch")])).read_text()
     assert figure_ids(html) == {
         "speed", "quality-cost", "loss-step", "loss-wall", "dynamics", "maxvio", "load-layers",
@@ -108,7 +108,7 @@ def test_single_job_sweep_says_what_is_missing(tmp_path: Path) -> None:
     assert "★" not in html  # one row per column: nothing to be best against
 
 
-def test_throughput_only_sweep(tmp_path: Path) -> None:
+def test_throughput_only_sweep(tmp_path: Path, sketched_figures: None) -> None:
     jobs = [fx.throughput_job(v, tokens=t) for v in ("dense", "switch") for t in (256, 512)]
     html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
     assert figure_ids(html) == {"throughput-tokens", "speed", "efficiency"}
@@ -118,7 +118,9 @@ def test_throughput_only_sweep(tmp_path: Path) -> None:
         assert f"no {metric}" in missing
 
 
-def test_started_sweep_without_results_lists_its_jobs(tmp_path: Path) -> None:
+def test_started_sweep_without_results_lists_its_jobs(
+    tmp_path: Path, sketched_figures: None
+) -> None:
     fx.write_sweep(tmp_path, [fx.throughput_job("switch"), fx.throughput_job("gshard")])
     for job in ("0", "1"):
         (tmp_path / job / "results.jsonl").unlink()
@@ -189,7 +191,7 @@ def test_leaderboard_separates_swept_settings(tmp_path: Path) -> None:
     }
 
 
-def test_expert_parallel_table_and_figures(tmp_path: Path) -> None:
+def test_expert_parallel_table_and_figures(tmp_path: Path, sketched_figures: None) -> None:
     jobs = [fx.expert_parallel_job("switch", **{"variant.max_devices": m}) for m in (1, 2)]
     board = leaderboards.leaderboard("expert_parallel", fx.frame(jobs))
     shown = board.shown
@@ -214,7 +216,9 @@ def test_balance_columns_leave_out_single_expert_layers() -> None:
     assert alone.shown.empty
 
 
-def test_notes_give_loss_normalisation_and_flag_expert_choice(tmp_path: Path) -> None:
+def test_notes_give_loss_normalisation_and_flag_expert_choice(
+    tmp_path: Path, sketched_figures: None
+) -> None:
     jobs = [fx.convergence_job("switch"), fx.convergence_job("mixtral")]
     leaky = [{**r, "leaks_future_tokens": True} for r in fx.convergence_job("expert_choice")]
     jobs.append(leaky)
@@ -395,7 +399,7 @@ def test_incomplete_and_failed_jobs_are_not_ranked() -> None:
     assert summary[0].startswith("Fastest: gshard")
 
 
-def test_notes_only_for_variants_present(tmp_path: Path) -> None:
+def test_notes_only_for_variants_present(tmp_path: Path, sketched_figures: None) -> None:
     html = build_report(fx.write_sweep(tmp_path, [fx.convergence_job("switch")])).read_text()
     notes = html[html.index('<section id="notes">') :]
     assert "Expert choice (Zhou" not in notes and "non-causal" not in notes
@@ -446,7 +450,9 @@ def test_specialisation_is_a_jensen_shannon_number() -> None:
     assert table.loc["switch", "mean"] == pytest.approx(0.5)
 
 
-def test_compare_matches_jobs_by_config_and_flags_changes_beyond_noise(tmp_path: Path) -> None:
+def test_compare_matches_jobs_by_config_and_flags_changes_beyond_noise(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     base = [fx.throughput_job("switch", tokens=t, seed=0, speed=1e5) for t in (512, 1024)]
     cand = [
         fx.throughput_job("switch", tokens=512, seed=1, speed=1.5e5),  # other seed, same config
@@ -460,16 +466,16 @@ def test_compare_matches_jobs_by_config_and_flags_changes_beyond_noise(tmp_path:
     assert speed.loc["1024", "Δ cand"] == "+0.2% ~"
     a = fx.write_sweep(tmp_path / "a", base)
     b = fx.write_sweep(tmp_path / "b", cand)
-    done = subprocess.run(
-        [sys.executable, "-m", "moe_bench.report", str(a), str(b)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert "+50.0% better" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == str(b / "compare.html")
+    # the command line's own code, in this process (test_command_line_prints_the_report_path
+    # runs `python -m moe_bench.report` itself in the slow run)
+    assert main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "+50.0% better" in out
+    assert out.strip().splitlines()[-1] == str(b / "compare.html")
     assert "+50.0% better" in (b / "compare.html").read_text()
 
 
-def test_compressed_csv_is_read(tmp_path: Path) -> None:
+def test_compressed_csv_is_read(tmp_path: Path, sketched_figures: None) -> None:
     sweep = fx.write_sweep(
         tmp_path / "sweep", [fx.convergence_job("switch"), fx.memory_job("dense")]
     )

@@ -95,7 +95,9 @@ def test_arm_labels_name_what_varies_within_a_variant() -> None:
     assert identity.arm_key({**one, "env.cpu": "x", "params_total": 9}) == identity.arm_key(one)
 
 
-def test_two_arms_of_one_variant_are_two_rows_everywhere(tmp_path: Path) -> None:
+def test_two_arms_of_one_variant_are_two_rows_everywhere(
+    tmp_path: Path, sketched_figures: None
+) -> None:
     html = build_report(fx.write_sweep(tmp_path, arm_jobs())).read_text()
     board = html[html.index('<section id="leaderboards">') : html.index('<section id="figures">')]
     legend = html[html.index('<div class="legend">') : html.index("<nav>")]
@@ -210,14 +212,22 @@ def test_timing_star_comes_from_the_interleaved_ratio_interval() -> None:
 # --- the run card and the saved table ---------------------------------------------------------
 
 
-def test_report_rebuilt_from_the_gzipped_table_alone(tmp_path: Path) -> None:
-    sweep = fx.write_sweep(tmp_path / "sweep", full_jobs())
+def test_report_rebuilt_from_the_gzipped_table_alone(
+    tmp_path: Path, sketched_figures: None
+) -> None:
+    jobs = [
+        fx.throughput_job("switch"),
+        fx.memory_job("dense"),
+        fx.failed_job("switch", "memory", "RuntimeError: out of memory"),
+    ]
+    sweep = fx.write_sweep(tmp_path / "sweep", jobs)
     build_report(sweep, gzip_csv=True)
     saved = tmp_path / "empty"
     saved.mkdir()
     (saved / "results.csv.gz").write_bytes((sweep / "results.csv.gz").read_bytes())
     html = build_report(saved).read_text()
-    jobs = len(full_jobs())
+    assert "<h3>throughput</h3>" in html and "<h3>memory</h3>" in html
+    jobs = len(jobs)
     assert f"<li>{jobs} jobs</li>" in html and f"<li>{jobs - 1} ok</li>" in html
     assert '<li class="bad">1 failed</li>' in html
     run = html[html.index('<section id="run">') :]
@@ -229,7 +239,9 @@ def test_report_rebuilt_from_the_gzipped_table_alone(tmp_path: Path) -> None:
     assert "env.torch" in header and "card.task_ask" in header  # the card travels
 
 
-def test_rows_without_the_card_still_render_and_say_so(tmp_path: Path) -> None:
+def test_rows_without_the_card_still_render_and_say_so(
+    tmp_path: Path, sketched_figures: None
+) -> None:
     jobs = [fx.convergence_job("switch"), fx.throughput_job("switch")]
     html = build_report(fx.write_sweep(tmp_path, jobs, carded=False)).read_text()
     assert "Run card of convergence, throughput" in html

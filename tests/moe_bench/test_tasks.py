@@ -16,7 +16,9 @@ from moe_bench.__main__ import execute
 from moe_bench.timing import LiveTensorBytes, Timing, time_steps
 from tests.moe_bench.conftest import FAST
 
-FAST_THROUGHPUT = [*FAST, "task=throughput", "task.warmup=1", "task.repeats=3"]
+FAST_THROUGHPUT = [
+    *FAST, "task=throughput", "task.warmup=1", "task.repeats=3", "task.max_repeats=3"
+]  # fmt: skip
 
 
 def run_job(compose_cfg, out: Path, *overrides: str) -> tuple[str, pd.DataFrame]:

@@ -155,7 +155,8 @@ def test_throughput_rows_carry_spread_load_and_threads(compose_cfg, tmp_path: Pa
 
 
 def test_job_line_names_its_key_metrics(compose_cfg, tmp_path: Path, capsys) -> None:
-    cfg = compose_cfg(*FAST, "task=throughput", "task.warmup=1", "task.repeats=3")
+    cfg = compose_cfg(*FAST, "task=throughput", "task.warmup=1", "task.repeats=3",
+                      "task.max_repeats=3")  # fmt: skip
     assert execute(cfg, tmp_path, "variant=switch task=throughput") == "ok"
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("ok       variant=switch task=throughput: fwd_bwd ")
