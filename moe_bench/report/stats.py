@@ -16,6 +16,7 @@ the regularised incomplete beta function (continued fraction, Numerical Recipes 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -64,6 +65,7 @@ def t_cdf(t: float, dof: float) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
+@functools.cache  # 200 bisection steps per call; a report asks a few dofs
 def t_critical(dof: float, level: float = LEVEL) -> float:
     """The two-sided critical value: t(1 - (1 - level)/2, dof); e.g. 4.303 for dof 2."""
     if not dof > 0:

@@ -18,11 +18,14 @@ def smoke(pytestconfig: pytest.Config) -> bool:
 
 
 @pytest.fixture
-def bench_threads() -> Iterator[int]:
-    """Timed cases run with the CI machine's 2 threads (unit tests run with 1); restore after."""
+def bench_threads(smoke: bool) -> Iterator[int]:
+    """Timed cases run with the CI machine's 2 threads; smoke runs (nothing timed) with 1, like
+    the unit tests: beside another xdist worker, two threads per worker on 2 cores spin-wait
+    for each other (a fine loop step took 8x the CPU time of one thread). Restored after."""
+    threads = 1 if smoke else NUM_THREADS
     before = torch.get_num_threads()
-    torch.set_num_threads(NUM_THREADS)
-    yield NUM_THREADS
+    torch.set_num_threads(threads)
+    yield threads
     torch.set_num_threads(before)
 
 
