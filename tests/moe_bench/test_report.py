@@ -269,10 +269,12 @@ def assert_opens_cleanly(report: Path, profile: Path) -> None:
     assert pixels.std() > 0.05, "the screenshot is blank"
 
 
+@pytest.mark.slow  # a browser process per page: the slow run
 def test_report_opens_in_headless_chromium(full_report: Path, tmp_path: Path) -> None:
     assert_opens_cleanly(full_report, tmp_path / "profile")
 
 
+@pytest.mark.slow  # a browser process per page: the slow run
 def test_committed_example_opens_in_headless_chromium(tmp_path: Path) -> None:
     # reports/example: the report of a real `+experiment=quick` sweep, linked from the README
     example = Path(__file__).parents[2] / "reports" / "example" / "report.html"
