@@ -79,3 +79,14 @@ def sketched_figures(monkeypatch: pytest.MonkeyPatch) -> None:
         return f'<svg class="sketch" data-figure="{prefix}"></svg>', drawn.data
 
     monkeypatch.setattr(figures, "render_svg", sketch)
+
+
+@pytest.fixture
+def no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build report pages without their figures stage (no figure is drawn, none is listed as
+    missing): for tests that read the page's other sections (jobs, leaderboards, notes, run
+    card, claims), half of whose build time the figures would cost. Which figures a page holds
+    is checked with `sketched_figures` or the real SVG."""
+    from moe_bench.report import render
+
+    monkeypatch.setattr(render, "_figures", lambda inputs, found: ([], []))

@@ -138,7 +138,7 @@ def test_same_variant_claims_pair_only_jobs_that_differ_in_the_compared_field() 
     assert all("variant.alpha=" in r.setting for r in results)
 
 
-def test_only_covered_claims_render(tmp_path: Path, sketched_figures: None) -> None:
+def test_only_covered_claims_render(tmp_path: Path, no_figures: None) -> None:
     jobs = [job("dense", s, 4.0) for s in range(2)] + [
         job("switch", s, 3.5, **SWITCH) for s in range(2)
     ]
@@ -150,7 +150,7 @@ def test_only_covered_claims_render(tmp_path: Path, sketched_figures: None) -> N
     assert "What the papers do that we do not" in html
 
 
-def test_unrelated_sweep_has_no_claims_section(tmp_path: Path, sketched_figures: None) -> None:
+def test_unrelated_sweep_has_no_claims_section(tmp_path: Path, no_figures: None) -> None:
     jobs = [fx.throughput_job(v) for v in ("dense", "switch")]
     html = build_report(fx.write_sweep(tmp_path / "t", jobs)).read_text()
     assert 'id="claims"' not in html and 'href="#claims"' not in html

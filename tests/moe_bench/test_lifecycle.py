@@ -60,7 +60,7 @@ def killed_job(folder: Path) -> None:
 
 
 def test_killed_job_is_incomplete_and_kept_out_of_the_leaderboard(
-    tmp_path: Path, sketched_figures: None
+    tmp_path: Path, no_figures: None
 ) -> None:
     jobs = [fx.convergence_job("dense"), fx.convergence_job("gshard")]
     sweep = fx.write_sweep(tmp_path, jobs, ["variant=dense,gshard,switch,mixtral"])
@@ -205,7 +205,7 @@ def test_a_code_change_keeps_ok_rows_and_says_so(job_cfg, tmp_path: Path, capsys
     ],
 )
 def test_a_bad_row_is_named_and_its_job_shown_unreadable(
-    tmp_path: Path, edit, what, sketched_figures: None
+    tmp_path: Path, edit, what, no_figures: None
 ) -> None:
     jobs = [fx.memory_job(v) for v in ("dense", "switch", "gshard")]
     for row in jobs[1]:
@@ -235,7 +235,7 @@ def test_rows_without_step_anywhere_still_make_a_report(
 
 
 def test_deleted_env_json_keeps_the_card_then_is_rebuilt_on_resume(
-    job_cfg, tmp_path: Path, sketched_figures: None
+    job_cfg, tmp_path: Path, no_figures: None
 ) -> None:
     job = tmp_path / "0"
     OmegaConf.save(
@@ -326,7 +326,7 @@ def test_a_second_multirun_on_a_held_sweep_folder_exits(tmp_path: Path, hold) ->
 
 
 def test_a_cut_line_is_rerun_by_resume_and_named_by_the_report(
-    job_cfg, tmp_path: Path, capsys, sketched_figures: None
+    job_cfg, tmp_path: Path, capsys, no_figures: None
 ) -> None:
     job = tmp_path / "0"
     OmegaConf.save(

@@ -85,7 +85,7 @@ def test_report_is_self_contained(full_report: Path) -> None:
         assert anchor in ids, f"dangling reference #{anchor}"
 
 
-def test_failed_job_is_listed_with_its_error(tmp_path: Path, sketched_figures: None) -> None:
+def test_failed_job_is_listed_with_its_error(tmp_path: Path, no_figures: None) -> None:
     error = 'Traceback (most recent call last):\n  File "x.py"\nValueError: top_k=9 <= 8 & <b>'
     jobs = [fx.throughput_job("switch"), fx.failed_job("gshard", "throughput", error)]
     html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
@@ -220,7 +220,7 @@ def test_balance_columns_leave_out_single_expert_layers() -> None:
 
 
 def test_notes_give_loss_normalisation_and_flag_expert_choice(
-    tmp_path: Path, sketched_figures: None
+    tmp_path: Path, no_figures: None
 ) -> None:
     jobs = [fx.convergence_job("switch"), fx.convergence_job("mixtral")]
     leaky = [{**r, "leaks_future_tokens": True} for r in fx.convergence_job("expert_choice")]
@@ -405,7 +405,7 @@ def test_incomplete_and_failed_jobs_are_not_ranked() -> None:
     assert summary[0].startswith("Fastest: gshard")
 
 
-def test_notes_only_for_variants_present(tmp_path: Path, sketched_figures: None) -> None:
+def test_notes_only_for_variants_present(tmp_path: Path, no_figures: None) -> None:
     html = build_report(fx.write_sweep(tmp_path, [fx.convergence_job("switch")])).read_text()
     notes = html[html.index('<section id="notes">') :]
     assert "Expert choice (Zhou" not in notes and "non-causal" not in notes
@@ -482,7 +482,7 @@ def test_compare_matches_jobs_by_config_and_flags_changes_beyond_noise(
     assert "+50.0% better" in (b / "compare.html").read_text()
 
 
-def test_compressed_csv_is_read(tmp_path: Path, sketched_figures: None) -> None:
+def test_compressed_csv_is_read(tmp_path: Path, no_figures: None) -> None:
     sweep = fx.write_sweep(
         tmp_path / "sweep", [fx.convergence_job("switch"), fx.memory_job("dense")]
     )

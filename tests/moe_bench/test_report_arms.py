@@ -95,9 +95,7 @@ def test_arm_labels_name_what_varies_within_a_variant() -> None:
     assert identity.arm_key({**one, "env.cpu": "x", "params_total": 9}) == identity.arm_key(one)
 
 
-def test_two_arms_of_one_variant_are_two_rows_everywhere(
-    tmp_path: Path, sketched_figures: None
-) -> None:
+def test_two_arms_of_one_variant_are_two_rows_everywhere(tmp_path: Path, no_figures: None) -> None:
     html = build_report(fx.write_sweep(tmp_path, arm_jobs())).read_text()
     board = html[html.index('<section id="leaderboards">') : html.index('<section id="figures">')]
     legend = html[html.index('<div class="legend">') : html.index("<nav>")]
@@ -212,9 +210,7 @@ def test_timing_star_comes_from_the_interleaved_ratio_interval() -> None:
 # --- the run card and the saved table ---------------------------------------------------------
 
 
-def test_report_rebuilt_from_the_gzipped_table_alone(
-    tmp_path: Path, sketched_figures: None
-) -> None:
+def test_report_rebuilt_from_the_gzipped_table_alone(tmp_path: Path, no_figures: None) -> None:
     jobs = [
         fx.throughput_job("switch"),
         fx.memory_job("dense"),
@@ -239,9 +235,7 @@ def test_report_rebuilt_from_the_gzipped_table_alone(
     assert "env.torch" in header and "card.task_ask" in header  # the card travels
 
 
-def test_rows_without_the_card_still_render_and_say_so(
-    tmp_path: Path, sketched_figures: None
-) -> None:
+def test_rows_without_the_card_still_render_and_say_so(tmp_path: Path, no_figures: None) -> None:
     jobs = [fx.convergence_job("switch"), fx.throughput_job("switch")]
     html = build_report(fx.write_sweep(tmp_path, jobs, carded=False)).read_text()
     assert "Run card of convergence, throughput" in html
@@ -334,6 +328,7 @@ def shown_as(label: str) -> str:
     return label.replace("ratio to dense", "share of dense rate").replace("[×] ↓", "")
 
 
+@pytest.mark.slow  # test_figures_tables.py holds every figure kind to its source by default
 def test_every_figure_plots_its_tables_values() -> None:
     jobs = full_jobs()
     for seed in (0, 1, 2):  # a claim, for the forest plot

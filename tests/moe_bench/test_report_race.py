@@ -61,7 +61,7 @@ def race_job(seed: int = 0, own: str = "switch", racers: dict[str, float] | None
     return done
 
 
-def test_a_race_job_is_one_arm_per_raced_variant(tmp_path: Path, sketched_figures: None) -> None:
+def test_a_race_job_is_one_arm_per_raced_variant(tmp_path: Path, no_figures: None) -> None:
     jobs = [race_job(seed) for seed in (0, 1)]
     frame = frames.with_arms(fx.frame(jobs))
     # one run per raced variant and one for the reference, in each job folder
@@ -129,9 +129,7 @@ def test_ordinary_jobs_keep_one_run_per_job_folder() -> None:
     assert list(frames.job_arms(frame).index) == ["0", "1", "2", "3"]
 
 
-def test_a_real_race_job_builds_a_report(
-    compose_cfg, tmp_path: Path, sketched_figures: None
-) -> None:
+def test_a_real_race_job_builds_a_report(compose_cfg, tmp_path: Path, no_figures: None) -> None:
     cfg = compose_cfg(*RACE, "variant=switch", "task.variants=[gshard]")
     assert execute(cfg, tmp_path / "0", "race") == "ok"
     (tmp_path / "multirun.yaml").write_text(

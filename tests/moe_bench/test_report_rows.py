@@ -18,7 +18,7 @@ from . import report_fixtures as fx
 
 
 def test_timings_without_a_ratio_interval_are_said_to_predate_the_interleaved_protocol(
-    tmp_path: Path, sketched_figures: None
+    tmp_path: Path, no_figures: None
 ) -> None:
     def strip(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "ratio_ci95"} for r in rows]
@@ -74,7 +74,7 @@ def test_a_setting_that_repeats_another_is_said_once() -> None:
     assert leaderboards._key_columns(rows) == ["backend", "model.expansion"]
 
 
-def test_the_run_card_reads_back_as_written(tmp_path: Path, sketched_figures: None) -> None:
+def test_the_run_card_reads_back_as_written(tmp_path: Path, no_figures: None) -> None:
     rows = fx.frame([fx.closed(fx.throughput_job("switch"), carded=False)])
     path = tmp_path / "results.csv"
     rows.to_csv(path, index=False)
