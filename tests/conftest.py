@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -16,3 +19,13 @@ def _threads() -> None:
     # Unit tests run small ops, where a second thread costs more than it gives (and makes a
     # busy machine's timings erratic). Benchmarks set their own thread count.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures() -> Iterator[None]:
+    """Close the figures a test drew and left open: pyplot keeps every open figure alive, and a
+    worker's heap of old figures makes every later garbage collection slower."""
+    yield
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")
