@@ -64,10 +64,11 @@ class DefaultMoE(TopK):
       dense. The paper describes the stand-in as filling in the missing expert outputs; LibMoE's
       port adds it to the forward (scaled 0.1). Here a model trained with it evaluates exactly
       like a top-K model of the same weights.
-    - Training only: the EMA updates in training forwards (one update per forward, this
-      forward's mean included before the stand-in is formed); eval forwards neither update nor
-      add it. An expert that kept no token in a forward keeps its default (no observation).
-      A recomputed forward (activation checkpointing) updates it again.
+    - Training only: the EMA updates in training forwards that record gradients (one update
+      per forward, this forward's mean included before the stand-in is formed); eval forwards
+      and no-grad passes (a counting pre-pass) neither update nor add it. An expert that kept
+      no token in a forward keeps its default (no observation). A forward recomputed with
+      gradients (non-reentrant activation checkpointing) updates it again.
     - The default starts at 0 (as the paper's EMA), so the first forwards' stand-ins are small.
     - Its mean needs each expert's plain output, which backends do not return (they combine
       weighted outputs): it is recomputed per expert without gradient, one extra forward of the
@@ -101,11 +102,9 @@ class DefaultMoE(TopK):
     def forward(
         self, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor, bank: ExpertBank
     ) -> torch.Tensor:
-        if not self.training:
+        if not self.training or not torch.is_grad_enabled():
             return y_TD
         self.update(x_TD.detach(), routing, bank)
-        if not torch.is_grad_enabled():
-            return y_TD
         unkept_TE = routing.scores * ~kept_mask(routing)
         d_TD = unkept_TE.to(y_TD.dtype) @ self.default_output.to(y_TD.dtype)
         return y_TD + (d_TD - d_TD.detach())
