@@ -26,6 +26,17 @@ DERIVED = ("params_total", "params_active", "flops_per_token", "leaks_future_tok
 SIZE_FIELDS = ("num_experts", "expert_hidden", "top_k", "d_ff")
 # prefixes of the run card's columns: describe the run, never identify its config
 CARD_PREFIXES = ("env.", "card.")
+# config fields added after results were first written, each with the value that computes what
+# the code before them computed: at that value the column is left out of the key, so folders
+# written before resume as the same config and their rows join the same arms as new ones
+ADDED_DEFAULTS: dict[str, Any] = {
+    "variant.router_grad": "topk",  # router_grad (variants/contract/router_grad.py)
+    "variant.default_moe_decay": 0.9,
+    "task.init_from": None,  # checkpoints and upcycling (moe_bench/upcycle.py)
+    "task.upcycle": "copy",
+    "task.upcycle_noise": 0.0,
+    "task.save": False,
+}
 
 
 def json_value(value: Any) -> Any:
@@ -38,12 +49,19 @@ def json_value(value: Any) -> Any:
 
 
 def config_key(columns: dict[str, Any]) -> dict[str, Any]:
-    """The values that identify a job's results: its base columns minus derived counts."""
+    """The values that identify a job's results: its base columns minus derived counts and
+    minus added fields at their `ADDED_DEFAULTS` value."""
     return {
         k: json_value(v)
         for k, v in columns.items()
-        if k not in DERIVED and not k.startswith(CARD_PREFIXES)
+        if k not in DERIVED and not k.startswith(CARD_PREFIXES) and not at_added_default(k, v)
     }
+
+
+def at_added_default(name: str, value: Any) -> bool:
+    """Whether `name` is an added field (`ADDED_DEFAULTS`) holding the value the code before
+    it computed."""
+    return name in ADDED_DEFAULTS and canonical(value) == canonical(ADDED_DEFAULTS[name])
 
 
 def config_hash(key: dict[str, Any]) -> str:
@@ -145,7 +163,9 @@ def arm_labels(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
             parts = []
             for name, text in zip(varying, shown):
                 value = arms[m].get(name)
-                if value is None:
+                if value is None and ADDED_DEFAULTS.get(name) is not None:  # left out: default
+                    parts.append(f"{text}={_shown(canonical(ADDED_DEFAULTS[name]))}")
+                elif value is None:
                     parts.append(NULL_WORDS.get(text, f"{text}=none"))
                 else:
                     parts.append(f"{text}={_shown(canonical(value))}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .compute.assignments import Routing
 from .contract.config import (
     BalanceScopeConfig,
+    RouterGradConfig,
     SharedExpertConfig,
     check_divides,
     check_int,
@@ -41,7 +42,7 @@ from .contract.routing import Router, f_dot_p, norm_topk, scoped_balance_loss, t
 
 
 @dataclass
-class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig):
+class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig):
     note: ClassVar[str] = (
         "α1 · Σ_i f_i P_i with f_i = E/(K·T) · count_i, α1 = 0.01; device balance α2 = 0 "
         "unless set (Dai et al. 2024)."

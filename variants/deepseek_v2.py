@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .compute.assignments import Routing, make_routing
 from .contract.config import (
     BalanceScopeConfig,
+    RouterGradConfig,
     SharedExpertConfig,
     check_divides,
     check_int,
@@ -66,7 +67,7 @@ from .deepseek_moe import device_balance, expert_fraction
 
 
 @dataclass
-class DeepSeekV2Config(SharedExpertConfig, BalanceScopeConfig):
+class DeepSeekV2Config(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig):
     note: ClassVar[str] = (
         "Three losses, each per sequence then averaged: expert α1 = 0.003, device α2 = 0.05, "
         "communication α3 = 0.02 (DeepSeek-AI 2024, arXiv:2405.04434)."

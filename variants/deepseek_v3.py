@@ -39,6 +39,7 @@ import torch
 from .compute.assignments import Routing, make_routing
 from .contract.config import (
     BalanceScopeConfig,
+    RouterGradConfig,
     SharedExpertConfig,
     check_divides,
     check_int,
@@ -55,7 +56,7 @@ from .contract.routing import (
 
 
 @dataclass
-class DeepSeekV3Config(SharedExpertConfig, BalanceScopeConfig):
+class DeepSeekV3Config(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig):
     note: ClassVar[str] = (
         "Auxiliary-loss-free: a per-expert bias steers top-K selection (update rate 1e-3 per "
         "step), plus a sequence-wise balance loss α · Σ_i f_i P_i with α = 1e-4."

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from .compute.assignments import Routing, make_routing
-from .contract.config import BalanceScopeConfig, check_number
+from .contract.config import BalanceScopeConfig, RouterGradConfig, check_number
 from .contract.routing import Router, drop_over_capacity, flatten_topk, scoped_balance_inputs
 from .switch import softmax_losses
 
 
 @dataclass
-class GShardConfig(BalanceScopeConfig):
+class GShardConfig(BalanceScopeConfig, RouterGradConfig):
     note: ClassVar[str] = (
         "0.01 · E · Σ_i f_i P_i with f_i from first choices only (Lepikhin et al. 2020)."
     )

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .compute.assignments import Routing, make_routing
-from .contract.config import BalanceScopeConfig, check_number
+from .contract.config import BalanceScopeConfig, RouterGradConfig, check_number
 from .contract.routing import Router, flatten_topk, scoped_balance_loss
 
 
 @dataclass
-class MixtralConfig(BalanceScopeConfig):
+class MixtralConfig(BalanceScopeConfig, RouterGradConfig):
     note: ClassVar[str] = (
         "0.01 · E · Σ_i f_i P_i with f_i = count_i / (T·K); HF transformers' Mixtral loss is K "
         "times this."

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compute.assignments import Routing, make_routing
-from .contract.config import MoEConfig, check_number
+from .contract.config import RouterGradConfig, check_number
 from .contract.routing import Router, flatten_topk
 
 
 @dataclass
-class NoisyTopKConfig(MoEConfig):
+class NoisyTopKConfig(RouterGradConfig):
     note: ClassVar[str] = (
         "Importance 0.1 · CV(Σ_t G_t)² and load 0.1 · CV(L)² with the smooth normal-CDF load "
         "estimator (Shazeer et al. 2017)."

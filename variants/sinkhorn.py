@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from .compute.assignments import Routing
-from .contract.config import MoEConfig, check_int, check_number
+from .contract.config import RouterGradConfig, check_int, check_number
 from .contract.routing import Router, token_order_routing
 
 
 @dataclass
-class SinkhornConfig(MoEConfig):
+class SinkhornConfig(RouterGradConfig):
     note: ClassVar[str] = (
         "No auxiliary loss: training routes on the Sinkhorn-balanced plan of exp(u), so balance "
         "comes from the assignment itself (Clark et al. 2022)."

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .compute.assignments import Routing, make_routing
-from .contract.config import BalanceScopeConfig, check_number
+from .contract.config import BalanceScopeConfig, RouterGradConfig, check_number
 from .contract.routing import (
     Router,
     drop_over_capacity,
@@ -38,7 +38,7 @@ from .contract.routing import z_loss as router_z_loss
 
 
 @dataclass
-class SwitchConfig(BalanceScopeConfig):
+class SwitchConfig(BalanceScopeConfig, RouterGradConfig):
     note: ClassVar[str] = (
         "0.01 · E · Σ_i f_i P_i, f_i = fraction of tokens whose top-1 is i (Fedus et al. 2021); "
         "optional z-loss (default 0)."

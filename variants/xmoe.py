@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compute.assignments import Routing
-from .contract.config import BalanceScopeConfig, check_int, check_number
+from .contract.config import BalanceScopeConfig, RouterGradConfig, check_int, check_number
 from .contract.routing import Router, scoped_balance_loss, token_order_routing
 
 
 @dataclass
-class XMoEConfig(BalanceScopeConfig):
+class XMoEConfig(BalanceScopeConfig, RouterGradConfig):
     note: ClassVar[str] = (
         "0.01 · E · Σ_i f_i P_i with f_i = the share of assignments to i and P_i from "
         "softmax(cos / τ0) at a fixed τ0 = 0.3, not the gate's learnable τ (Chi et al. 2022, "

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_bench import data, schema
+from moe_bench import data, schema, upcycle
 from moe_bench.config import Job, TaskConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, count_params, ffn_flops_per_token
 from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
@@ -83,6 +83,11 @@ class ConvergenceConfig(TaskConfig):
     # gradient accumulation: each optimizer step runs batch_size / micro_batch_size forwards
     # (null: one); micro and global batches then differ (balance_scope=global_batch)
     micro_batch_size: int | None = None
+    # start from a dense run's checkpoint and save this one's (moe_bench/upcycle.py)
+    init_from: str | None = None  # job folder of a dense run that ran with save=true
+    upcycle: str = "copy"  # copy | granular: how routed experts are filled from its FFN
+    upcycle_noise: float = 0.0  # multiplicative noise on the copied expert weights
+    save: bool = False  # write the final model to <job folder>/model.pt
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -96,6 +101,7 @@ class ConvergenceConfig(TaskConfig):
         if self.micro_batch_size is not None:
             check_int(self, "micro_batch_size", 1)
             check_divides(self, "micro_batch_size", "batch_size")
+        upcycle.check_fields(self)
 
 
 BETAS = (0.9, 0.95)  # DeepSeek-V3 Sec. 4.2, as GPT-3
@@ -372,6 +378,8 @@ def run(job: Job, recorder: Recorder) -> None:
     val = corpus.val_windows(task.seq_len, task.eval_batches * task.batch_size)
     unigram = corpus.unigram_entropy("val").nats
     lm = build_model(job).train()
+    if task.init_from is not None:
+        upcycle.upcycle(lm, task, job.seed)
     total, active = model_params(lm)
 
     def log(metric: str | schema.Metric, value: float, **columns: Any) -> None:
@@ -406,6 +414,8 @@ def run(job: Job, recorder: Recorder) -> None:
             val_loss, loads = evaluate(lm, val, task.batch_size, ctx, job.device)
             log_eval(log, step, train_log.wall_s, val_loss, loads, unigram)
             recorder.flush()
+    if task.save:
+        upcycle.save_checkpoint(lm, job.variant, job.layer, task.steps, recorder.path.parent)
 
 
 def cost_tflop(job: Job) -> float:

@@ -165,7 +165,9 @@ def expand(cfg) -> list[list[str]]:
 SELECTION_SCOPE = "selection_scope" in variants.make_config("expert_choice").__dataclass_fields__
 
 
-@pytest.mark.parametrize(("preset", "jobs"), [("claims", 36), ("claims_gpu", 39)])
+@pytest.mark.parametrize(
+    ("preset", "jobs"), [("claims", 36), ("claims_gpu", 39), ("claims_training", 12)]
+)
 def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int) -> None:
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     batches = expand(cfg)
@@ -179,6 +181,40 @@ def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int
             continue  # variant.selection_scope arrives with expert_choice's position scope
         run = resolve(compose_cfg(f"+experiment={preset}", option, "device=cpu"))
         assert run.task.name == "convergence"
+
+
+def test_training_claims_pair_by_seed_and_never_across_claims() -> None:
+    """Claim 7 pairs mixtral topk with default_moe from scratch; claim 8 the upcycled mixtral
+    with the dense run continued from the same parent; an upcycled mixtral is never claim 7's
+    control."""
+    parent = {"task.init_from": "multirun/claims_training_parent/0", "task.steps": 200}
+    rows = []
+    for s in range(3):
+        rows.append(job("mixtral", s, 3.40 + 0.01 * s, **{"variant.router_grad": "default_moe"}))
+        rows.append(job("mixtral", s, 3.50 + 0.01 * s, **{"variant.router_grad": "topk"}))
+        rows.append(job("mixtral", s, 3.00 + 0.01 * s, **{"variant.router_grad": "topk"}, **parent))
+        rows.append(job("dense", s, 3.20 + 0.01 * s, **parent))
+    results = {r.claim.id: r for r in claims.evaluate(frame(*rows))}
+    assert sorted(results) == ["7", "8"]
+    for r in results.values():
+        assert r.verdict == claims.REPRODUCED and r.checks[0].n == 3
+    _, upcycled, dense = results["8"].numbers[0]
+    assert upcycled == pytest.approx([3.00, 3.01, 3.02]) and dense == pytest.approx(
+        [3.2, 3.21, 3.22]
+    )
+    assert results["7"].numbers[0][2] == pytest.approx([3.50, 3.51, 3.52])  # not the upcycled
+
+
+def test_upcycling_options_start_from_the_parent_presets_folder(compose_cfg) -> None:
+    """The parent preset saves its model where claim 8's options read it."""
+    parent = compose_cfg("+experiment=claims_training_parent", hydra=True)
+    assert parent.task.save and parent.variant.name == "dense"
+    folder = f"{parent.hydra.sweep.dir}/0"  # its one job (seed 100)
+    assert str(parent.hydra.sweeper.params.seed) == "100"
+    for option in ("dense_continued", "mixtral_upcycled"):
+        cfg = compose_cfg("+experiment=claims_training", f"+claims={option}")
+        assert cfg.task.init_from == folder and cfg.task.steps == 200
+        assert all(cfg.model[k] == parent.model[k] for k in parent.model)
 
 
 def test_every_claims_job_option_is_a_claim_side() -> None:

@@ -95,6 +95,21 @@ def test_arm_labels_name_what_varies_within_a_variant() -> None:
     assert identity.arm_key({**one, "env.cpu": "x", "params_total": 9}) == identity.arm_key(one)
 
 
+def test_fields_added_later_leave_the_key_at_the_value_the_code_before_computed() -> None:
+    """router_grad=topk and the convergence task's upcycling fields at their defaults are the
+    code before them: rows without those columns are the same config and the same arm."""
+    before = {"variant": "mixtral", "task": "convergence", "model.tokens": 512}
+    now = {**before, "variant.router_grad": "topk", "variant.default_moe_decay": 0.9,
+           "task.init_from": None, "task.upcycle": "copy", "task.upcycle_noise": 0.0,
+           "task.save": False}  # fmt: skip
+    assert identity.config_key(now) == identity.config_key(before)
+    assert identity.arm_key(now) == identity.arm_key(before)
+    dense_grad = {**now, "variant.router_grad": "default_moe"}
+    assert identity.config_key(dense_grad)["variant.router_grad"] == "default_moe"
+    labels = identity.arm_labels({"a": identity.arm_key(now), "b": identity.arm_key(dense_grad)})
+    assert labels == {"a": "mixtral · router_grad=topk", "b": "mixtral · router_grad=default_moe"}
+
+
 def test_two_arms_of_one_variant_are_two_rows_everywhere(tmp_path: Path, no_figures: None) -> None:
     html = build_report(fx.write_sweep(tmp_path, arm_jobs())).read_text()
     board = html[html.index('<section id="leaderboards">') : html.index('<section id="figures">')]

@@ -19,6 +19,9 @@ from ..compute.backends import get_backend
 
 ACTIVATIONS = ("gelu", "swiglu")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
+# how the router's gradient is estimated (`variants.contract.router_grad` holds one estimator
+# per name): "topk", the plain top-K gradient; "default_moe", Panda et al. 2025's EMA stand-in
+ROUTER_GRADS = ("topk", "default_moe")
 ROUTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -239,3 +242,26 @@ class BalanceScopeConfig(MoEConfig):
     def validate(self) -> None:
         super().validate()
         check_choice(self, "balance_scope", BALANCE_SCOPES)
+
+
+@dataclass
+class RouterGradConfig(MoEConfig):
+    """`router_grad`: how the router's gradient is estimated, on token-choice top-K variants.
+
+    - `topk` (default): only the kept assignments' weights reach the router (today's layers,
+      bit for bit).
+    - `default_moe`: Default MoE (Panda et al. 2025, arXiv:2504.12463): every expert a token
+      did not use stands in with `default_output[i]`, an exponential moving average (decay
+      `default_moe_decay`) of expert i's mean output, so the router gets a dense gradient.
+      The forward output is unchanged (`variants.contract.router_grad.DefaultMoE`).
+    """
+
+    router_grad: str = "topk"
+    default_moe_decay: float = 0.9
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "router_grad", ROUTER_GRADS)
+        check_number(self, "default_moe_decay", minimum=0)
+        if self.default_moe_decay >= 1:
+            raise ValueError(f"default_moe_decay={self.default_moe_decay} must be < 1")

@@ -16,6 +16,7 @@ from ..compute.assignments import Routing
 from ..compute.backends import get_backend
 from ..compute.experts import ExpertBank
 from .config import MoEConfig
+from .router_grad import make_estimator
 from .routing import Router, reset_balance_counts, set_balance_counts
 
 
@@ -89,12 +90,15 @@ class MoELayer(nn.Module):
         gated = self.shared is not None and getattr(cfg, "shared_gate", False)
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if gated else None
         self.backend = get_backend(cfg.backend)
+        # `router_grad`: what reaches the router in the backward (variants.contract.router_grad)
+        self.router_grad = make_estimator(cfg)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
         check_input_dtype(x_TD, self.experts.w1)
         routing, losses = self.router(x_TD, num_seqs)
         y_TD, path = self.backend(x_TD, routing, self.experts)
+        y_TD = self.router_grad(x_TD, routing, y_TD, self.experts)
         return assemble(x, self.add_shared(x_TD, y_TD), losses, routing, path)
 
     def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:

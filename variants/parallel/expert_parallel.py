@@ -244,6 +244,11 @@ class ExpertParallel(nn.Module):
                 "choose among all tokens of the batch, so ranks cannot route their own tokens; "
                 "expert parallelism takes token-choice variants only"
             )
+        if not layer.router_grad.expert_parallel:
+            raise ValueError(
+                f"router_grad={layer.cfg.router_grad!r} cannot run expert-parallel: its "
+                "estimator needs every expert's outputs on one rank; use router_grad='topk'"
+            )
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
                 "torch.distributed is not initialized: call torch.distributed."

@@ -20,7 +20,7 @@ import pandas as pd
 
 from moe_bench import schema
 
-from ..frames import ARM, summary_rows
+from ..frames import ARM, column, summary_rows
 from ..sections import job_specialisation
 
 # --- measures: one number per job, from its rows ----------------------------------------------
@@ -285,6 +285,36 @@ CLAIMS = (
         "deepseek_moe, f counted over the step's global batch vs each micro-batch (gradient "
         "accumulation: task.micro_batch_size)",
     ),
+    Claim(
+        "7",
+        "Default MoE's dense router gradient beats top-K's at equal steps",
+        Source(
+            "Panda et al. 2025, Default MoE (arXiv:2504.12463)",
+            "abstract, Fig. 1",
+            "outperforms standard TopK routing in a variety of settings; a 2B-parameter MoE "
+            "after 320B FineWeb-Edu tokens ahead of TopK on its lm-eval-harness benchmarks",
+        ),
+        Side("mixtral", {"variant.router_grad": "default_moe", "task.init_from": (None,)}),
+        Side("mixtral", {"variant.router_grad": "topk", "task.init_from": (None,)}),
+        (Check(VAL_LOSS),),
+        "mixtral top-2, router_grad default_moe (EMA decay 0.9) vs topk, same weights at init",
+    ),
+    Claim(
+        "8",
+        "Sparse upcycling beats continued dense training at equal extra steps",
+        Source(
+            "Komatsuzaki et al. 2022, Sparse Upcycling (arXiv:2212.05055)",
+            "abstract",
+            "upcycled T5 Base/Large/XL and ViT B/L significantly outperform their dense "
+            "counterparts on SuperGLUE and ImageNet, using only ~50% of the initial dense "
+            "pretraining sunk cost",
+        ),
+        Side("mixtral", {"task.init_from": bool}, "upcycled mixtral (copy)"),
+        Side("dense", {"task.init_from": bool}, "dense continued"),
+        (Check(VAL_LOSS),),
+        "from one dense parent: mixtral with 8 copies of its FFN (top-2, so 2x dense's active "
+        "FFN FLOPs) vs the dense LM, the same extra steps each",
+    ),
 )
 
 
@@ -337,4 +367,23 @@ def gaps(frame: pd.DataFrame, jobs: pd.DataFrame) -> list[str]:
         *measured_drops(frame, jobs),
         "Expert choice selects among all tokens of a forward, later tokens of a sequence "
         "included; its loss in this causal LM is not comparable (claim 5b measures the share).",
+        *training_gaps(jobs),
     ]
+
+
+def training_gaps(jobs: pd.DataFrame) -> list[str]:
+    """Lines for the claims on how MoEs are trained, where this sweep ran them."""
+    found = []
+    if (column(jobs, "variant.router_grad") == "default_moe").any():
+        found.append(
+            "Default MoE: the stand-in enters the backward only (the forward is top-K's) and "
+            "the EMA costs one extra forward of the routed experts per training step "
+            "(variants/contract/router_grad.py); the paper's runs train 10^9-parameter MoEs."
+        )
+    if column(jobs, "task.init_from").notna().any():
+        found.append(
+            "Upcycling: the optimizer state is not carried over (the paper optionally copies "
+            "it) and the child restarts warm-up and cosine decay; equal extra steps, not equal "
+            "extra FLOPs (the upcycled MoE computes two full-width copies per token)."
+        )
+    return found
