@@ -37,7 +37,14 @@ from .contract.config import (
     check_int,
     check_number,
 )
-from .contract.routing import Router, f_dot_p, norm_topk, scoped_balance_loss, token_order_routing
+from .contract.routing import (
+    Router,
+    f_dot_p,
+    norm_topk,
+    scoped_balance_loss,
+    token_order_routing,
+    topk,
+)
 
 
 @dataclass
@@ -80,7 +87,7 @@ class DeepSeekMoERouter(Router):
         cfg, T, K = self.cfg, x_TD.shape[0], self.cfg.top_k
         logits_TE = self.logits(x_TD)
         scores_TE = F.softmax(logits_TE, dim=-1)
-        weight_TK, expert_TK = scores_TE.topk(K, dim=-1)
+        weight_TK, expert_TK = topk(scores_TE, K)
         weight_TK = norm_topk(weight_TK, cfg.norm_topk_prob)
         # demand_A: before drops (f counts demand)
         routing, demand_A = token_order_routing(

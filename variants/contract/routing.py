@@ -24,6 +24,20 @@ from .config import ROUTER_DTYPES, MoEConfig
 # ---------------------------------------------------------------------------------------------
 
 
+def topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries of the last dim, largest first; equal values
+    go to the lower index (docs/contract.md §2, tie-breaking).
+
+    `torch.topk` leaves the order of ties unspecified (on CPU an 8-wide tie can come back as
+    [5, 4]), and ties are common where routers start equal or round to bf16; a stable
+    descending sort keeps equal values in index order, so a tie always resolves to the lower
+    expert (or token) index, on every device and backend. Sorting E values costs no more than
+    the routing around it at these widths.
+    """
+    sorted_values, order = values.sort(dim=-1, descending=True, stable=True)
+    return sorted_values[..., :k], order[..., :k]
+
+
 def flatten_topk(
     expert_TK: torch.Tensor, weight_TK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,8 +104,8 @@ def group_limited_mask(
     """
     T, E = scores_TE.shape
     grouped_TGe = scores_TE.view(T, num_groups, E // num_groups)
-    group_score_TG = grouped_TGe.topk(per_group, dim=-1).values.sum(-1)
-    best_TG = group_score_TG.topk(topk_groups, dim=-1).indices
+    group_score_TG = topk(grouped_TGe, per_group)[0].sum(-1)
+    best_TG = topk(group_score_TG, topk_groups)[1]
     keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=scores_TE.device)
     keep_TG.scatter_(1, best_TG, True)
     return keep_TG.repeat_interleave(E // num_groups, dim=1)
@@ -289,3 +303,16 @@ def reset_balance_counts(router: nn.Module) -> None:
     """Forget the step's global-batch counts (the layer's `update_bias()` calls it)."""
     router.balance_counts = None
     router.fixed_balance_counts = None
+
+
+def sync_step_counts(
+    module: nn.Module, group: torch.distributed.ProcessGroup | None = None
+) -> None:
+    """Sum a module's step counts over `group`: its integer buffers, which the contract reserves
+    for what training forwards counted since the last `update_bias()` (DeepSeek-V3's
+    `load_count`, ReMoE's `active_count` and `slot_count`; docs/contract.md §2). Data- and
+    expert-parallel runs call it before `update_bias()`, so every rank updates from the
+    whole batch."""
+    for buf in module.buffers():
+        if not buf.is_floating_point() and not buf.is_complex() and buf.dtype != torch.bool:
+            torch.distributed.all_reduce(buf, group=group)
