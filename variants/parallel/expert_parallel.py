@@ -82,7 +82,7 @@ from ..compute.assignments import Routing
 from ..compute.backends import BACKENDS, get_backend
 from ..contract.config import check_int
 from ..contract.layer import MoELayer, MoEOutput, assemble, flatten_tokens
-from ..contract.routing import sync_step_counts
+from ..contract.routing import reset_balance_counts, sync_step_counts
 
 # the local expert backends expert parallelism runs on: those whose BackendSpec says so
 LOCAL_BACKENDS = tuple(name for name, spec in BACKENDS.items() if spec.expert_parallel)
@@ -369,9 +369,11 @@ class ExpertParallel(nn.Module):
 
     def update_bias(self) -> None:
         """The router's once-per-step update from the counts of ALL ranks (the global batch,
-        as in arXiv:2408.15664 Algorithm 1): all-reduce its step counts, then update."""
+        as in arXiv:2408.15664 Algorithm 1): all-reduce its step counts, then update; the
+        global-batch balance counts start afresh, as `MoELayer.update_bias` does."""
         sync_step_counts(self.router, self.group)
         self.router.update_bias()
+        reset_balance_counts(self.router)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank holds a copy of: the router and the shared experts."""
