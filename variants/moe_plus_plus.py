@@ -156,6 +156,11 @@ class MoEPlusPlusLayer(MoELayer):
         cfg = self.cfg
         x_TD, num_seqs = flatten_tokens(x, cfg.d_model)
         check_input_dtype(x_TD, self.experts.w1)
+        if self.router.forced is not None:
+            raise ValueError(
+                "moe_plus_plus cannot replay a routing: its zero-computation assignments are "
+                "not in the Routing record a trace is made from"
+            )
         logits_TP = self.router.pool_logits(x_TD, gate_residual)
         if cfg.force_uniform_routing:
             routing, losses = self.router.uniform(x_TD, num_seqs), {}

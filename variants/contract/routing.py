@@ -155,6 +155,8 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dtype = ROUTER_DTYPES[cfg.router_dtype]
+        # router replay: (token_A, expert_A, weight_A) to use instead of routing (`replay`)
+        self.forced: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
         # nn.Linear's default init: centroids of norm ~1 at any width.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -177,6 +179,8 @@ class Router(nn.Module):
     def forward(
         self, x_TD: torch.Tensor, num_seqs: int = 1
     ) -> tuple[Routing, dict[str, torch.Tensor]]:
+        if self.forced is not None:
+            return self.replayed(x_TD), {}
         if self.cfg.force_uniform_routing:
             return self.uniform(x_TD, num_seqs), {}
         routing, losses = self.route(x_TD, num_seqs)
@@ -198,6 +202,41 @@ class Router(nn.Module):
         expert_TK = uniform_choice(T, E, K, x_TD.device)
         weight_TK = torch.full((T, K), 1.0 / K, dtype=scores_TE.dtype, device=x_TD.device)
         return token_order_routing(expert_TK, weight_TK, scores_TE, logits_TE, cfg.capacity(T))[0]
+
+    def replay(self, assignments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """Router replay: route every following forward by the given (token_A, expert_A,
+        weight_A) instead of deciding (None routes again). docs/contract.md §2, replay."""
+        if assignments is None:
+            self.forced = None
+            return
+        token_A, expert_A, weight_A = (torch.as_tensor(a) for a in assignments)
+        E = self.cfg.num_experts
+        if not (len(token_A) == len(expert_A) == len(weight_A)):
+            raise ValueError(
+                f"replayed assignments differ in length: token {len(token_A)}, expert "
+                f"{len(expert_A)}, weight {len(weight_A)}"
+            )
+        if len(expert_A) and (int(expert_A.min()) < 0 or int(expert_A.max()) >= E):
+            raise ValueError(
+                f"replayed expert ids {int(expert_A.min())}..{int(expert_A.max())} must be in "
+                f"0..{E - 1} (num_experts={E})"
+            )
+        self.forced = (token_A.long(), expert_A.long(), weight_A.float())
+
+    def replayed(self, x_TD: torch.Tensor) -> Routing:
+        """The forced assignments as this forward's Routing: the recorded combine weights, the
+        router's own logits and scores (for statistics); no losses, no state counted."""
+        token_A, expert_A, weight_A = (a.to(x_TD.device) for a in self.forced)
+        T = x_TD.shape[0]
+        if len(token_A) and (int(token_A.min()) < 0 or int(token_A.max()) >= T):
+            raise ValueError(
+                f"replayed token ids {int(token_A.min())}..{int(token_A.max())} must be in "
+                f"0..{T - 1} (this forward has {T} tokens)"
+            )
+        logits_TE = self.logits(x_TD)
+        scores_TE = self.score(logits_TE)
+        demand_E = torch.bincount(expert_A, minlength=self.cfg.num_experts)
+        return make_routing(token_A, expert_A, weight_A, scores_TE, logits_TE, demand_E)
 
     def update_bias(self) -> None:
         """Loss-free balancing hook (DeepSeek-V3); a no-op for routers without a bias."""
