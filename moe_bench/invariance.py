@@ -405,37 +405,7 @@ def measure_rank(rank: int, world: int, case: Case, split: Split) -> dict[str, t
     return {k: v for k, v in values.items() if v.numel() or k == "routing"}
 
 
-def _rank_jobs(rank: int, world: int, jobs: list[tuple[Case, Split]]) -> list[dict]:
+def rank_jobs(rank: int, world: int, jobs: list[tuple[Case, Split]]) -> list[dict]:
+    """Run by each spawned rank (`moe_bench.tasks.invariance.distributed_rows`)."""
     torch.set_num_threads(1)
     return [measure_rank(rank, world, case, split) for case, split in jobs]
-
-
-def distributed_rows(
-    chosen: list[Case] | tuple[Case, ...] | None = None,
-    timeout_s: float = 150.0,
-    collective_timeout_s: float = 30.0,
-) -> list[dict[str, Any]]:
-    """Every expert- and data-parallel split of every case, one spawn per rank count (every
-    collective times out after `collective_timeout_s`, the whole spawn after `timeout_s`)."""
-    from moe_bench.launch import spawn_ranks
-
-    chosen = chosen or cases()
-    refs = {case: measure_local(case, None) for case in chosen}
-    rows = []
-    for world in sorted({s.ranks for s in DISTRIBUTED}):
-        jobs = [
-            (case, split)
-            for split in DISTRIBUTED
-            if split.ranks == world
-            for case in chosen
-            if runs_on(case, split) is None
-        ]
-        per_rank = spawn_ranks(
-            _rank_jobs, world, args=(jobs,), timeout_s=timeout_s,
-            collective_timeout_s=collective_timeout_s,
-        )  # fmt: skip
-        for i, (case, split) in enumerate(jobs):
-            got = dict(per_rank[0][i])
-            got["routing"] = torch.cat([r[i]["routing"] for r in per_rank]).sort().values
-            rows.extend(compare(case, split, refs[case], Measured(got)))
-    return rows

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import variants
 from moe_bench import invariance
+from moe_bench.tasks.invariance import distributed_rows
 from variants.contract.routing import topk
 
 
@@ -58,7 +59,7 @@ def test_a_split_that_should_differ_and_does_not_fails() -> None:
 
 @pytest.mark.slow  # several processes: the slow run
 def test_expert_and_data_parallel_splits() -> None:
-    rows = invariance.distributed_rows(timeout_s=150, collective_timeout_s=30)
+    rows = distributed_rows(timeout_s=150, collective_timeout_s=30)
     assert invariance.failures(rows) == []
     assert {r["split"] for r in rows} == {"ep2", "ep4", "dp2"}
 
