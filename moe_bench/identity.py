@@ -26,6 +26,10 @@ DERIVED = ("params_total", "params_active", "flops_per_token", "leaks_future_tok
 SIZE_FIELDS = ("num_experts", "expert_hidden", "top_k", "d_ff")
 # prefixes of the run card's columns: describe the run, never identify its config
 CARD_PREFIXES = ("env.", "card.")
+# config fields added after jobs were recorded, with the default they were added at: at that
+# value a key leaves them out, so a folder or rows written before the field existed keep their
+# identity (resume, arms, compare); any other value is part of the key
+ADDED_DEFAULTS = {"model.checkpoint": False}
 
 
 def json_value(value: Any) -> Any:
@@ -42,8 +46,12 @@ def config_key(columns: dict[str, Any]) -> dict[str, Any]:
     return {
         k: json_value(v)
         for k, v in columns.items()
-        if k not in DERIVED and not k.startswith(CARD_PREFIXES)
+        if k not in DERIVED and not k.startswith(CARD_PREFIXES) and not _added_default(k, v)
     }
+
+
+def _added_default(name: str, value: Any) -> bool:
+    return name in ADDED_DEFAULTS and canonical(value) == canonical(ADDED_DEFAULTS[name])
 
 
 def config_hash(key: dict[str, Any]) -> str:

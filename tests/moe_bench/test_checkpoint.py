@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from moe_bench.identity import config_key
 from moe_bench.lm import LMConfig, build_lm
 from variants.contract.recompute import checkpointed
 
@@ -83,3 +84,11 @@ def test_plain_checkpointing_counts_twice() -> None:
 def test_checkpoint_is_a_bool() -> None:
     with pytest.raises(ValueError, match="checkpoint=1 must be true or false"):
         LMConfig(checkpoint=1)
+
+
+def test_checkpoint_off_keeps_the_config_key_of_before() -> None:
+    """model.checkpoint was added at false: there a job's key is the key it had before the
+    field existed (resume, arms); true is part of the key."""
+    assert config_key({"variant": "switch", "model.checkpoint": False}) == {"variant": "switch"}
+    on = config_key({"variant": "switch", "model.checkpoint": True})
+    assert on == {"variant": "switch", "model.checkpoint": True}
