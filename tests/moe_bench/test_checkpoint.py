@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from moe_bench.config import resolve
 from moe_bench.identity import config_key
 from moe_bench.lm import LMConfig, build_lm
+from moe_bench.tasks.convergence import build_model
 from variants.contract.recompute import checkpointed
 
 SMALL = dict(num_experts=4, expert_hidden=8, top_k=2)
@@ -92,3 +94,9 @@ def test_checkpoint_off_keeps_the_config_key_of_before() -> None:
     assert config_key({"variant": "switch", "model.checkpoint": False}) == {"variant": "switch"}
     on = config_key({"variant": "switch", "model.checkpoint": True})
     assert on == {"variant": "switch", "model.checkpoint": True}
+
+
+def test_model_checkpoint_reaches_the_convergence_lm(compose_cfg) -> None:
+    cfg = compose_cfg("task=convergence", "variant=mixtral", "model=tiny", "model.checkpoint=true")
+    lm = build_model(resolve(cfg))
+    assert all(block.checkpoint for block in lm.blocks)
