@@ -61,6 +61,11 @@ class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig):
     alpha2: float = 0.0
     num_devices: int = 1
 
+    @property
+    def loss_scope(self) -> str:
+        """The device loss (alpha2 > 0) counts this forward's tokens whatever `balance_scope`."""
+        return "micro_batch" if self.alpha2 > 0 else self.balance_scope
+
     def validate(self) -> None:
         super().validate()
         check_number(self, "alpha1", minimum=0)

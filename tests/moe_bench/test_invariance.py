@@ -34,6 +34,14 @@ def test_covers_every_variant_with_a_loss_or_state() -> None:
         assert (name in covered) == has_state, name
 
 
+def test_loss_scope_follows_every_loss_of_the_config() -> None:
+    assert variants.make_config("mixtral", balance_scope="sequence").loss_scope == "sequence"
+    assert variants.make_config("noisy_topk").loss_scope == "micro_batch"
+    seen = dict(balance_scope="global_batch", num_devices=7)
+    assert variants.make_config("deepseek_moe", **seen).loss_scope == "global_batch"
+    assert variants.make_config("deepseek_moe", alpha2=0.1, **seen).loss_scope == "micro_batch"
+
+
 def test_a_doubled_count_is_caught_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpointing without the state rule counts V3's load twice: the suite names it."""
     plain = lambda layer, x: checkpoint(layer, x, use_reentrant=False)
