@@ -58,10 +58,14 @@ class ModelConfig:
     active: int = 2  # K: expert FLOPs per token = K dense FFNs (active multiple)
     tokens: int = 2048  # T per forward: batch x sequence
     seq_len: int = 256  # S: tokens are shaped [tokens / seq_len, seq_len, d_model]
+    # activation checkpointing of the MoE layers of a trained LM (task=convergence)
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "expansion", "active", "tokens", "seq_len"):
             check_int(self, name, 1)
+        if not isinstance(self.checkpoint, bool):
+            raise ValueError(f"checkpoint={self.checkpoint!r} must be true or false")
         if self.active > self.expansion:
             raise ValueError(f"active={self.active} must be <= expansion={self.expansion}")
         if self.tokens % self.seq_len:

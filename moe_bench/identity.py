@@ -36,6 +36,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "task.upcycle": "copy",
     "task.upcycle_noise": 0.0,
     "task.save": False,
+    "model.checkpoint": False,  # activation checkpointing (variants/contract/recompute.py)
 }
 
 

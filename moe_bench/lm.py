@@ -15,6 +15,11 @@ Which blocks are MoE: with `moe_every = n`, block i is MoE when `(i + 1) % n == 
 gives the "every other layer" placement of GShard (Lepikhin et al. 2020, Sec. 2.1) and Switch
 (Fedus et al. 2021, Sec. 2); n = 1 makes every block MoE. The other blocks get a dense FFN of
 the same active width (`build_lm`), so every block costs the same FLOPs per token.
+
+`checkpoint=True` checkpoints each block's FFN (`torch.utils.checkpoint`, non-reentrant): its
+activations are recomputed in backward, and the layer's statistics (bias loads, ReMoE's
+sparsity counts, global-batch balance counts) still change once per forward
+(`variants.contract.recompute`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import variants
 from moe_bench.isocompute import dense_reference
 from variants import MoEOutput, Routing
 from variants.contract.config import check_divides, check_int, check_le, check_number
+from variants.contract.recompute import checkpointed
 
 
 @dataclass
@@ -43,6 +49,7 @@ class LMConfig:
     moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0
     dropout: float = 0.0
     tie_embeddings: bool = True
+    checkpoint: bool = False  # activation checkpointing of every block's FFN
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "moe_every"):
@@ -52,8 +59,9 @@ class LMConfig:
         check_number(self, "dropout", minimum=0)
         if self.dropout >= 1:
             raise ValueError(f"dropout={self.dropout} must be < 1")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings={self.tie_embeddings!r} must be true or false")
+        for name in ("tie_embeddings", "checkpoint"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
     def is_moe(self, layer_idx: int) -> bool:
         return (layer_idx + 1) % self.moe_every == 0
@@ -108,16 +116,20 @@ class Block(nn.Module):
         self.norm_ffn = nn.RMSNorm(cfg.d_model)
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
+        self.checkpoint = cfg.checkpoint
 
     def forward(
         self, x_BSD: torch.Tensor, gate_residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEOutput]:
         x_BSD = x_BSD + self.drop(self.attn(self.norm_attn(x_BSD)))
         # [B, S, D] in: the layer counts B sequences (DeepSeek-V3's loss is per sequence)
+        kwargs = {}
         if self.ffn.cfg.takes_gate_residual:  # MoE++: the previous MoE layer's gate logits
-            out = self.ffn(self.norm_ffn(x_BSD), gate_residual=gate_residual)
+            kwargs["gate_residual"] = gate_residual
+        if self.checkpoint and self.training:
+            out = checkpointed(self.ffn, self.norm_ffn(x_BSD), **kwargs)
         else:
-            out = self.ffn(self.norm_ffn(x_BSD))
+            out = self.ffn(self.norm_ffn(x_BSD), **kwargs)
         return x_BSD + self.drop(out.y), out
 
 

@@ -89,6 +89,12 @@ SPEEDUP_VS_EP1 = Metric(
     "speedup_vs_ep1", "x", "max", ("pass",),
     "time of the unsharded layer on one rank / the expert-parallel step, same job and tokens",
 )  # fmt: skip
+# the invariance suite (task=invariance, moe_bench/invariance.py)
+INVARIANCE_DIFF = Metric(
+    "invariance_diff", "", None, ("case", "split", "quantity"),
+    "max |split - one forward| / max |one forward| of a quantity (columns tolerance, expect, "
+    "passed)",
+)  # fmt: skip
 # the job itself: its wall time; its status is the job's state
 JOB = Metric("job", "s", None, (), "one per job: wall seconds, the job's final status")
 
@@ -100,7 +106,7 @@ METRICS: dict[str, Metric] = {
         DEAD_EXPERTS, EXPERTS_PER_TOKEN, ROUTER_ENTROPY, EXPERT_LOAD, TRAIN_LOSS, AUX_LOSS,
         VAL_LOSS, VAL_PPL, JOB,
         DEVICES_PER_TOKEN, BYTES_PER_TOKEN, REMOTE_FRACTION, RANK_IMBALANCE, A2A_MS, RANK_TOKENS,
-        SPEEDUP_VS_EP1,
+        SPEEDUP_VS_EP1, INVARIANCE_DIFF,
     )
 }  # fmt: skip
 

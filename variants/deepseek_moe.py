@@ -38,7 +38,14 @@ from .contract.config import (
     check_int,
     check_number,
 )
-from .contract.routing import Router, f_dot_p, norm_topk, scoped_balance_loss, token_order_routing
+from .contract.routing import (
+    Router,
+    f_dot_p,
+    norm_topk,
+    scoped_balance_loss,
+    token_order_routing,
+    topk,
+)
 
 
 @dataclass
@@ -54,6 +61,11 @@ class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig
     alpha1: float = 0.01
     alpha2: float = 0.0
     num_devices: int = 1
+
+    @property
+    def loss_scope(self) -> str:
+        """The device loss (alpha2 > 0) counts this forward's tokens whatever `balance_scope`."""
+        return "micro_batch" if self.alpha2 > 0 else self.balance_scope
 
     def validate(self) -> None:
         super().validate()
@@ -81,7 +93,7 @@ class DeepSeekMoERouter(Router):
         cfg, T, K = self.cfg, x_TD.shape[0], self.cfg.top_k
         logits_TE = self.logits(x_TD)
         scores_TE = F.softmax(logits_TE, dim=-1)
-        weight_TK, expert_TK = scores_TE.topk(K, dim=-1)
+        weight_TK, expert_TK = topk(scores_TE, K)
         weight_TK = norm_topk(weight_TK, cfg.norm_topk_prob)
         # demand_A: before drops (f counts demand)
         routing, demand_A = token_order_routing(

@@ -61,6 +61,7 @@ from .contract.routing import (
     group_limited_mask,
     norm_topk,
     scoped_balance_loss,
+    topk,
     within_capacity,
 )
 from .deepseek_moe import device_balance, expert_fraction
@@ -120,7 +121,7 @@ class DeepSeekV2Router(Router):
             scores_TE.detach(), cfg.num_devices, cfg.max_devices, per_group=1
         )
         masked_TE = scores_TE.detach().masked_fill(~allowed_TE, float("-inf"))
-        expert_TK = masked_TE.topk(K, dim=-1).indices
+        expert_TK = topk(masked_TE, K)[1]
         weight_TK = norm_topk(scores_TE.gather(1, expert_TK), cfg.norm_topk_prob)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)

@@ -52,6 +52,7 @@ from .contract.routing import (
     group_limited_mask,
     norm_topk,
     scoped_balance_loss,
+    topk,
 )
 
 
@@ -123,7 +124,7 @@ class DeepSeekV3Router(Router):
                 biased_TE, cfg.num_groups, cfg.topk_groups, K // cfg.topk_groups
             )
             biased_TE = biased_TE.masked_fill(~allowed_TE, float("-inf"))
-        expert_TK = biased_TE.topk(K, dim=-1).indices
+        expert_TK = topk(biased_TE, K)[1]
         s_TK = s_TE.gather(1, expert_TK)
         weight_TK = norm_topk(s_TK, cfg.norm_topk_prob) * cfg.routed_scaling_factor
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)

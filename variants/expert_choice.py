@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .compute.assignments import Routing, make_routing
 from .contract.config import MoEConfig, check_choice
-from .contract.routing import Router
+from .contract.routing import Router, topk
 
 # over which tokens an expert picks its top C: the paper's whole forward, or one position
 SELECTION_SCOPES = ("batch", "position")
@@ -120,7 +120,7 @@ class ExpertChoiceRouter(Router):
         if self.cfg.selection_scope == "position":
             token_EC, weight_EC = self.choose_per_position(scores_TE, num_seqs)
         else:
-            weight_EC, token_EC = scores_TE.T.topk(self.cfg.capacity(x_TD.shape[0]), dim=-1)
+            weight_EC, token_EC = topk(scores_TE.T, self.cfg.capacity(x_TD.shape[0]))
         return self.expert_major(token_EC, weight_EC, scores_TE, logits_TE), {}
 
     def choose_per_position(
@@ -131,7 +131,7 @@ class ExpertChoiceRouter(Router):
         T, E = scores_TE.shape
         S = seq_len(T, num_seqs)
         scores_SEB = scores_TE.view(num_seqs, S, E).permute(1, 2, 0)
-        weight_SEC, seq_SEC = scores_SEB.topk(self.cfg.capacity(num_seqs), dim=-1)
+        weight_SEC, seq_SEC = topk(scores_SEB, self.cfg.capacity(num_seqs))
         weight_EC = weight_SEC.permute(1, 0, 2).reshape(E, -1)
         return position_tokens(seq_SEC), weight_EC
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .compute.assignments import Routing, make_routing
 from .contract.config import BalanceScopeConfig, RouterGradConfig, check_number
-from .contract.routing import Router, drop_over_capacity, flatten_topk, scoped_balance_inputs
+from .contract.routing import Router, drop_over_capacity, flatten_topk, scoped_balance_inputs, topk
 from .switch import softmax_losses
 
 
@@ -54,7 +54,7 @@ class GShardRouter(Router):
         cfg, T, E = self.cfg, x_TD.shape[0], self.cfg.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = F.softmax(logits_TE, dim=-1)
-        g_T2, expert_T2 = probs_TE.topk(2, dim=-1)
+        g_T2, expert_T2 = topk(probs_TE, 2)
         weight_T2 = g_T2 / g_T2.sum(-1, keepdim=True)
         token_A, expert_A, weight_A = flatten_topk(expert_T2, weight_T2)
         choice_A = torch.arange(2, device=x_TD.device).repeat(T)  # 0 first, 1 second

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .compute.assignments import Routing, make_routing
 from .contract.config import BalanceScopeConfig, RouterGradConfig, check_number
-from .contract.routing import Router, flatten_topk, scoped_balance_loss
+from .contract.routing import Router, flatten_topk, scoped_balance_loss, topk
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MixtralRouter(Router):
         cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.top_k
         logits_TE = self.logits(x_TD)
         probs_TE = F.softmax(logits_TE, dim=-1)
-        top_logits_TK, expert_TK = logits_TE.topk(K, dim=-1)
+        top_logits_TK, expert_TK = topk(logits_TE, K)
         weight_TK = F.softmax(top_logits_TK, dim=-1)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)

@@ -52,7 +52,7 @@ from torch import nn
 from .compute.assignments import Routing, make_routing
 from .contract.config import BalanceScopeConfig, check_int, check_number
 from .contract.layer import MoELayer, MoEOutput, assemble, check_input_dtype, flatten_tokens
-from .contract.routing import Router, f_dot_p, flatten_topk, scoped_balance_inputs
+from .contract.routing import Router, f_dot_p, flatten_topk, scoped_balance_inputs, topk
 
 # (token_B, kind_B, weight_B): kept zero-computation assignments; kind 0..Z-1 counts zero,
 # then copy, then constant experts
@@ -156,6 +156,11 @@ class MoEPlusPlusLayer(MoELayer):
         cfg = self.cfg
         x_TD, num_seqs = flatten_tokens(x, cfg.d_model)
         check_input_dtype(x_TD, self.experts.w1)
+        if self.router.forced is not None:
+            raise ValueError(
+                "moe_plus_plus cannot replay a routing: its zero-computation assignments are "
+                "not in the Routing record a trace is made from"
+            )
         logits_TP = self.router.pool_logits(x_TD, gate_residual)
         if cfg.force_uniform_routing:
             routing, losses = self.router.uniform(x_TD, num_seqs), {}
@@ -178,7 +183,7 @@ class MoEPlusPlusLayer(MoELayer):
         """Top-K over the pool; FFN assignments into the Routing, the rest kept apart."""
         cfg, E = self.cfg, self.cfg.num_experts
         probs_TP = F.softmax(logits_TP, dim=-1)
-        weight_TK, expert_TK = probs_TP.topk(cfg.top_k, dim=-1)
+        weight_TK, expert_TK = topk(probs_TP, cfg.top_k)
         weight_TK = self.combine_weights(weight_TK, expert_TK)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         ffn_A = expert_A < E

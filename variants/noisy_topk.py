@@ -35,7 +35,7 @@ from torch import nn
 
 from .compute.assignments import Routing, make_routing
 from .contract.config import RouterGradConfig, check_number
-from .contract.routing import Router, flatten_topk
+from .contract.routing import Router, flatten_topk, topk
 
 
 @dataclass
@@ -93,7 +93,7 @@ class NoisyTopKRouter(Router):
         if self.training:
             noise_std_TE = F.softplus(x_TD.to(self.dtype) @ self.noise_weight.to(self.dtype).T)
             gate_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
-        top_TK, expert_TK = gate_TE.topk(K, dim=-1)
+        top_TK, expert_TK = topk(gate_TE, K)
         weight_TK = F.softmax(top_TK, dim=-1)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)

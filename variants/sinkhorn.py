@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .compute.assignments import Routing
 from .contract.config import RouterGradConfig, check_int, check_number
-from .contract.routing import Router, token_order_routing
+from .contract.routing import Router, token_order_routing, topk
 
 
 @dataclass
@@ -86,9 +86,9 @@ class SinkhornRouter(Router):
         if self.training:
             with torch.no_grad():
                 plan_TE = sinkhorn(logits_TE.float(), cfg.sinkhorn_tol, cfg.sinkhorn_max_iters)
-            expert_TK = plan_TE.topk(K, dim=-1).indices
+            expert_TK = topk(plan_TE, K)[1]
         else:
-            expert_TK = scores_TE.detach().topk(K, dim=-1).indices
+            expert_TK = topk(scores_TE.detach(), K)[1]
         weight_TK = scores_TE.gather(1, expert_TK)
         routing, _ = token_order_routing(
             expert_TK, weight_TK, scores_TE, logits_TE, cfg.capacity(T)

@@ -77,7 +77,7 @@ def top_p_mask(probs_TE: torch.Tensor, top_p: float) -> torch.Tensor:
 
     An expert is kept when the mass strictly before it (in descending order) is still < p.
     """
-    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True)
+    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
     before_TE = sorted_TE.cumsum(-1) - sorted_TE
     keep_sorted_TE = before_TE < top_p
     keep_sorted_TE[:, 0] = True  # float rounding must never leave a token without an expert

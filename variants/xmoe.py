@@ -44,7 +44,7 @@ from torch import nn
 
 from .compute.assignments import Routing
 from .contract.config import BalanceScopeConfig, RouterGradConfig, check_int, check_number
-from .contract.routing import Router, scoped_balance_loss, token_order_routing
+from .contract.routing import Router, scoped_balance_loss, token_order_routing, topk
 
 
 @dataclass
@@ -106,7 +106,7 @@ class XMoERouter(Router):
         cos_TE = self.cosines(x_TD)
         logits_TE = self.scale(cos_TE)
         probs_TE = F.softmax(logits_TE, dim=-1)
-        weight_TK, expert_TK = probs_TE.topk(K, dim=-1)
+        weight_TK, expert_TK = topk(probs_TE, K)
         routing, demand_A = token_order_routing(
             expert_TK, weight_TK, probs_TE, logits_TE, cfg.capacity(T)
         )

@@ -20,7 +20,7 @@ import pandas as pd
 
 from moe_bench import results
 
-from . import claims, frames, load, sections
+from . import claims, frames, invariance, load, sections
 from .figures import FIGURES, Inputs, Missing, arm_colors, claim_figures, render
 from .frames import ARM
 from .leaderboards import Board, leaderboard, styled
@@ -131,6 +131,7 @@ def context(
     variants = sorted(set(frames.arm_variants(frame).values()))
     spec = sections.specialisation(ok)
     ran = sections.what_ran(ok)
+    checks = invariance.invariance_table(ok)
     return {
         "name": root.resolve().name,
         "sweep": str(root.resolve()),
@@ -179,4 +180,7 @@ def context(
         ],
         "spec_domains": spec.attrs.get("domains", ()),
         "spec_task": spec.attrs.get("task", ""),
+        "invariance": checks.to_dict("records"),
+        "invariance_columns": list(checks.columns),
+        "invariance_tolerances": invariance.tolerances(ok),
     }

@@ -124,6 +124,7 @@ def build_model(job: Job) -> TinyLM:
             n_heads=task.n_heads,
             seq_len=task.seq_len,
             moe_every=task.moe_every,
+            checkpoint=job.model.checkpoint,
         )
     except ValueError as e:
         raise ValueError(f"convergence model (model.d_model and task.*): {e}") from None

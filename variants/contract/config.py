@@ -119,6 +119,16 @@ class MoEConfig:
         """Whether a token's experts depend on later tokens of its own sequence."""
         return False
 
+    @property
+    def loss_scope(self) -> str:
+        """Over which tokens the auxiliary losses are counted (one of `BALANCE_SCOPES`):
+        `micro_batch`, the tokens of one forward, so a batch run as several forwards (micro-
+        batches, ranks) has other losses than one forward; `sequence` or `global_batch`,
+        unchanged by such a split along sequences. The invariance suite
+        (`moe_bench.invariance`) reads it; a variant whose losses do not change under a split
+        says so here."""
+        return "micro_batch"
+
     def validate(self) -> None:
         check_int(self, "d_model", 1)
         check_int(self, "num_experts", 1)
@@ -238,6 +248,10 @@ class BalanceScopeConfig(MoEConfig):
     """
 
     balance_scope: str = "micro_batch"
+
+    @property
+    def loss_scope(self) -> str:
+        return self.balance_scope
 
     def validate(self) -> None:
         super().validate()

@@ -24,6 +24,20 @@ from .config import ROUTER_DTYPES, MoEConfig
 # ---------------------------------------------------------------------------------------------
 
 
+def topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries of the last dim, largest first; equal values
+    go to the lower index (docs/contract.md §2, tie-breaking).
+
+    `torch.topk` leaves the order of ties unspecified (on CPU an 8-wide tie can come back as
+    [5, 4]), and ties are common where routers start equal or round to bf16; a stable
+    descending sort keeps equal values in index order, so a tie always resolves to the lower
+    expert (or token) index, on every device and backend. Sorting E values costs no more than
+    the routing around it at these widths.
+    """
+    sorted_values, order = values.sort(dim=-1, descending=True, stable=True)
+    return sorted_values[..., :k], order[..., :k]
+
+
 def flatten_topk(
     expert_TK: torch.Tensor, weight_TK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,8 +104,8 @@ def group_limited_mask(
     """
     T, E = scores_TE.shape
     grouped_TGe = scores_TE.view(T, num_groups, E // num_groups)
-    group_score_TG = grouped_TGe.topk(per_group, dim=-1).values.sum(-1)
-    best_TG = group_score_TG.topk(topk_groups, dim=-1).indices
+    group_score_TG = topk(grouped_TGe, per_group)[0].sum(-1)
+    best_TG = topk(group_score_TG, topk_groups)[1]
     keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=scores_TE.device)
     keep_TG.scatter_(1, best_TG, True)
     return keep_TG.repeat_interleave(E // num_groups, dim=1)
@@ -141,6 +155,8 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dtype = ROUTER_DTYPES[cfg.router_dtype]
+        # router replay: (token_A, expert_A, weight_A) to use instead of routing (`replay`)
+        self.forced: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
         # nn.Linear's default init: centroids of norm ~1 at any width.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -163,6 +179,8 @@ class Router(nn.Module):
     def forward(
         self, x_TD: torch.Tensor, num_seqs: int = 1
     ) -> tuple[Routing, dict[str, torch.Tensor]]:
+        if self.forced is not None:
+            return self.replayed(x_TD), {}
         if self.cfg.force_uniform_routing:
             return self.uniform(x_TD, num_seqs), {}
         routing, losses = self.route(x_TD, num_seqs)
@@ -184,6 +202,41 @@ class Router(nn.Module):
         expert_TK = uniform_choice(T, E, K, x_TD.device)
         weight_TK = torch.full((T, K), 1.0 / K, dtype=scores_TE.dtype, device=x_TD.device)
         return token_order_routing(expert_TK, weight_TK, scores_TE, logits_TE, cfg.capacity(T))[0]
+
+    def replay(self, assignments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """Router replay: route every following forward by the given (token_A, expert_A,
+        weight_A) instead of deciding (None routes again). docs/contract.md §2, replay."""
+        if assignments is None:
+            self.forced = None
+            return
+        token_A, expert_A, weight_A = (torch.as_tensor(a) for a in assignments)
+        E = self.cfg.num_experts
+        if not (len(token_A) == len(expert_A) == len(weight_A)):
+            raise ValueError(
+                f"replayed assignments differ in length: token {len(token_A)}, expert "
+                f"{len(expert_A)}, weight {len(weight_A)}"
+            )
+        if len(expert_A) and (int(expert_A.min()) < 0 or int(expert_A.max()) >= E):
+            raise ValueError(
+                f"replayed expert ids {int(expert_A.min())}..{int(expert_A.max())} must be in "
+                f"0..{E - 1} (num_experts={E})"
+            )
+        self.forced = (token_A.long(), expert_A.long(), weight_A.float())
+
+    def replayed(self, x_TD: torch.Tensor) -> Routing:
+        """The forced assignments as this forward's Routing: the recorded combine weights, the
+        router's own logits and scores (for statistics); no losses, no state counted."""
+        token_A, expert_A, weight_A = (a.to(x_TD.device) for a in self.forced)
+        T = x_TD.shape[0]
+        if len(token_A) and (int(token_A.min()) < 0 or int(token_A.max()) >= T):
+            raise ValueError(
+                f"replayed token ids {int(token_A.min())}..{int(token_A.max())} must be in "
+                f"0..{T - 1} (this forward has {T} tokens)"
+            )
+        logits_TE = self.logits(x_TD)
+        scores_TE = self.score(logits_TE)
+        demand_E = torch.bincount(expert_A, minlength=self.cfg.num_experts)
+        return make_routing(token_A, expert_A, weight_A, scores_TE, logits_TE, demand_E)
 
     def update_bias(self) -> None:
         """Loss-free balancing hook (DeepSeek-V3); a no-op for routers without a bias."""
@@ -289,3 +342,16 @@ def reset_balance_counts(router: nn.Module) -> None:
     """Forget the step's global-batch counts (the layer's `update_bias()` calls it)."""
     router.balance_counts = None
     router.fixed_balance_counts = None
+
+
+def sync_step_counts(
+    module: nn.Module, group: torch.distributed.ProcessGroup | None = None
+) -> None:
+    """Sum a module's step counts over `group`: its integer buffers, which the contract reserves
+    for what training forwards counted since the last `update_bias()` (DeepSeek-V3's
+    `load_count`, ReMoE's `active_count` and `slot_count`; docs/contract.md §2). Data- and
+    expert-parallel runs call it before `update_bias()`, so every rank updates from the
+    whole batch."""
+    for buf in module.buffers():
+        if not buf.is_floating_point() and not buf.is_complex() and buf.dtype != torch.bool:
+            torch.distributed.all_reduce(buf, group=group)

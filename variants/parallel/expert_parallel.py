@@ -55,7 +55,9 @@ averaged over ranks by the data-parallel gradient all-reduce). Per variant:
 - deepseek_v2, deepseek_v3: per sequence (V2 Eq. 12-20, V3 Eq. 17-20); a sequence lives on one
   rank, so local is exactly the paper's value. V3's loss-free bias is the global case: the
   bias update uses the load of the whole batch, so `ExpertParallel.update_bias()` all-reduces
-  `router.load_count` over the group before updating (arXiv:2408.15664 Algorithm 1).
+  `router.load_count` over the group before updating (arXiv:2408.15664 Algorithm 1); every
+  step count of a router (its integer buffers, `sync_step_counts`: ReMoE's sparsity counts too)
+  is summed the same way.
 - deepseek_moe, mixtral: per micro-batch on each rank (DeepSeekMoE's device-level loss exists
   for EP and is computed from each device's batch; Megatron's Mixtral loss is per micro-batch).
 - noisy_topk: departure. Shazeer et al. (arXiv:1701.06538 Sec. 3.1) apply the losses to the
@@ -80,6 +82,7 @@ from ..compute.assignments import Routing
 from ..compute.backends import BACKENDS, get_backend
 from ..contract.config import check_int
 from ..contract.layer import MoELayer, MoEOutput, assemble, flatten_tokens
+from ..contract.routing import reset_balance_counts, sync_step_counts
 
 # the local expert backends expert parallelism runs on: those whose BackendSpec says so
 LOCAL_BACKENDS = tuple(name for name, spec in BACKENDS.items() if spec.expert_parallel)
@@ -249,6 +252,11 @@ class ExpertParallel(nn.Module):
                 f"router_grad={layer.cfg.router_grad!r} cannot run expert-parallel: its "
                 "estimator needs every expert's outputs on one rank; use router_grad='topk'"
             )
+        if type(layer).forward is not MoELayer.forward:
+            raise ValueError(
+                f"layer={type(layer).__name__} has a forward of its own (more than router -> "
+                "experts); expert parallelism runs the MoELayer path only"
+            )
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
                 "torch.distributed is not initialized: call torch.distributed."
@@ -365,12 +373,12 @@ class ExpertParallel(nn.Module):
         return x_RD, local, recv_flat
 
     def update_bias(self) -> None:
-        """Loss-free bias update from the load of ALL ranks (the global batch, as in
-        arXiv:2408.15664 Algorithm 1): all-reduce the router's load count, then update."""
-        load_count = getattr(self.router, "load_count", None)
-        if load_count is not None:
-            dist.all_reduce(load_count, group=self.group)
+        """The router's once-per-step update from the counts of ALL ranks (the global batch,
+        as in arXiv:2408.15664 Algorithm 1): all-reduce its step counts, then update; the
+        global-batch balance counts start afresh, as `MoELayer.update_bias` does."""
+        sync_step_counts(self.router, self.group)
         self.router.update_bias()
+        reset_balance_counts(self.router)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank holds a copy of: the router and the shared experts."""
