@@ -17,7 +17,7 @@ import torch
 from ..compute.assignments import experts_per_token_stats
 from ..compute.backends import get_backend
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "clamped_swiglu")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 ROUTER_DTYPES = {
     "float32": torch.float32,
@@ -93,6 +93,10 @@ class MoEConfig:
     # each token picks its experts (token choice) rather than each expert its tokens (expert
     # choice): only token-choice routing can run on a rank's own tokens (expert parallelism)
     token_choice: ClassVar[bool] = True
+    # the combine weight scales the expert's input, `FFN_e(w x)`, not its output (Llama 4);
+    # the layer and the expert-parallel wrapper run the backend through
+    # `variants.compute.input_weighted`
+    weight_on_input: ClassVar[bool] = False
     # how the variant normalises its auxiliary losses, in words for the report (formulas as
     # the README's variants table states them); "" where a class adds nothing to say
     note: ClassVar[str] = ""
