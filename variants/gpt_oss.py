@@ -39,6 +39,7 @@ class GptOssConfig(MixtralConfig):
         "0.004 · E · Σ_i f_i P_i with f_i = count_i / (T·K): HF's router_aux_loss_coef 0.001 "
         "on its K-times-larger form."
     )
+    dropless: ClassVar[str | None] = "gpt_oss is dropless: every selected expert computes"
     num_experts: int = 128
     top_k: int = 4
     expert_hidden: int = 512
