@@ -261,11 +261,11 @@ def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
     h1 = torch.bmm(buf_ECD, bank.w1)
     h3 = torch.bmm(buf_ECD, bank.w3) if bank.w3 is not None else None
     if bank.bias:  # pad slots get bias-only rows; they are never read back (slot_A only)
-        h1 = h1 + bank.b1[:, None]
-        h3 = h3 + bank.b3[:, None] if h3 is not None else None
+        h1 = h1 + bank.b1[:, None].to(h1.dtype)
+        h3 = h3 + bank.b3[:, None].to(h3.dtype) if h3 is not None else None
     out_ECD = torch.bmm(bank.act(h1, h3), bank.w2)
     if bank.bias:
-        out_ECD = out_ECD + bank.b2[:, None]
+        out_ECD = out_ECD + bank.b2[:, None].to(out_ECD.dtype)
     out_AD = out_ECD.view(E * C, D)[slot_A] * routing.weight[:, None].to(x_TD.dtype)
     return Computed(_combine(x_TD, routing.token, out_AD), "padded")
 

@@ -111,8 +111,10 @@ class ExpertBank(nn.Module):
         h1, h3 = x_ND @ self.w1[e], x_ND @ self.w3[e] if self.w3 is not None else None
         if not self.bias:
             return self.act(h1, h3) @ self.w2[e]
-        h3 = h3 + self.b3[e] if h3 is not None else None
-        return self.act(h1 + self.b1[e], h3) @ self.w2[e] + self.b2[e]
+        # biases in the matmuls' dtype (autocast's, where on), as the weights are
+        h3 = h3 + self.b3[e].to(h3.dtype) if h3 is not None else None
+        out = self.act(h1 + self.b1[e].to(h1.dtype), h3) @ self.w2[e]
+        return out + self.b2[e].to(out.dtype)
 
     def sum_all(self, x_TD: torch.Tensor) -> torch.Tensor:
         """sum_e FFN_e(x) for every token (shared experts, dense FFN).
@@ -125,5 +127,6 @@ class ExpertBank(nn.Module):
         h3 = x_TD @ self.w3.permute(1, 0, 2).reshape(D, E * H) if self.w3 is not None else None
         if not self.bias:
             return self.act(h1, h3) @ self.w2.reshape(E * H, D)
-        h3 = h3 + self.b3.reshape(E * H) if h3 is not None else None
-        return self.act(h1 + self.b1.reshape(E * H), h3) @ self.w2.reshape(E * H, D) + self.b2.sum(0)
+        h3 = h3 + self.b3.reshape(E * H).to(h3.dtype) if h3 is not None else None
+        out = self.act(h1 + self.b1.reshape(E * H).to(h1.dtype), h3) @ self.w2.reshape(E * H, D)
+        return out + self.b2.sum(0).to(out.dtype)
