@@ -29,7 +29,7 @@ if importlib.util.find_spec("transformers") is None:
         allow_module_level=True,
     )
 
-import transformers  # noqa: E402
+import transformers
 
 HF_VERSION = transformers.__version__
 D, H, E = 16, 8, 8
@@ -217,7 +217,9 @@ def _pair(model: Model, direction: str) -> tuple[torch.nn.Module, torch.nn.Modul
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in names.values())
     with torch.no_grad():
         for name, view in model.views.items():
-            src, dst = (view(hf), names[name]) if direction == "hf_to_ours" else (names[name], view(hf))
+            src, dst = (
+                (view(hf), names[name]) if direction == "hf_to_ours" else (names[name], view(hf))
+            )
             if direction == "hf_to_ours":
                 src.normal_(std=0.5)  # HF allocates uninitialised or zero weights
             elif name.endswith(("b1", "b2", "b3", "router.bias")):
@@ -275,7 +277,9 @@ def _view_grad(view: View, hf: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("direction", ["hf_to_ours", "ours_to_hf"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("name", list(MODELS), ids=[f"{n}@transformers-{HF_VERSION}" for n in MODELS])
+@pytest.mark.parametrize(
+    "name", list(MODELS), ids=[f"{n}@transformers-{HF_VERSION}" for n in MODELS]
+)
 def test_same_choices_output_and_gradients_as_hf(name: str, mode: str, direction: str) -> None:
     model = MODELS[name]
     ours, hf = _pair(model, direction)

@@ -235,7 +235,9 @@ def _grouped_mm(
     h3_AH = F.grouped_mm(x_AD, weights.w3, offs=offs_E) if weights.w3 is not None else None
     expert_A = _sorted_experts(routing) if bank.bias else None
     h_AH = (h1_AH,) if h3_AH is None else (h1_AH, h3_AH)
-    out_AD = F.grouped_mm(bank.act(*_add_bias(bank, h_AH, expert_A, x_AD.dtype)), weights.w2, offs=offs_E)
+    out_AD = F.grouped_mm(
+        bank.act(*_add_bias(bank, h_AH, expert_A, x_AD.dtype)), weights.w2, offs=offs_E
+    )
     if expert_A is not None:
         out_AD = out_AD + bank.b2.to(x_AD.dtype)[expert_A]
     return _combine(x_TD, token_A, out_AD * weight_A[order_A, None])

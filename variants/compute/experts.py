@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # activations with a second input projection w3 (the gate's partner)
 GATED = ("swiglu", "clamped_swiglu")
 # gpt-oss's constants (HF `GptOssConfig.swiglu_limit` = 7.0; `swiglu_alpha` = 1.702, the

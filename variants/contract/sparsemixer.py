@@ -47,7 +47,9 @@ class SparseMixerGrad(torch.autograd.Function):
         return grad_TE, None, None, None, None
 
 
-def threshold_mask(scores_TE: torch.Tensor, best_T1: torch.Tensor, jitter_eps: float) -> torch.Tensor:
+def threshold_mask(
+    scores_TE: torch.Tensor, best_T1: torch.Tensor, jitter_eps: float
+) -> torch.Tensor:
     """Bool [T, E]: experts too far below the best, `(best - s) / max(|s|, best) > 2 eps`."""
     with torch.no_grad():
         factor_TE = scores_TE.abs().clamp(min=best_T1)
