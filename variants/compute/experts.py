@@ -65,8 +65,8 @@ class ExpertBank(nn.Module):
 
     @property
     def plain(self) -> bool:
-        """No bias and a gelu or swiglu activation: what the fused kernels (the padded_bmm
-        path, megablocks) compute; other banks take the per-expert path."""
+        """No bias and a gelu or swiglu activation: what the fused padded_bmm kernel of
+        `variants.compute.dispatch` computes; other banks take the per-expert path."""
         return not self.bias and self.activation in ("gelu", "swiglu")
 
     def reset_parameters(self) -> None:
