@@ -24,6 +24,7 @@ from fractions import Fraction
 from torch import nn
 
 from variants import MoEConfig
+from variants.compute.experts import GATED
 
 BACKWARD_FACTOR = 2  # grad wrt inputs + grad wrt weights, each one forward's matmuls
 
@@ -96,7 +97,7 @@ def count_params(module: nn.Module) -> tuple[int, int]:
 
 def ffn_flops_per_token(cfg: MoEConfig) -> int:
     """Forward FLOPs per token of one layer: router plus every expert FFN the token uses."""
-    mats = 3 if cfg.activation == "swiglu" else 2  # w1, w2 (and w3)
+    mats = 3 if cfg.activation in GATED else 2  # w1, w2 (and w3: swiglu, clamped_swiglu)
     router = 0 if cfg.kind == "dense" else 2 * cfg.d_model * cfg.num_experts
     experts = 2 * mats * cfg.d_model * cfg.active_width()
     return round(router + experts)

@@ -25,10 +25,16 @@ from .deepseek_v2 import DeepSeekV2Config, DeepSeekV2Router
 from .deepseek_v3 import DeepSeekV3Config, DeepSeekV3Router
 from .dense import DenseConfig, DenseFFN
 from .expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
+from .gpt_oss import GptOssConfig, GptOssRouter
 from .gshard import GShardConfig, GShardRouter
+from .llama4 import Llama4Config, Llama4Router
 from .mixtral import MixtralConfig, MixtralRouter
 from .moe_plus_plus import MoEPlusPlusConfig, MoEPlusPlusLayer
 from .noisy_topk import NoisyTopKConfig, NoisyTopKRouter
+from .olmoe import OLMoEConfig
+from .phimoe import PhimoeConfig, PhimoeRouter
+from .qwen3_moe import Qwen3MoEConfig
+from .qwen3_next import Qwen3NextConfig
 from .remoe import ReMoEConfig, ReMoERouter
 from .sinkhorn import SinkhornConfig, SinkhornRouter
 from .switch import SwitchConfig, SwitchRouter
@@ -56,6 +62,13 @@ REGISTRY: dict[str, Variant] = {
     "moe_plus_plus": Variant(MoEPlusPlusConfig, MoEPlusPlusLayer),
     "sinkhorn": Variant(SinkhornConfig, routed(SinkhornRouter)),
     "xmoe": Variant(XMoEConfig, routed(XMoERouter)),
+    # the routings of released models, each checked against its HF transformers block
+    "qwen3_moe": Variant(Qwen3MoEConfig, routed(DeepSeekMoERouter)),
+    "qwen3_next": Variant(Qwen3NextConfig, routed(DeepSeekMoERouter)),
+    "olmoe": Variant(OLMoEConfig, routed(DeepSeekMoERouter)),
+    "phimoe": Variant(PhimoeConfig, routed(PhimoeRouter)),
+    "gpt_oss": Variant(GptOssConfig, routed(GptOssRouter)),
+    "llama4": Variant(Llama4Config, routed(Llama4Router)),
 }
 
 

@@ -128,3 +128,18 @@ def test_variable_k_variants_report_experts_per_token(compose_cfg, tmp_path, var
     frame = results.load(tmp_path)
     k = frame[frame.metric == "experts_per_token"]
     assert len(k) and (k.value > 0).all() and set(k.layer.astype(str)) >= {"0", "mean"}
+
+
+@pytest.mark.slow  # six short training runs: the slow run
+@pytest.mark.parametrize(
+    "variant", ["qwen3_moe", "qwen3_next", "olmoe", "phimoe", "gpt_oss", "llama4"]
+)
+def test_released_model_presets_train(compose_cfg, tmp_path: Path, variant: str) -> None:
+    """Each released model's preset (its E, K and shared experts) trains in the tiny LM:
+    the job ends ok and the validation loss falls within 10 steps."""
+    status, rows = run_job(
+        compose_cfg, tmp_path, f"variant={variant}", "task.steps=10", "task.eval_every=10"
+    )
+    assert status == "ok", [r.get("error") for r in rows if r.get("error")][:1]
+    val = [r["value"] for r in rows if r["metric"] == "val_loss"]
+    assert len(val) == 2 and val[1] < val[0]

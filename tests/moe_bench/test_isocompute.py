@@ -84,7 +84,7 @@ def test_count_params_shared_and_dense() -> None:
     assert count_params(dense) == (2 * 8 * 20, 2 * 8 * 20)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "clamped_swiglu"])
 def test_flops_match_dense_reference(activation: str) -> None:
     cfg = variants.make_config(
         "deepseek_moe", d_model=16, num_experts=15, expert_hidden=8, top_k=3,
@@ -94,7 +94,7 @@ def test_flops_match_dense_reference(activation: str) -> None:
     router = 2 * 16 * 15
     assert dense.d_ff == 8 * (3 + 1) == 32  # expert_hidden x (top_k + shared)
     assert ffn_flops_per_token(cfg) - router == ffn_flops_per_token(dense)
-    mats = 3 if activation == "swiglu" else 2
+    mats = 2 if activation == "gelu" else 3  # gated: w1, w3 and w2
     assert ffn_flops_per_token(dense) == 2 * mats * 16 * 32
 
 
@@ -103,3 +103,11 @@ def test_count_params_on_meta_device_allocates_nothing() -> None:
         layer = variants.build("deepseek_v3", d_model=4096, num_experts=256, expert_hidden=2048)
     total, active = count_params(layer)
     assert total > 4e9 and active < total / 10
+
+
+def test_expert_biases_count_as_routed_parameters() -> None:
+    """gpt-oss's expert biases are expert parameters: active in top_k/E of their count."""
+    layer = variants.build("gpt_oss", d_model=8, num_experts=4, top_k=2, expert_hidden=4)
+    router = 4 * 8 + 4  # weight and bias
+    expert = 3 * 8 * 4 + 4 + 4 + 8  # w1, w3, w2 and b1, b3, b2
+    assert count_params(layer) == (router + 4 * expert, router + 2 * expert)

@@ -123,6 +123,10 @@ LAYER_CASES = [
     ("sinkhorn", {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}),  # forces drops
     ("xmoe", {"num_experts": 4}),
     ("xmoe", {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}),
+    ("qwen3_next", {"num_experts": 6, "top_k": 3, "shared_hidden": 12}),
+    ("phimoe", {"num_experts": 4}),
+    ("gpt_oss", {"num_experts": 4, "top_k": 2}),  # expert biases with gelu or swiglu
+    ("llama4", {"num_experts": 4, "top_k": 2}),  # the weight on the expert's input
 ]
 
 

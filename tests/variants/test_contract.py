@@ -26,7 +26,7 @@ def test_names_are_sorted_and_hold_the_headline_variants() -> None:
     names = variants.names()
     assert names == sorted(names)
     assert set(HEADLINE) <= set(names)
-    assert len(names) == 14
+    assert len(names) == 20
 
 
 @pytest.mark.parametrize("name", ALL)

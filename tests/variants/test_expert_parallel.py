@@ -44,6 +44,11 @@ DROPLESS: dict[str, dict] = {
         num_experts=8, top_k=3, num_shared_experts=1, num_devices=4, max_devices=2,
         capacity_factor=None,
     ),
+    # released models' blocks: the shared expert's sigmoid gate (Qwen3-Next), experts with
+    # biases and the clamped SwiGLU (gpt-oss), the weight on the expert's input (Llama 4)
+    "qwen3_next": dict(num_experts=8, top_k=3, num_shared_experts=1, shared_hidden=12),
+    "gpt_oss": dict(num_experts=8, top_k=2),
+    "llama4": dict(num_experts=8, top_k=2, num_shared_experts=1),
 }  # fmt: skip
 BACKENDS = ("grouped", "loop")
 
@@ -119,6 +124,8 @@ def _check_case(rank: int, P: int, name: str, fields: dict, backend: str, train:
     if ep.shared is not None:
         for n, p in ep.shared.named_parameters():
             _close(f"{case} grad shared.{n}", p.grad, getattr(ref.shared, n).grad)
+    if ep.shared_gate is not None:
+        _close(f"{case} grad shared_gate", ep.shared_gate.weight.grad, ref.shared_gate.weight.grad)
 
     want = _hand_count(out_ref.routing, P, ep.cfg.num_experts, B * S)
     st = ep.stats

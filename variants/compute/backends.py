@@ -53,7 +53,8 @@ Backend = Callable[[torch.Tensor, Routing, ExpertBank], Computed]
 
 class LayerConfig(Protocol):
     """What `BackendSpec.check` reads of a layer config: attributes of the base class
-    (`variants.contract.config.MoEConfig`) only, so no backend depends on a variant."""
+    (`variants.contract.config.MoEConfig`) only, so no backend depends on a variant; and
+    `expert_bias` where a config has it (read with a default of False)."""
 
     backend: str
     capacity_factor: float | None
@@ -147,16 +148,26 @@ def grouped(
 
     Every GEMM runs in one dtype: autocast's where it is on (it does not reach into the
     custom autograd Functions), else the input's.
+
+    A bank with biases or the clamped activation (not `bank.plain`) takes the per-expert path
+    (or grouped_mm), its biases added per row: the fused padded_bmm kernel has neither.
     """
     device, out_dtype = x_TD.device.type, x_TD.dtype
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out_dtype
     if use_grouped_mm is None:
         use_grouped_mm = path is None and x_TD.is_cuda and _aligned(dtype, bank)
+    if not bank.plain:
+        if path == PADDED_BMM:
+            raise ValueError(
+                f"path={path!r} computes gelu or swiglu experts without biases; this bank has "
+                f"activation={bank.activation!r}, bias={bank.bias}: use path='per_expert'"
+            )
+        path = PER_EXPERT
     with torch.autocast(device, enabled=False):
         x_TD, weights = x_TD.to(dtype), bank.weights(dtype)
         weight_A = routing.weight.to(dtype)
         if use_grouped_mm:
-            y_TD = _grouped_mm(x_TD, routing, weight_A, weights, bank.act)
+            y_TD = _grouped_mm(x_TD, routing, weight_A, weights, bank)
             return Computed(y_TD.to(out_dtype), "grouped_mm")
         rows, weight_R = dispatch_layout(routing, weight_A, bank, path)
         if rows.path == PADDED_BMM:
@@ -164,11 +175,38 @@ def grouped(
                 x_TD, weight_R, rows, bank.activation, weights.w1, weights.w2, weights.w3
             )
         else:
+            expert_R = _sorted_experts(routing) if bank.bias else None
             w_in = (weights.w1,) if weights.w3 is None else (weights.w1, weights.w3)
             h_RH = GatherMM.apply(x_TD, rows, *w_in)
-            act_RH = bank.act(h_RH[0], h_RH[1] if weights.w3 is not None else None)
+            h1_RH, h3_RH = _add_bias(bank, h_RH, expert_R, dtype)
+            act_RH = bank.act(h1_RH, h3_RH)
             y_TD = WeightedMMScatter.apply(act_RH, weight_R, weights.w2, rows)
+            if bank.bias:
+                b2_RD = bank.b2.to(dtype)[expert_R] * weight_R[:, None]
+                y_TD = y_TD.index_add(0, rows.token_R, b2_RD)
     return Computed(y_TD.to(out_dtype), rows.path)  # like loop and padded: the input's dtype
+
+
+def _sorted_experts(routing: Routing) -> torch.Tensor:
+    """[A] the expert of each assignment in expert order (the rows of the per-expert path)."""
+    experts_E = torch.arange(routing.load.numel(), device=routing.load.device)
+    return experts_E.repeat_interleave(routing.load)
+
+
+def _add_bias(
+    bank: ExpertBank,
+    h_RH: tuple[torch.Tensor, ...],
+    expert_R: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h1, h3) of rows sorted by expert, each plus its expert's b1 (b3) where the bank has
+    biases; h3 is None for gelu."""
+    h1_RH, h3_RH = h_RH[0], (h_RH[1] if len(h_RH) > 1 else None)
+    if expert_R is None:
+        return h1_RH, h3_RH
+    h1_RH = h1_RH + bank.b1.to(dtype)[expert_R]
+    h3_RH = h3_RH + bank.b3.to(dtype)[expert_R] if h3_RH is not None else None
+    return h1_RH, h3_RH
 
 
 def _aligned(dtype: torch.dtype, bank: ExpertBank) -> bool:
@@ -185,7 +223,7 @@ def _grouped_mm(
     routing: Routing,
     weight_A: torch.Tensor,
     weights: ExpertWeights,
-    act: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    bank: ExpertBank,
 ) -> torch.Tensor:
     """One `torch.nn.functional.grouped_mm` per projection over the [A, D] rows sorted by
     expert (jagged groups given by cumulative offsets), weighed and scattered back."""
@@ -195,7 +233,13 @@ def _grouped_mm(
     x_AD = x_TD[token_A]
     h1_AH = F.grouped_mm(x_AD, weights.w1, offs=offs_E)
     h3_AH = F.grouped_mm(x_AD, weights.w3, offs=offs_E) if weights.w3 is not None else None
-    out_AD = F.grouped_mm(act(h1_AH, h3_AH), weights.w2, offs=offs_E)
+    expert_A = _sorted_experts(routing) if bank.bias else None
+    h_AH = (h1_AH,) if h3_AH is None else (h1_AH, h3_AH)
+    out_AD = F.grouped_mm(
+        bank.act(*_add_bias(bank, h_AH, expert_A, x_AD.dtype)), weights.w2, offs=offs_E
+    )
+    if expert_A is not None:
+        out_AD = out_AD + bank.b2.to(x_AD.dtype)[expert_A]
     return _combine(x_TD, token_A, out_AD * weight_A[order_A, None])
 
 
@@ -216,8 +260,14 @@ def padded(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
     pos_A = rank_in_expert(routing.expert, torch.arange(A, device=x_TD.device), E)
     slot_A = routing.expert * C + pos_A
     buf_ECD = x_TD.new_zeros(E * C, D).index_put((slot_A,), x_TD[routing.token]).view(E, C, D)
+    h1 = torch.bmm(buf_ECD, bank.w1)
     h3 = torch.bmm(buf_ECD, bank.w3) if bank.w3 is not None else None
-    out_ECD = torch.bmm(bank.act(torch.bmm(buf_ECD, bank.w1), h3), bank.w2)
+    if bank.bias:  # pad slots get bias-only rows; they are never read back (slot_A only)
+        h1 = h1 + bank.b1[:, None].to(h1.dtype)
+        h3 = h3 + bank.b3[:, None].to(h3.dtype) if h3 is not None else None
+    out_ECD = torch.bmm(bank.act(h1, h3), bank.w2)
+    if bank.bias:
+        out_ECD = out_ECD + bank.b2[:, None].to(out_ECD.dtype)
     out_AD = out_ECD.view(E * C, D)[slot_A] * routing.weight[:, None].to(x_TD.dtype)
     return Computed(_combine(x_TD, routing.token, out_AD), "padded")
 
@@ -246,6 +296,8 @@ class BackendSpec:
     # computes a rank's local experts under expert parallelism (`variants.parallel`): the
     # received rows form a dropless routing with 0..L experts per row, no capacity
     expert_parallel: bool = False
+    # computes experts with biases (a config's `expert_bias`, gpt-oss)
+    expert_bias: bool = True
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> Computed:
         return self.compute(x_TD, routing, bank)
@@ -263,6 +315,11 @@ class BackendSpec:
                 f"backend={self.name!r} cannot compute this variant: {cfg.uneven_top_k}, and "
                 f"{self.name} needs exactly top_k experts per token; "
                 f"use {able(lambda b: b.uneven_top_k)}"
+            )
+        if not self.expert_bias and getattr(cfg, "expert_bias", False):
+            raise ValueError(
+                f"backend={self.name!r} cannot compute experts with biases (expert_bias=True); "
+                f"use {able(lambda b: b.expert_bias)}"
             )
         if self.capacity == "refused" and cfg.capacity_factor is not None:
             raise ValueError(
@@ -284,7 +341,9 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec("loop", loop, expert_parallel=True),
         BackendSpec("grouped", grouped, expert_parallel=True),
         BackendSpec("padded", padded, capacity="required"),
-        BackendSpec("megablocks", megablocks, capacity="refused", uneven_top_k=False),
+        BackendSpec(
+            "megablocks", megablocks, capacity="refused", uneven_top_k=False, expert_bias=False
+        ),
     )
 }
 

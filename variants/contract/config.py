@@ -17,7 +17,7 @@ import torch
 from ..compute.assignments import experts_per_token_stats
 from ..compute.backends import get_backend
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "clamped_swiglu")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 # how the router's gradient is estimated (`variants.contract.router_grad` holds one estimator
 # per name): "topk", the plain top-K gradient; "default_moe", Panda et al. 2025's EMA stand-in
@@ -96,6 +96,10 @@ class MoEConfig:
     # each token picks its experts (token choice) rather than each expert its tokens (expert
     # choice): only token-choice routing can run on a rank's own tokens (expert parallelism)
     token_choice: ClassVar[bool] = True
+    # the combine weight scales the expert's input, `FFN_e(w x)`, not its output (Llama 4);
+    # the layer and the expert-parallel wrapper run the backend through
+    # `variants.compute.input_weighted`
+    weight_on_input: ClassVar[bool] = False
     # how the variant normalises its auxiliary losses, in words for the report (formulas as
     # the README's variants table states them); "" where a class adds nothing to say
     note: ClassVar[str] = ""

@@ -15,6 +15,7 @@ from torch import nn
 from ..compute.assignments import Routing
 from ..compute.backends import get_backend
 from ..compute.experts import ExpertBank
+from ..compute.input_weighted import input_weighted
 from .config import MoEConfig
 from .router_grad import make_estimator
 from .routing import Router, reset_balance_counts, set_balance_counts
@@ -80,16 +81,20 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = router
-        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
+        # `expert_bias` (gpt-oss's experts) where a config has it
+        bias = getattr(cfg, "expert_bias", False)
+        self.experts = ExpertBank(
+            cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation, bias
+        )
         # Qwen2-MoE options (`SharedExpertConfig`): shared width and sigmoid gate
         self.shared = (
-            ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.shared_width, cfg.activation)
+            ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.shared_width, cfg.activation, bias)
             if cfg.num_shared_experts
             else None
         )
         gated = self.shared is not None and getattr(cfg, "shared_gate", False)
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if gated else None
-        self.backend = get_backend(cfg.backend)
+        self.backend = expert_compute(cfg, cfg.backend)
         # `router_grad`: what reaches the router in the backward (variants.contract.router_grad)
         self.router_grad = make_estimator(cfg)
 
@@ -129,6 +134,13 @@ class MoELayer(nn.Module):
             f"E={c.num_experts}, K={c.top_k}, D={c.d_model}, H={c.expert_hidden}, "
             f"shared={c.num_shared_experts}, backend={c.backend!r}"
         )
+
+
+def expert_compute(cfg: MoEConfig, backend: str) -> Callable:
+    """The backend `backend` as `cfg` applies its combine weights: on the experts' outputs,
+    or on their inputs where `cfg.weight_on_input` (Llama 4)."""
+    spec = get_backend(backend)
+    return input_weighted(spec) if cfg.weight_on_input else spec
 
 
 def routed(router_cls: type[Router]) -> Callable[[MoEConfig], nn.Module]:

@@ -79,9 +79,9 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from ..compute.assignments import Routing
-from ..compute.backends import BACKENDS, get_backend
+from ..compute.backends import BACKENDS
 from ..contract.config import check_int
-from ..contract.layer import MoELayer, MoEOutput, assemble, flatten_tokens
+from ..contract.layer import MoELayer, MoEOutput, assemble, expert_compute, flatten_tokens
 from ..contract.routing import reset_balance_counts, sync_step_counts
 
 # the local expert backends expert parallelism runs on: those whose BackendSpec says so
@@ -275,10 +275,11 @@ class ExpertParallel(nn.Module):
         self.cfg = cfg
         self.router = layer.router
         self.shared = layer.shared
+        self.shared_gate = layer.shared_gate  # Qwen2-MoE / Qwen3-Next's sigmoid gate, or None
         self.experts = layer.experts.slice_experts(
             self.plan.first, self.plan.first + self.plan.per_rank
         )
-        self.backend = get_backend(self.plan.backend)
+        self.backend = expert_compute(layer.cfg, self.plan.backend)
         self.stats: EPStats | None = None
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -308,8 +309,7 @@ class ExpertParallel(nn.Module):
             self.group,
         )
         y_TD = x_TD.new_zeros(x_TD.shape).index_add(0, out.token_U, y_UD.to(x_TD.dtype))
-        if self.shared is not None:
-            y_TD = y_TD + self.shared.sum_all(x_TD)
+        y_TD = self.add_shared(x_TD, y_TD)
         t4 = _now(dev)
 
         P, L, D = self.plan.world_size, self.plan.per_rank, self.cfg.d_model
@@ -317,6 +317,9 @@ class ExpertParallel(nn.Module):
         self.stats.route_ms, self.stats.dispatch_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
         self.stats.expert_ms, self.stats.combine_ms = 1e3 * (t3 - t2), 1e3 * (t4 - t3)
         return assemble(x, y_TD, losses, routing, path)
+
+    # the shared experts, sigmoid-gated where the layer is (one rule: the layer's own)
+    add_shared = MoELayer.add_shared
 
     def _exchange_counts(self, out: Outgoing, load_E: torch.Tensor, T: int) -> torch.Tensor:
         """All ranks' counts, [P, P + E + 2] on the CPU: per source rank, its rows per
@@ -383,7 +386,9 @@ class ExpertParallel(nn.Module):
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank holds a copy of: the router and the shared experts."""
         params = list(self.router.parameters())
-        return params + (list(self.shared.parameters()) if self.shared is not None else [])
+        for module in (self.shared, self.shared_gate):
+            params += list(module.parameters()) if module is not None else []
+        return params
 
     def sync_replicated_grads(self, average: bool = True) -> None:
         """All-reduce the replicated parameters' gradients over the group (mean or sum), as
