@@ -386,7 +386,7 @@ def _from_env(spec: RankSpec, backend: str, recorder: Recorder) -> dict[str, Any
     export_slurm_env()
     rank, world = init_from_env(backend, timeout_s=task.timeout_s)
     if rank != 0:  # its runner still finishes the job: keep its file apart from rank 0's rows
-        recorder.path = recorder.path.with_name(f"results.rank{rank}.jsonl")
+        recorder.prefix = f"rows.rank{rank}"
     try:
         if world != task.ep_size:
             raise ValueError(

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
@@ -295,9 +296,9 @@ def test_a_helper_rank_writes_apart_and_leaves_the_folder_to_rank_0(
     hold(tmp_path)  # rank 0, running
     monkeypatch.setenv("RANK", "1")
     assert runner.execute(job_cfg(), tmp_path, "rank1") == "ok"
-    assert not (tmp_path / results.RESULTS).exists() and not (tmp_path / results.STATE).exists()
-    rows, problems = results.read_rows(tmp_path / "results.rank1.jsonl")
-    assert problems == [] and results.ending(rows) == "ok"
+    assert not results.has_rows(tmp_path) and not (tmp_path / results.STATE).exists()
+    table = pq.read_table(tmp_path / "rows.rank1-00000.parquet").to_pylist()
+    assert table[-1]["metric"] == "job" and table[-1]["status"] == "ok"
 
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run
