@@ -289,7 +289,9 @@ def load(sweep_dir: str | Path, problems: list[str] | None = None) -> pd.DataFra
                 warnings.warn(problem, stacklevel=2)
             else:
                 problems.append(problem)
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    # one frame of all jobs, typed as one frame of all their rows would be (a job whose
+    # values are all null leaves an object column until inferred again)
+    frame = pd.concat(frames, ignore_index=True).infer_objects() if frames else pd.DataFrame()
     for name in (*REQUIRED_COLUMNS, "unit", "step", "error", "job_dir"):  # absent: null
         if name not in frame.columns:
             frame[name] = None

@@ -186,6 +186,9 @@ def frame(tables: list[pa.Table]) -> pd.DataFrame:
     """The job's rows as one frame, stamped with its ending."""
     table = pa.concat_tables(tables, promote_options="permissive")
     out = table.to_pandas()
+    for name in table.column_names:  # no value in this job: NaN, as pandas makes of absent keys
+        if pa.types.is_null(table[name].type):
+            out[name] = float("nan")
     end = ending(tables)
     if end:
         out["status"] = end[0]

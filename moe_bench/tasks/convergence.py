@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_bench import data, schema
+from moe_bench import data, loggers, schema
 from moe_bench.config import Job, TaskConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, count_params, ffn_flops_per_token
 from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
@@ -373,6 +373,7 @@ def run(job: Job, recorder: Recorder) -> None:
     unigram = corpus.unigram_entropy("val").nats
     lm = build_model(job).train()
     total, active = model_params(lm)
+    loggers.attach(job.logger, recorder)  # live curves (logger=tensorboard|wandb), if asked
 
     def log(metric: str | schema.Metric, value: float, **columns: Any) -> None:
         recorder.log(metric, value, model_params_total=total, model_params_active=active, **columns)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_bench import components, schema
+from moe_bench import components, loggers, schema
 from moe_bench.config import Job, ModelConfig, TaskConfig
 from moe_bench.launch import init_from_env, spawn_ranks
 from moe_bench.recorder import Recorder
@@ -403,6 +403,7 @@ def run(job: Job, recorder: Recorder) -> None:
     task: ExpertParallelConfig = job.task
     spec = rank_spec(job)
     backend = collective_backend(task, job.device)
+    loggers.attach(job.logger, recorder)  # live curves (logger=tensorboard|wandb), if asked
     if task.launcher == "env":
         numbers = _from_env(spec, backend, recorder)
     else:

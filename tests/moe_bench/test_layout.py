@@ -21,6 +21,7 @@ ROOMS = ("entry", "runner", "tasks", "torch", "report", "base")  # top to bottom
 ENTRY = {"moe_bench", "moe_bench.__main__", "moe_bench.callbacks"}
 TASKS = {"moe_bench.registry", "moe_bench.launch"}
 BASE = {"moe_bench.schema", "moe_bench.identity", "moe_bench.results", "moe_bench.rows",
+        "moe_bench.query",
         "moe_bench.locks", "moe_bench.paths"}  # fmt: skip
 
 
