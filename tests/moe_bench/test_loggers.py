@@ -64,6 +64,7 @@ def test_sinks_see_rank_0_rows_as_logged_and_close_with_the_job(tmp_path: Path) 
     assert seen0.closed and seen0.rows[-1]["metric"] == "job" and seen1.rows == []
 
 
+@pytest.mark.slow  # a training job and TensorBoard's reader
 def test_a_convergence_job_writes_event_files_tensorboard_parses(compose_cfg, tmp_path) -> None:
     accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator",
@@ -86,6 +87,7 @@ def test_a_convergence_job_writes_event_files_tensorboard_parses(compose_cfg, tm
         assert drawn == [(s, pytest.approx(v, rel=1e-6)) for s, v in logged]
 
 
+@pytest.mark.slow  # a training job
 def test_wandb_logs_offline_into_the_job_folder(compose_cfg, tmp_path, monkeypatch) -> None:
     pytest.importorskip("wandb", reason="wandb is the optional extra moe-bench[wandb]")
     monkeypatch.setenv("WANDB_SILENT", "true")
