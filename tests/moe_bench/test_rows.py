@@ -179,6 +179,7 @@ def test_the_view_answers_the_readme_example_over_two_sweeps(tmp_path: Path) -> 
     assert best["jobs"].tolist() == [6, 6]  # 3 seeds of each arm in each sweep
 
 
+@pytest.mark.slow  # three sweeps of six jobs written, a figure drawn twice
 def test_history_draws_a_metric_across_three_sweeps_of_different_commits(tmp_path) -> None:
     dates = (f"2026-01-0{d} 00:00:00 UTC" for d in (1, 2, 3))
     for name, commit, shift in (("c", "c" * 40, 0.5), ("a", "a" * 40, 0.0), ("b", "b" * 40, 0.0)):
