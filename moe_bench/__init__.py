@@ -9,7 +9,7 @@ From Python (a script or a notebook), without the command line:
     import moe_bench
     cfg = moe_bench.compose("variant=switch", "task=throughput", "model=tiny")
     job = moe_bench.config.resolve(cfg)          # the typed, immutable job record
-    moe_bench.run_job(job, "out/switch")         # rows in out/switch/results.jsonl
+    moe_bench.run_job(job, "out/switch")         # rows in out/switch/rows-*.parquet
 
 See docs/contract.md (the contract) and docs/architecture.md (the house).
 """

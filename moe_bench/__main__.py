@@ -7,7 +7,8 @@ task's `cost_tflop`; `allow_cpu=true` overrides), announce it ('job i/N' in a mu
 warning when a parallel launcher times jobs at once), resolve and validate it, lock its
 directory, skip it if the directory already holds ok results of the same config (resume;
 `moe_bench.runner` says what a different config, a held lock or an unwritable folder do), run
-its task, write results.jsonl, env.json and job.json, and print one line with its key metrics.
+its task, write its rows (rows-*.parquet), env.json and job.json, and print one line with its
+key metrics.
 A job that fails writes a `failed` row with its error; in a multirun the sweep goes on, a
 single run exits with status 1 (also when refused or busy).
 Expected problems (bad values, impossible combinations, out of memory) print one line; anything

@@ -39,6 +39,7 @@ from moe_bench.components import Component
 from moe_bench.data import DataConfig
 from moe_bench.identity import SIZE_FIELDS
 from moe_bench.isocompute import ffn_flops_per_token, iso_fields
+from moe_bench.loggers import LoggerConfig
 from variants import MoEConfig
 from variants.contract.config import check_choice, check_int
 
@@ -105,6 +106,7 @@ class RunConfig:
     model: ModelConfig = MISSING
     device: DeviceConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # live curves; not identity
     dtype: str = "float32"
     seed: int = 0
     backend: str = "loop"
@@ -193,6 +195,7 @@ class Job:
     backend: str
     data: DataConfig
     columns: dict[str, Any] = field(default_factory=dict, compare=False)
+    logger: LoggerConfig = field(default_factory=LoggerConfig, compare=False)
 
     @property
     def variant(self) -> str:
@@ -328,6 +331,7 @@ def resolve(cfg: DictConfig) -> Job:
         backend=cfg.backend,
         data=data,
         columns=columns,
+        logger=to_object(cfg, "logger"),
     )
 
 

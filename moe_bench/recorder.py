@@ -1,13 +1,15 @@
 """Writing a job's records (docs/contract.md, section 5): its rows, env.json, and the run card.
 
 The torch side of `moe_bench.results` (which reads them back without torch). A `Recorder`
-collects one job's tidy rows and writes them atomically into `results.jsonl`; `finish` stamps
-every row with how the job ended and adds the closing `job` row, which carries the run card:
+collects one job's tidy rows; each `flush` appends the rows since the last one as the next
+Parquet part file (`moe_bench.rows`: rows-00000.parquet, ..., each written atomically); `finish`
+adds the closing `job` row, which says how the job ended and carries the run card:
 - `env.*`: the machine and software the job ran on (`env_card`), so that a report rebuilt from
   its saved results.csv alone still says where its numbers came from;
 - `card.*`: what the job's task asks and how its variant normalises its losses (given by the
   runner, from the task object and the layer config).
 Card columns never enter a config identity (`moe_bench.identity.CARD_PREFIXES`).
+Live loggers (`moe_bench.loggers`) sit in `sinks`: they see each row of rank 0 as it is logged.
 """
 
 from __future__ import annotations
@@ -24,19 +26,21 @@ from typing import Any
 
 import torch
 
+from moe_bench import rows as parts
 from moe_bench import schema
 from moe_bench.identity import json_value
-from moe_bench.results import ENV, RESULTS, atomic_write, git_commit, now
+from moe_bench.results import ENV, atomic_write, git_commit, now
 from moe_bench.schema import STATUSES, Metric
 
 SHORT_COMMIT = 10  # hex digits of the commit shown in the card
 
 
 class Recorder:
-    """Collects tidy rows for one job and writes them atomically into out_dir/results.jsonl.
+    """Collects tidy rows for one job and appends them to out_dir as Parquet part files.
 
     `card`: the job's `card.*` columns, written on its closing `job` row with its `env.*`;
-    `metrics`: the names its task writes (`Task.metric_names`; None: any schema metric).
+    `metrics`: the names its task writes (`Task.metric_names`; None: any schema metric);
+    `prefix`: the part files' name (`rows`; ranks > 0 of a multi-process job: `rows.rank<N>`).
     """
 
     def __init__(
@@ -46,7 +50,11 @@ class Recorder:
         card: dict[str, Any] | None = None,
         metrics: Collection[str] | None = None,
     ) -> None:
-        self.path = Path(out_dir) / RESULTS
+        self.out_dir = Path(out_dir)
+        self.prefix = parts.PREFIX
+        self.parts = 0  # part files written
+        self.written = 0  # rows in them
+        self.sinks: list[Any] = []  # live loggers: .row(row), .close()
         self.base = dict(base)
         self.card = dict(card or {})
         self.metrics = metrics
@@ -65,15 +73,22 @@ class Recorder:
         row = {**self.base, **schema.row(metric, value, **columns)}
         row.update(status="running", error=None)  # until finish() says how the job ended
         self.rows.append({k: json_value(v) for k, v in row.items()})
+        if self.prefix == parts.PREFIX:
+            for sink in self.sinks:
+                sink.row(self.rows[-1])
 
     def flush(self) -> None:
-        """Rewrite results.jsonl atomically with every row so far."""
-        text = "".join(json.dumps(row) + "\n" for row in self.rows)
-        atomic_write(self.path, text)
+        """Append the rows logged since the last flush as the next part file (atomically)."""
+        if self.written == len(self.rows):
+            return
+        parts.write_part(self.out_dir, self.parts, self.rows[self.written :], self.prefix)
+        self.parts += 1
+        self.written = len(self.rows)
 
     def finish(self, status: str = "ok", error: str | None = None) -> None:
         """Stamp every row with the job's status and error, add the `job` row (with the run
-        card), write."""
+        card), write the last part, close the live loggers. Parts already written keep status
+        `running`; the reader stamps them with the `job` row's status and error."""
         if status not in STATUSES:
             raise ValueError(f"status={status!r} is not one of {', '.join(map(repr, STATUSES))}")
         device = str(self.base.get("device", "cpu"))
@@ -81,7 +96,11 @@ class Recorder:
         self.log(schema.JOB, time.perf_counter() - self.started, **card)
         for row in self.rows:
             row.update(status=status, error=error)
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            for sink in self.sinks:
+                sink.close()
 
 
 def cpu_model() -> str:

@@ -194,7 +194,7 @@ def _run(out_dir: Path, label: str, columns: dict[str, Any], body: Body) -> str:
     started = results.now()
     # OSError here: an unwritable folder, the caller says so
     results.write_state(out_dir, "running", key, started=started)
-    (out_dir / results.RESULTS).unlink(missing_ok=True)  # never append to an old run's rows
+    results.clear_rows(out_dir)  # never append to an old run's rows
     recorder = recorder_for(out_dir, columns)
     try:
         body(recorder)
@@ -220,9 +220,9 @@ def launcher_rank() -> int:
 
 def _helper_rank(out_dir: Path, label: str, columns: dict[str, Any], body: Body, rank: int) -> str:
     """Rank > 0 of a multi-process job: rank 0 owns the folder (lock, state file, resume,
-    results.jsonl); this rank writes only its own results.rank<N>.jsonl."""
+    rows); this rank writes only its own part files rows.rank<N>-*.parquet."""
     recorder = recorder_for(out_dir, columns)
-    recorder.path = out_dir / f"results.rank{rank}.jsonl"
+    recorder.prefix = f"rows.rank{rank}"
     try:
         body(recorder)
     except Exception as e:

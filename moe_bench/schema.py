@@ -132,6 +132,14 @@ CORE_COLUMNS = (
 )  # fmt: skip
 # a row is unusable without these
 REQUIRED_COLUMNS = ("variant", "task", "metric", "value", "status")
+# the Parquet column types of the rows (moe_bench.rows writes and reads them); any other column
+# takes the type of its values in each part file (a config value has one type in a job).
+# `layer` is an integer or "mean" (§5): written as text, read back as an integer or "mean".
+COLUMN_TYPES = {
+    **dict.fromkeys(("variant", "task", "backend", "device", "dtype"), "string"),
+    **dict.fromkeys(("metric", "unit", "status", "error"), "string"),
+    "seed": "int64", "value": "double", "step": "int64", "layer": "string",
+}  # fmt: skip
 
 
 def metric(name: str | Metric) -> Metric:

@@ -37,11 +37,14 @@ if Path(sys.prefix) not in where.parents or not (where / "config.yaml").is_file(
 PY
 "$VENV/moe-bench" +experiment=quick --cfg job >/dev/null
 "$VENV/moe-bench" task=balance variant=switch model=tiny device=cpu hydra.run.dir="$WORK/run/job"
-"$VENV/python" - "$WORK/run/job/results.jsonl" <<'PY'
-import json
+"$VENV/python" - "$WORK/run/job" <<'PY'
 import sys
 
-rows = [json.loads(line) for line in open(sys.argv[1])]
+from moe_bench import results
+
+rows, problems = results.read_rows(sys.argv[1])
+if problems:
+    sys.exit(f"{sys.argv[1]}: {problems[0]}")
 jobs = [row for row in rows if row["metric"] == "job"]
 if len(jobs) != 1 or jobs[0]["status"] != "ok":
     sys.exit(f"{sys.argv[1]}: expected one ok job row, got {jobs}")

@@ -1,11 +1,12 @@
 """Load: a sweep's rows, its jobs with their states, and the run card.
 
-Reads files only: the job folders (`results.jsonl`, `job.json`, `env.json`, `.hydra/`) and
+Reads files only: the job folders (rows: `rows-*.parquet` part files, or an older sweep's
+`results.jsonl`; `job.json`, `env.json`, `.hydra/`) and
 Hydra's `multirun.yaml`, or a saved `results.csv[.gz]` alone. Every job the sweep asked for is
 counted (the basic sweeper's expansion of multirun.yaml's sweeper params and overrides, plus
 any job folder found): its state (docs/contract.md §7) is ok, failed, running, incomplete,
-unreadable (a bad results.jsonl line, named path:line) or not started. Without job folders
-(a saved table) the counts come from the rows' closing `job` rows.
+unreadable (a bad results.jsonl line, named path:line, or a bad part file) or not started.
+Without job folders (a saved table) the counts come from the rows' closing `job` rows.
 
 The run card (docs/contract.md §5): columns `env.*` (machine, versions, commit, date) and
 `card.*` (what each task asks and measures, the questions it answers, the variant's loss
@@ -49,7 +50,7 @@ def load_rows(root: Path, problems: list[str]) -> pd.DataFrame:
     """Every readable row under `root` (or its saved table). A sweep that has started
     (multirun.yaml) but where no job has written rows yet gets an empty frame; anything else
     without rows is not a sweep (results.load raises ValueError)."""
-    if (root / "multirun.yaml").is_file() and not any(root.rglob(results.RESULTS)):
+    if (root / "multirun.yaml").is_file() and not results.job_dirs(root):
         return pd.DataFrame(columns=EMPTY_COLUMNS)
     return results.load(root, problems)
 
@@ -57,7 +58,7 @@ def load_rows(root: Path, problems: list[str]) -> pd.DataFrame:
 def data_file(root: Path, gzip_csv: bool) -> str:
     """The tidy table's name beside the report: compressed when asked, or when the directory
     is a saved table (results.csv.gz and no job results), which is then left as it is."""
-    saved = (root / "results.csv.gz").is_file() and next(root.rglob(results.RESULTS), None) is None
+    saved = (root / "results.csv.gz").is_file() and not results.job_dirs(root)
     return "results.csv.gz" if gzip_csv or saved else "results.csv"
 
 
@@ -122,8 +123,8 @@ def _shown_overrides(overrides: list[str]) -> str:
 
 def _found_jobs(root: Path) -> list[str]:
     """Job folders on disk: those holding .hydra, rows or a state file."""
-    marks = (".hydra", results.RESULTS, results.STATE)
-    found = {p.parent for mark in marks for p in root.rglob(mark)}
+    marks = (".hydra", results.STATE)
+    found = {p.parent for mark in marks for p in root.rglob(mark)} | set(results.job_dirs(root))
     return [str(p.relative_to(root)) for p in found if p != root]
 
 
@@ -155,7 +156,7 @@ def job_table(root: Path, frame: pd.DataFrame, problems: list[str]) -> list[JobI
     jobs = []
     for job in sorted({*asked, *found}, key=natural):
         folder = root / job
-        own = [p for p in problems if p.startswith(f"{folder / results.RESULTS}:")]
+        own = [p for p in problems if p.startswith(f"{folder}{os.sep}")]
         state = UNREADABLE if own else results.job_state(folder) or NOT_STARTED
         overrides = asked.get(job) or _job_overrides(folder)
         jobs.append(JobInfo(job, overrides, state, _detail(folder, state, own, job in carded)))
@@ -184,9 +185,9 @@ def _job_overrides(folder: Path) -> str:
 
 
 def jobs_without_results(root: Path) -> list[str]:
-    """Hydra job directories (they hold .hydra/) with no results.jsonl."""
+    """Hydra job directories (they hold .hydra/) with no rows."""
     jobs = [p.parent for p in root.rglob(".hydra") if p.is_dir()]
-    lacking = [str(j.relative_to(root)) for j in jobs if not (j / results.RESULTS).is_file()]
+    lacking = [str(j.relative_to(root)) for j in jobs if not results.has_rows(j)]
     return sorted((j for j in lacking if j != "."), key=natural)
 
 

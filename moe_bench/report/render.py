@@ -114,7 +114,7 @@ def context(
     drawn, missing = _figures(inputs, found)
     no_results = load.jobs_without_results(root)
     if no_results:
-        why = "no results.jsonl (not run yet, still running, or killed before writing)"
+        why = "no rows (not run yet, still running, or killed before writing)"
         missing.insert(0, {"section": "Jobs " + ", ".join(no_results), "reason": why})
     for problem in problems:
         missing.insert(0, {"section": "Unreadable rows", "reason": problem})

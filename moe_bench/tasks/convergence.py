@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_bench import data, schema, upcycle
+from moe_bench import data, loggers, schema, upcycle
 from moe_bench.config import Job, TaskConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, count_params, ffn_flops_per_token
 from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
@@ -382,6 +382,7 @@ def run(job: Job, recorder: Recorder) -> None:
     if task.init_from is not None:
         upcycle.upcycle(lm, task, job.seed)
     total, active = model_params(lm)
+    loggers.attach(job.logger, recorder)  # live curves (logger=tensorboard|wandb), if asked
 
     def log(metric: str | schema.Metric, value: float, **columns: Any) -> None:
         recorder.log(metric, value, model_params_total=total, model_params_active=active, **columns)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_bench import components, schema
+from moe_bench import components, loggers, schema
 from moe_bench.config import Job, ModelConfig, TaskConfig
 from moe_bench.launch import init_from_env, spawn_ranks
 from moe_bench.recorder import Recorder
@@ -386,7 +386,7 @@ def _from_env(spec: RankSpec, backend: str, recorder: Recorder) -> dict[str, Any
     export_slurm_env()
     rank, world = init_from_env(backend, timeout_s=task.timeout_s)
     if rank != 0:  # its runner still finishes the job: keep its file apart from rank 0's rows
-        recorder.path = recorder.path.with_name(f"results.rank{rank}.jsonl")
+        recorder.prefix = f"rows.rank{rank}"
     try:
         if world != task.ep_size:
             raise ValueError(
@@ -403,6 +403,7 @@ def run(job: Job, recorder: Recorder) -> None:
     task: ExpertParallelConfig = job.task
     spec = rank_spec(job)
     backend = collective_backend(task, job.device)
+    loggers.attach(job.logger, recorder)  # live curves (logger=tensorboard|wandb), if asked
     if task.launcher == "env":
         numbers = _from_env(spec, backend, recorder)
     else:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from moe_bench import rows as part_rows
 from moe_bench import schema
 
 VARIANTS = ("dense", "switch", "gshard", "deepseek_moe", "mixtral", "expert_choice")
@@ -247,10 +248,15 @@ def frame(jobs: list[list[dict]]) -> pd.DataFrame:
 
 
 def write_sweep(
-    root: Path, jobs: list[list[dict]], overrides: list[str] | None = None, carded: bool = True
+    root: Path,
+    jobs: list[list[dict]],
+    overrides: list[str] | None = None,
+    carded: bool = True,
+    parquet: bool = False,
 ) -> Path:
     """Write a multirun directory with one job per entry of `jobs` (their `job` rows with the
-    run card unless `carded` is False: then an env.json per job, as before the card)."""
+    run card unless `carded` is False: then an env.json per job, as before the card), as
+    results.jsonl, or with `parquet` as part files of up to 50 rows (`moe_bench.rows`)."""
     root.mkdir(parents=True, exist_ok=True)
     overrides = overrides or ["variant=dense,switch", "task=throughput"]
     (root / "multirun.yaml").write_text(
@@ -265,7 +271,11 @@ def write_sweep(
             f"- variant={variant}\n- task={task}\n- seed={first['seed']}\n"
         )
         done = closed(rows, carded)
-        (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done))
+        if parquet:
+            for number, start in enumerate(range(0, len(done), 50)):
+                part_rows.write_part(job, number, done[start : start + 50])
+        else:
+            (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done))
         if carded:
             continue
         env = {

@@ -47,14 +47,14 @@ def test_multirun_goes_on_past_failures_and_resumes(tmp_path: Path) -> None:
     assert first.stderr.count("failed ") == 5
     assert "Traceback" not in first.stderr + first.stdout
     done = {
-        d: (sweep / d / results.RESULTS).stat().st_mtime_ns
+        d: (sweep / d / "rows-00000.parquet").stat().st_mtime_ns
         for d in jobs[jobs.status == "ok"].job_dir
     }
 
     second = run_cli(args, tmp_path)  # the same sweep, without the out-of-memory patch
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("skipped ") == 3
-    assert {d: (sweep / d / results.RESULTS).stat().st_mtime_ns for d in done} == done
+    assert {d: (sweep / d / "rows-00000.parquet").stat().st_mtime_ns for d in done} == done
     jobs = results.load(sweep).query("metric == 'job'")
     assert len(jobs) == 8 and (jobs.status == "ok").sum() == 4  # the OOM job now ran
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 import variants
-from moe_bench import components, registry
+from moe_bench import components, registry, results
 from moe_bench.config import resolve
 from tests.moe_bench.conftest import SWEEPS
 
@@ -160,8 +159,8 @@ def test_configs_compose_and_run_from_python_without_the_cli(tmp_path: Path) -> 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].split() == ["switch", "routed", "ok"]
-    lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert any(json.loads(line)["metric"] == "tokens_per_s" for line in lines)
+    rows, problems = results.read_rows(tmp_path)
+    assert not problems and any(row["metric"] == "tokens_per_s" for row in rows)
 
 
 def test_component_registry_says_what_each_is() -> None:

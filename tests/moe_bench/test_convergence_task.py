@@ -6,7 +6,6 @@ Tiny LMs on the embedded corpus (a couple of seconds each on one thread).
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ TINY = [
 
 def run_job(compose_cfg, tmp_path: Path, *overrides: str) -> tuple[str, list[dict]]:
     status = app.execute(compose_cfg(*TINY, *overrides), tmp_path, "test")
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    rows, _ = results.read_rows(tmp_path)
     return status, rows
 
 

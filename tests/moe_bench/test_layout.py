@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2] / "moe_bench"
 ROOMS = ("entry", "runner", "tasks", "torch", "report", "base")  # top to bottom
 ENTRY = {"moe_bench", "moe_bench.__main__", "moe_bench.callbacks"}
 TASKS = {"moe_bench.registry", "moe_bench.launch"}
-BASE = {"moe_bench.schema", "moe_bench.identity", "moe_bench.results", "moe_bench.locks",
-        "moe_bench.paths"}  # fmt: skip
+BASE = {"moe_bench.schema", "moe_bench.identity", "moe_bench.results", "moe_bench.rows",
+        "moe_bench.query",
+        "moe_bench.locks", "moe_bench.paths"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from moe_bench import locks, results, runner
+from moe_bench import rows as parts
 from moe_bench.callbacks import check_same_sweep
 from moe_bench.recorder import Recorder
 from moe_bench.report.__main__ import main as report_main
@@ -128,16 +130,16 @@ def test_sigkill_leaves_an_incomplete_job_that_resume_reruns(tmp_path: Path) -> 
 
 def test_resume_refuses_a_folder_of_another_config(job_cfg, tmp_path: Path, capsys) -> None:
     assert runner.execute(job_cfg(), tmp_path, "first") == "ok"
-    before = (tmp_path / results.RESULTS).read_bytes()
+    before = [p.read_bytes() for p in parts.part_files(tmp_path)]
     assert runner.execute(job_cfg(), tmp_path, "same") == "skipped"
     capsys.readouterr()
     assert runner.execute(job_cfg("seed=1"), tmp_path, "seed1") == "refused"
     err = capsys.readouterr().err
     assert len(lines(err)) == 1
     assert "seed: 0 -> 1" in err and "hydra.sweep.dir" in err and "overwrite=true" in err
-    assert (tmp_path / results.RESULTS).read_bytes() == before  # untouched
+    assert [p.read_bytes() for p in parts.part_files(tmp_path)] == before  # untouched
     assert runner.execute(job_cfg("seed=1", "overwrite=true"), tmp_path, "over") == "ok"
-    rows = results.read_rows(tmp_path / results.RESULTS)[0]
+    rows = results.read_rows(tmp_path)[0]
     assert {r["seed"] for r in rows} == {1} and results.read_state(tmp_path)["config"]["seed"] == 1
 
 
@@ -303,9 +305,10 @@ def test_a_helper_rank_writes_apart_and_leaves_the_folder_to_rank_0(
     hold(tmp_path)  # rank 0, running
     monkeypatch.setenv("RANK", "1")
     assert runner.execute(job_cfg(), tmp_path, "rank1") == "ok"
-    assert not (tmp_path / results.RESULTS).exists() and not (tmp_path / results.STATE).exists()
-    rows, problems = results.read_rows(tmp_path / "results.rank1.jsonl")
-    assert problems == [] and results.ending(rows) == "ok"
+    assert not results.has_rows(tmp_path) and not (tmp_path / results.STATE).exists()
+    last = sorted(tmp_path.glob("rows.rank1-*.parquet"))[-1]
+    table = pq.read_table(last).to_pylist()
+    assert table[-1]["metric"] == "job" and table[-1]["status"] == "ok"
 
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run
@@ -325,7 +328,7 @@ def test_a_second_multirun_on_a_held_sweep_folder_exits(tmp_path: Path, hold) ->
 # --- a cut line -------------------------------------------------------------------------------
 
 
-def test_a_cut_line_is_rerun_by_resume_and_named_by_the_report(
+def test_a_cut_part_is_rerun_by_resume_and_named_by_the_report(
     job_cfg, tmp_path: Path, capsys, no_figures: None
 ) -> None:
     job = tmp_path / "0"
@@ -333,18 +336,16 @@ def test_a_cut_line_is_rerun_by_resume_and_named_by_the_report(
         OmegaConf.create({"hydra": {"overrides": {"task": []}}}), tmp_path / "multirun.yaml"
     )
     assert runner.execute(job_cfg(), job, "first") == "ok"
-    path = job / results.RESULTS
-    text = path.read_text()
-    cut = text.index("\n") + 30  # line 2, cut in half
-    path.write_text(text[:cut])
-    (job / results.STATE).unlink()  # the config must then come from the readable rows
+    path = parts.part_files(job)[-1]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # cut in half (by hand: writes are atomic)
     capsys.readouterr()
     assert report_main([str(tmp_path)]) == 0
     err = capsys.readouterr().err
-    assert f"{path}:2: not JSON" in err
+    assert f"{path}: not a readable Parquet part" in err
     assert results.job_state(job) == "incomplete"
     assert runner.execute(job_cfg(), job, "resume") == "ok"  # re-run, not a crash
-    rows, problems = results.read_rows(path)
+    rows, problems = results.read_rows(job)
     assert problems == [] and rows[-1]["metric"] == "job" and rows[-1]["status"] == "ok"
 
 

@@ -9,7 +9,6 @@ paths. Tests marked `gpu` build the real dMoE (`pytest -m gpu`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 import types
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import variants
-from moe_bench import components, peers
+from moe_bench import components, peers, results
 from variants.compute.backends import loop
 from variants.compute.experts import ExpertBank
 
@@ -420,6 +419,6 @@ def test_runner_records_the_peer_as_a_failed_row_without_cuda(tmp_path) -> None:
         timeout=300,
     )
     assert "needs a CUDA device" in run.stderr
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    rows, _ = results.read_rows(tmp_path)
     assert rows and all(r["status"] == "failed" for r in rows)
     assert rows[0]["params_total"] > rows[0]["params_active"] > 0

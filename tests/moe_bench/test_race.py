@@ -49,7 +49,7 @@ def test_race_rows_per_arm(compose_cfg, tmp_path: Path) -> None:
             assert row[key] == own[key], (name, key)
     assert set(frame["task.variants"]) == {"gshard,switch,deepseek_moe"}
     assert set(frame["backend"]) == {cfg.backend}
-    line = registry.lookup("race").summary(results.read_rows(tmp_path / results.RESULTS)[0])
+    line = registry.lookup("race").summary(results.read_rows(tmp_path)[0])
     assert line.startswith("fwd_bwd vs dense: ") and line.count(" x") == 3
 
 

@@ -128,7 +128,7 @@ def test_started_sweep_without_results_lists_its_jobs(
     for job in ("0", "1"):
         (tmp_path / job / "results.jsonl").unlink()
     html = build_report(tmp_path).read_text()
-    assert "Jobs 0, 1" in html and "no results.jsonl" in html
+    assert "Jobs 0, 1" in html and "no rows (not run yet" in html
     assert figure_ids(html) == set()
 
 

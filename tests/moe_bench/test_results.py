@@ -16,7 +16,9 @@ BASE = {"variant": "switch", "task": "throughput", "seed": 0, "model.d_model": 3
 
 
 def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / results.RESULTS).read_text().splitlines()]
+    got, problems = results.read_rows(path)
+    assert problems == []
+    return got
 
 
 def test_rows_carry_base_metric_and_status(tmp_path: Path) -> None:
@@ -26,10 +28,10 @@ def test_rows_carry_base_metric_and_status(tmp_path: Path) -> None:
     rec.finish()
     got = rows(tmp_path)
     assert [r["metric"] for r in got] == ["fwd_ms", "load_entropy", "job"]
-    assert got[0] == {
-        **BASE, "metric": "fwd_ms", "value": 1.5, "unit": "ms", "step": None,
-        "pass": "fwd", "status": "ok", "error": None,
+    assert {k: v for k, v in got[0].items() if v is not None} == {
+        **BASE, "metric": "fwd_ms", "value": 1.5, "unit": "ms", "pass": "fwd", "status": "ok",
     }  # fmt: skip
+    assert got[0]["step"] is None and got[0]["error"] is None
     assert got[1]["value"] is None and got[1]["step"] == 3  # non-finite -> null
     assert got[2]["unit"] == "s" and got[2]["value"] >= 0
     assert results.completed(tmp_path)
@@ -55,7 +57,12 @@ def test_flush_is_atomic_and_leaves_no_temp_file(tmp_path: Path) -> None:
     rec.log("tflops", 2.0)
     rec.flush()
     assert [r["metric"] for r in rows(tmp_path)] == ["fwd_ms", "tflops"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [results.RESULTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rows-00000.parquet",
+        "rows-00001.parquet",
+    ]
+    rec.flush()  # nothing new: no empty part
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_load_concatenates_jobs_in_natural_order(tmp_path: Path) -> None:
@@ -78,7 +85,9 @@ def test_load_concatenates_jobs_in_natural_order(tmp_path: Path) -> None:
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a directory"):
         results.load(tmp_path / "missing")
-    with pytest.raises(ValueError, match=r"is not a sweep directory: no results\.jsonl under it"):
+    with pytest.raises(
+        ValueError, match=r"is not a sweep directory: no rows-\*\.parquet or results\.jsonl"
+    ):
         results.load(tmp_path)
 
 
@@ -87,7 +96,7 @@ def test_a_job_killed_after_a_flush_is_not_complete(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path, BASE)
     recorder.log("train_loss", 2.5, step=1)
     recorder.flush()
-    assert (tmp_path / "results.jsonl").is_file()
+    assert (tmp_path / "rows-00000.parquet").is_file()
     assert not results.completed(tmp_path)
     recorder.finish("ok")
     assert results.completed(tmp_path)
