@@ -33,8 +33,10 @@ difference is beyond the tolerance (a claim that the split matters is checked as
 Under `router_bf16` decisions near a tie may flip (sgl-project/sglang#38695): the loss is
 still judged against the bf16 tolerance, while the gradient, counts and update are judged only
 where no decision changed; where some did, their rows are `stated` (the difference and the
-share of changed decisions reported, nothing judged). A failure names the case, the split
-and the quantity.
+share of changed decisions reported, nothing judged). A variant whose training routing
+samples in passes over the whole forward (`draws_over_the_batch`, SparseMixer) draws other
+numbers for the same tokens under a split into forwards: its routing there is `stated` too. A
+failure names the case, the split and the quantity.
 
 Random routing draws (GShard's second choice, noisy gating) are made from one RNG stream: a
 split draws the same numbers for the same tokens as the reference (torch's CPU generator
@@ -301,7 +303,8 @@ def compare(case: Case, split: Split, ref: Measured, got: Measured) -> list[dict
         else:
             diff = relative_diff(got.values.get(quantity, torch.zeros(0)), ref.values[quantity])
         equal = expects_equal(case, split, quantity)
-        stated = split.router_dtype != "float32" and (
+        sampled = split.splits_tokens and case.config.draws_over_the_batch
+        stated = (split.router_dtype != "float32" or sampled) and (
             quantity == "routing" or (quantity != "aux_loss" and flipped > 0)
         )
         rows.append(

@@ -51,6 +51,12 @@ class PhimoeConfig(BalanceScopeConfig):
     jitter_eps: float = 0.01
     balance_coef: float = 0.002
 
+    @property
+    def draws_over_the_batch(self) -> bool:
+        # SparseMixer samples the first choice of every token, then every second choice (HF's
+        # order): micro-batches or ranks consume the stream in another order
+        return True
+
     def validate(self) -> None:
         super().validate()
         check_number(self, "jitter_eps", minimum=0)

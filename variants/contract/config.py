@@ -124,6 +124,16 @@ class MoEConfig:
         return False
 
     @property
+    def draws_over_the_batch(self) -> bool:
+        """Whether its training routing makes random draws in passes over the whole forward
+        (all tokens' first draws, then all tokens' second draws), so a batch split into
+        several forwards gives the same tokens other numbers and other sampled choices. A
+        variant drawing once per token in token order keeps one stream under a split and says
+        False; the invariance suite states, rather than judges, the routing of one that says
+        True under such a split."""
+        return False
+
+    @property
     def loss_scope(self) -> str:
         """Over which tokens the auxiliary losses are counted (one of `BALANCE_SCOPES`):
         `micro_batch`, the tokens of one forward, so a batch run as several forwards (micro-
