@@ -117,10 +117,10 @@ def test_sigkill_leaves_an_incomplete_job_that_resume_reruns(tmp_path: Path) -> 
     finally:
         proc.kill()
     assert results.job_state(out) == "incomplete"
-    assert {r["status"] for r in results.read_rows(out / results.RESULTS)[0]} == {"running"}
+    assert {r["status"] for r in results.read_rows(out)[0]} == {"running"}
     again = run_cli(args, tmp_path)
     assert again.returncode == 0, again.stderr
-    rows, problems = results.read_rows(out / results.RESULTS)
+    rows, problems = results.read_rows(out)
     assert problems == [] and results.job_state(out) == "ok"
     assert [r["metric"] for r in rows].count("job") == 1 and {r["status"] for r in rows} == {"ok"}
 

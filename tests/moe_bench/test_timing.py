@@ -212,7 +212,7 @@ def test_cli_refuses_a_gpu_preset_on_cpu_in_one_line(tmp_path: Path) -> None:
     done = run_cli(["model=medium", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "GPU-sized" in done.stderr
-    assert not (tmp_path / "run" / results.RESULTS).exists()
+    assert not results.has_rows(tmp_path / "run")
 
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run
