@@ -180,7 +180,7 @@ def context(
         ],
         "spec_domains": spec.attrs.get("domains", ()),
         "spec_task": spec.attrs.get("task", ""),
-        "invariance": checks.to_dict("records"),
-        "invariance_columns": list(checks.columns),
-        "invariance_tolerances": invariance.tolerances(ok),
+        "split_checks": checks.to_dict("records"),
+        "split_check_columns": list(checks.columns),
+        "split_check_tolerances": invariance.tolerances(ok),
     }
