@@ -75,6 +75,7 @@ def losses(rows: list[dict]) -> list[float]:
     return [r["value"] for r in rows if r["metric"] in ("train_loss", "aux_loss", "val_loss")]
 
 
+@pytest.mark.slow
 def test_fused_optimizer_gives_the_for_loop_losses_to_rounding(compose_cfg, tmp_path: Path) -> None:
     loop = losses(rows_of(compose_cfg, tmp_path / "a", "variant=deepseek_moe"))
     fused = losses(
@@ -84,6 +85,7 @@ def test_fused_optimizer_gives_the_for_loop_losses_to_rounding(compose_cfg, tmp_
     assert fused == pytest.approx(loop, rel=1e-5, abs=1e-7)  # sums rounded in another order
 
 
+@pytest.mark.slow
 def test_eval_capacity_false_changes_validation_only(compose_cfg, tmp_path: Path) -> None:
     cf = ("variant=switch", "variant.capacity_factor=0.5")
     capped = rows_of(compose_cfg, tmp_path / "a", *cf)
@@ -94,6 +96,7 @@ def test_eval_capacity_false_changes_validation_only(compose_cfg, tmp_path: Path
     assert val[0] != val[1]
 
 
+@pytest.mark.slow
 def test_z_loss_on_deepseek_moe_is_logged(compose_cfg, tmp_path: Path) -> None:
     rows = rows_of(compose_cfg, tmp_path, "variant=deepseek_moe", "variant.z_loss_coef=1e-3")
     assert any(r["metric"] == "aux_loss" and r.get("loss") == "z" for r in rows)
