@@ -1,14 +1,15 @@
 """Where a convergence training step spends its time, and tokens/s before and after the speed
 options, for dense and two MoEs on the claims preset's model.
 
-    python scripts/train_speed.py --rounds 5 --steps 4 --out reports/ladder/train_speed.md
+    python scripts/train_speed.py --rounds 5 --steps 3 --profile-steps 3 --compile
 
 Model: the claims preset's (model=small, 4 layers, 16 windows of 128 bytes = 2048 tokens per
 step, backend grouped, one thread), variants dense, switch dropless and deepseek_moe (m=4).
 1. Profile, timed sections of whole steps (one arm after another): data (the next batch),
    forward+backward of the attention modules, of the FFN modules (the MoE layers; dense FFNs
-   for dense; both without their pre-norms, which fall in "other"), of embedding + output head + loss, each replayed alone on the inputs the
-   step's own forward gave it (hooks), with a fixed random output gradient; the optimizer
+   for dense; both without their pre-norms, which fall in "other"), of embedding + output
+   head + loss, each replayed alone on the inputs the step's own forward gave it (hooks), with
+   a fixed random output gradient; the optimizer
    (gradient clipping, AdamW, bias update); the per-step statistics (`TrainLog.add`); "other"
    is the whole measured step minus those parts (autograd and Python between them; a negative
    value means the replayed parts cost more alone than inside the step). Shares are of the
@@ -119,7 +120,7 @@ def profile(arm: str, steps: int) -> dict[str, float]:
                 total += timed(replay(sub, x, grad, pick))
             measured[part] = total
 
-        def ends() -> None:
+        def ends(idx_BS: torch.Tensor = idx_BS, targets_BS: torch.Tensor = targets_BS) -> None:
             x_BSD = lm.tok_emb(idx_BS) + lm.pos_emb(torch.arange(idx_BS.shape[1]))
             logits = lm.head(lm.norm_out(x_BSD))
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets_BS.flatten()).backward()
@@ -134,7 +135,7 @@ def profile(arm: str, steps: int) -> dict[str, float]:
             lm.update_bias()
 
         measured["optimizer (clip, AdamW, bias)"] = timed(optimize)
-        measured["statistics (TrainLog.add)"] = timed(lambda: t.log.add(out, 1.0))
+        measured["statistics (TrainLog.add)"] = timed(lambda out=out: t.log.add(out, 1.0))
         measured["step"] = whole
         for k, v in measured.items():
             parts.setdefault(k, []).append(v)

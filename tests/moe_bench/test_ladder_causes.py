@@ -115,7 +115,7 @@ def test_bad_option_names_the_field(compose_cfg, override: str, words: str) -> N
 
 
 def test_dropless_eval_refused_for_expert_choice(compose_cfg) -> None:
-    with pytest.raises(ValueError, match="task.eval_capacity=false is not allowed"):
+    with pytest.raises(ValueError, match=r"task\.eval_capacity=false is not allowed"):
         convergence.build_model(
             job(compose_cfg, "variant=expert_choice", "task.eval_capacity=false")
         )
