@@ -400,6 +400,7 @@ def run(job: Job, recorder: Recorder) -> None:
     )
     train_log = TrainLog(log, task.log_every, task.batch_size * task.seq_len, job.layer.variable_k)
     micro = task.micro_batch_size or task.batch_size
+
     def eval_now() -> tuple[float, dict[int, torch.Tensor]]:
         with causes.dropless(lm, not task.eval_capacity):
             return evaluate(lm, val, task.batch_size, ctx, job.device)
