@@ -83,16 +83,12 @@ class ConvergenceConfig(TaskConfig):
     # gradient accumulation: each optimizer step runs batch_size / micro_batch_size forwards
     # (null: one); micro and global batches then differ (balance_scope=global_batch)
     micro_batch_size: int | None = None
-    # causes of the MoE-vs-dense gap (moe_bench/causes.py): Switch's router init scale s (Sec.
-    # 2.4, null: the router's own init) and evaluation without capacity (drops in training only)
-    router_init_scale: float | None = None
-    eval_capacity: bool = True
-    # speed (scripts/train_speed.py, reports/ladder/train_speed.md): AdamW's fused kernel (its
-    # sums round differently: losses agree with the for-loop default to ~1e-7, not bit for bit,
-    # so it is opt-in) and torch.compile of the LM's training forward (opt-in: compiling takes
-    # over a minute on CPU and MoE routing recompiles)
-    fused_optimizer: bool = False
-    compile: bool = False
+    # causes of the MoE-vs-dense gap (moe_bench/causes.py); speed options, opt-in because they
+    # round differently from the default path (scripts/train_speed.py)
+    router_init_scale: float | None = None  # Switch Sec. 2.4's s; null: the router's own init
+    eval_capacity: bool = True  # false: evaluation without capacity (drops in training only)
+    fused_optimizer: bool = False  # AdamW's fused kernel: losses agree to ~1e-7
+    compile: bool = False  # torch.compile the LM's training forward
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
