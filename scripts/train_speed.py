@@ -18,7 +18,9 @@ step, backend grouped, one thread), variants dense, switch dropless and deepseek
    so load from other processes hits all alike; the row gives the median over rounds of
    tokens/s and of the per-round ratio after/before with its quartiles. Option sets: before =
    the default path (AdamW for-loop), after = `task.fused_optimizer=true`; with `--compile`
-   also dense with `task.compile=true` (its compile time is reported, not counted).
+   also dense with `task.compile=true` (its compile time is reported, not counted). Also the
+   ladder presets' model (model=ladder, width 64, fused), as a ratio to `after`: what the
+   ladder's time estimates assume (sweeps/experiment/ladder.yaml).
 The output records the machine, the load average before and after, and the settings.
 """
 
@@ -148,7 +150,11 @@ def profile(arm: str, steps: int) -> dict[str, float]:
 
 def speed(rounds: int, steps: int, with_compile: bool) -> tuple[dict, dict[str, float]]:
     """Per (arm, option set): per-round tokens/s; and compile seconds where compiled."""
-    sets = {"before": (), "after": ("task.fused_optimizer=true",)}
+    sets = {
+        "before": (),
+        "after": ("task.fused_optimizer=true",),
+        "ladder": ("task.fused_optimizer=true", "model=ladder"),
+    }
     runs = {(arm, name): Trainer(arm, *o) for arm in ARMS for name, o in sets.items()}
     compile_s = {}
     if with_compile:
@@ -200,6 +206,17 @@ def markdown(shares: dict[str, dict[str, float]], rates: dict, compile_s: dict, 
             f"| {arm} | {statistics.median(before):.0f} | {statistics.median(after):.0f} | "
             f"{med:.3f} [{q1:.3f}, {q3:.3f}] |"
         )
+    lines += [
+        "",
+        "## The ladder's model (model=ladder, width 64; fused AdamW) against the claims model",
+        "",
+        "| arm | width 64 tok/s | width 64 / width 128, median [quartiles] over rounds |",
+        "|---|---|---|",
+    ]
+    for arm in ARMS:
+        small, after = rates[(arm, "ladder")], rates[(arm, "after")]
+        q1, med, q3 = quartiles([a / b for a, b in zip(small, after)])
+        lines.append(f"| {arm} | {statistics.median(small):.0f} | {med:.2f} [{q1:.2f}, {q3:.2f}] |")
     if compile_s:
         before = rates[("dense", "before")]
         comp = rates[("dense", "after+compile")]

@@ -64,6 +64,15 @@ def test_no_crossover_up_to_the_largest_budget() -> None:
     assert cross.text == (
         "switch dropless: no crossover up to 8.2M tokens (dense better beyond the noise there)"
     )
+    tie = ladder.ladder_rows(ladder.jobs(ladder_frame({250: -0.3, 1000: -0.005})))
+    assert ladder.crossover(tie, "switch dropless").text.startswith(
+        "switch dropless: no crossover up to 2.0M tokens (tie; the intervals allow one from ~"
+    )
+    ahead = ladder.ladder_rows(ladder.jobs(ladder_frame({250: 0.005, 1000: 0.1})))
+    assert ladder.crossover(ahead, "switch dropless").text == (
+        "switch dropless: mean d > 0 already at the smallest budget, 512k tokens (tie there): "
+        "no crossover within the ladder"
+    )
 
 
 def test_a_tie_at_the_top_is_not_a_crossover_and_one_seed_gives_none() -> None:

@@ -144,11 +144,16 @@ def crossover(rows: pd.DataFrame, arm: str) -> Crossover:
     largest, smallest = tokens[-1], tokens[0]
     estimate = _first_up(tokens, d, strict=True)
     earliest, latest = _first_up(tokens, high, strict=False), _first_up(tokens, low, strict=True)
+    verdicts = list(mine["verdict"])
     if estimate is None:
-        behind = " (dense better beyond the noise there)" if high[-1] < 0 else ""
-        text = f"{arm}: no crossover up to {short(largest)} tokens{behind}"
+        there = "dense better beyond the noise there" if high[-1] < 0 else verdicts[-1]
+        allow = "" if earliest is None else f"; the intervals allow one from ~{short(earliest)}"
+        text = f"{arm}: no crossover up to {short(largest)} tokens ({there}{allow})"
     elif estimate == smallest and d[0] > 0:
-        text = f"{arm}: ahead of dense from the smallest budget, {short(smallest)} tokens"
+        text = (
+            f"{arm}: mean d > 0 already at the smallest budget, {short(smallest)} tokens "
+            f"({verdicts[0]} there): no crossover within the ladder"
+        )
     else:
         last = "beyond the ladder" if latest is None else short(latest)
         first = "before the ladder" if earliest == smallest else short(earliest)

@@ -108,4 +108,9 @@ def page(
     lines, rows = ladder_section(jobs(ladder))
     cause_jobs, grid_jobs = (jobs(empty if f is None else f) for f in (causes, grid))
     lines += ["", *causes_section(cause_jobs, grid_jobs), "", f"Rule: {' '.join(RULE.split())}"]
+    lines.append(
+        'Here the treatment is the MoE (ladder) or the cause: "reproduced" reads "MoE better" or '
+        '"moves the gap towards MoE", "contradicted" "dense better" or "towards dense", '
+        '"inconclusive" "tie" or "within the noise".'
+    )
     return "\n".join(["# The token ladder", "", *lines]) + "\n", rows
