@@ -119,3 +119,19 @@ def test_dropless_eval_refused_for_expert_choice(compose_cfg) -> None:
         convergence.build_model(
             job(compose_cfg, "variant=expert_choice", "task.eval_capacity=false")
         )
+
+
+COMMITTED_STEP_10 = {"dense": 5.371380, "deepseek_moe": 5.422419}  # reports/claims, seed 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", sorted(COMMITTED_STEP_10))
+def test_default_path_gives_the_committed_claims_losses(compose_cfg, tmp_path: Path, arm) -> None:
+    """The claims preset's first 10 steps (inside warm-up, so the step count does not enter the
+    schedule) give the committed run's mean training loss: new options left at their defaults
+    do not change the default path."""
+    cfg = compose_cfg("+experiment=claims", f"+claims={arm}", "seed=0", "task.steps=10")
+    assert app.execute(cfg, tmp_path, "test") == "ok"
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    (loss,) = [r["value"] for r in rows if r["metric"] == "train_loss" and r["step"] == 10]
+    assert loss == pytest.approx(COMMITTED_STEP_10[arm], abs=2e-6)
