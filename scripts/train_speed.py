@@ -177,7 +177,8 @@ def markdown(shares: dict[str, dict[str, float]], rates: dict, compile_s: dict, 
     lines = [
         "# Convergence training speed on the claims preset's model",
         "",
-        f"Written by `python scripts/train_speed.py --rounds {args.rounds} --steps {args.steps}"
+        f"Written by `python scripts/train_speed.py --rounds {args.rounds} --steps {args.steps} "
+        f"--profile-steps {args.profile_steps}"
         f"{' --compile' if args.compile else ''}` on {platform.processor() or platform.machine()}"
         f", {os.cpu_count()} cores, torch {torch.__version__}, one thread per model; load "
         f"average {load_before:.2f} before, {load_after:.2f} after (shared machine: under "
@@ -225,7 +226,9 @@ def markdown(shares: dict[str, dict[str, float]], rates: dict, compile_s: dict, 
             "",
             f"dense with `task.compile=true` (and fused AdamW): {statistics.median(comp):.0f} "
             f"tok/s, {med:.3f} [{q1:.3f}, {q3:.3f}] x before; the first step (compiling) took "
-            f"{compile_s['dense']:.0f} s.",
+            f"{compile_s['dense']:.0f} s, with the on-disk compile cache that earlier runs on "
+            "this machine left (a cold cache compiles longer); the MoE arms are not compiled "
+            "here: their routing's data-dependent shapes recompile.",
         ]
     return "\n".join(lines) + "\n"
 
