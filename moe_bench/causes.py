@@ -14,10 +14,11 @@ unchanged), and applies to every MoE layer of the LM through what the layer is (
   i.e. s = 1/3; the LM's own weights keep GPT-2's std 0.02). Null keeps the router's own init.
   Drawn from a generator seeded by the job's seed, so the global random stream is untouched.
 - `eval_capacity` false: evaluation forwards run dropless (capacity_factor None) while training
-  keeps the variant's capacity, i.e. drops in training only. Switch evaluates with a capacity
-  factor (Sec. 2.2, Table 1 lists eval cf); dropless inference is what MegaBlocks-style and
-  most released MoE inference code do. Token-choice variants only: in expert choice the
-  capacity is the routing rule itself (Zhou et al. 2022), so it is refused there.
+  keeps the variant's capacity, i.e. drops in training only. Our switch applies its capacity in
+  evaluation too (variants/switch.py); the alternative routes every token at evaluation, as
+  dropless implementations do everywhere (MegaBlocks, Gale et al. 2022, arXiv:2211.15841).
+  Token-choice variants only: in expert choice the capacity is the routing rule itself (Zhou
+  et al. 2022), so it is refused there.
 The router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, Eq. 5, coefficient 1e-3) is a
 variant field (`variant.z_loss_coef`) of switch, gshard and deepseek_moe.
 """
