@@ -173,7 +173,7 @@ def test_cli_writes_the_page_and_the_figure(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize(
     ("preset", "jobs"),
-    [("ladder_0p5m", 20), ("ladder_2m", 20), ("ladder_8m", 4), ("ladder_causes", 55),
+    [("ladder", 20), ("ladder_0p5m", 20), ("ladder_2m", 20), ("ladder_8m", 4), ("ladder_causes", 55),
      ("ladder_grid", 54)],
 )  # fmt: skip
 def test_ladder_presets_compose_every_job(compose_cfg, preset: str, jobs: int) -> None:
