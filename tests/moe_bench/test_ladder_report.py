@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from moe_bench.report import ladder
 from moe_bench.report.ladder import causes as C
@@ -173,12 +174,10 @@ def test_cli_writes_the_page_and_the_figure(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize(
     ("preset", "jobs"),
-    [("ladder", 20), ("ladder_0p5m", 20), ("ladder_2m", 20), ("ladder_8m", 4), ("ladder_causes", 55),
-     ("ladder_grid", 54)],
+    [("ladder", 20), ("ladder_0p5m", 20), ("ladder_2m", 20), ("ladder_8m", 4),
+     ("ladder_causes", 55), ("ladder_grid", 54)],
 )  # fmt: skip
 def test_ladder_presets_compose_every_job(compose_cfg, preset: str, jobs: int) -> None:
-    from omegaconf import OmegaConf
-
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     count = 1
