@@ -37,12 +37,35 @@ def json_value(value: Any) -> Any:
     return value
 
 
+# fields added after results were written: (their default, the variants that gained them; None:
+# every job). At that default they stay out of the key, so folders written before them resume
+# (the default is the old behaviour); any other value is part of the key.
+ADDED_AT_DEFAULT: dict[str, tuple[Any, tuple[str, ...] | None]] = {
+    "task.router_init_scale": (None, None),
+    "task.eval_capacity": (True, None),
+    "task.fused_optimizer": (False, None),
+    "task.compile": (False, None),
+    "variant.z_loss_coef": (0.0, ("deepseek_moe",)),  # switch and gshard had it before
+}
+
+
+def _added_default(key: str, value: Any, variant: Any) -> bool:
+    if key not in ADDED_AT_DEFAULT:
+        return False
+    default, gained = ADDED_AT_DEFAULT[key]
+    return (gained is None or variant in gained) and json_value(value) == default
+
+
 def config_key(columns: dict[str, Any]) -> dict[str, Any]:
-    """The values that identify a job's results: its base columns minus derived counts."""
+    """The values that identify a job's results: its base columns minus derived counts (and
+    fields added later, at their default: `ADDED_AT_DEFAULT`)."""
+    variant = columns.get("variant")
     return {
         k: json_value(v)
         for k, v in columns.items()
-        if k not in DERIVED and not k.startswith(CARD_PREFIXES)
+        if k not in DERIVED
+        and not k.startswith(CARD_PREFIXES)
+        and not _added_default(k, v, variant)
     }
 
 
