@@ -15,6 +15,7 @@ from moe_bench.report.ladder import causes as C
 from moe_bench.report.ladder.__main__ import main as ladder_main
 from moe_bench.report.ladder.figure import draw
 from moe_bench.report.ladder.page import page
+from moe_bench.report.ladder.registry import side
 
 from . import report_fixtures as fx
 from .conftest import SWEEPS
@@ -153,7 +154,7 @@ def test_grid_pick_per_arm_and_the_schedule_cause() -> None:
                     jobs.append(job(variant, s, loss + NOISE[s] * (variant == "switch"), **cfg))
     table = ladder.jobs(fx.frame(jobs))
     assert C.pick(C.grid(table, C.DENSE)) == (1e-3, 25)
-    assert C.pick(C.grid(table, C.side("switch", 1.25))) == (2e-3, 5)
+    assert C.pick(C.grid(table, side("switch", 1.25))) == (2e-3, 5)
     ((name, mine, dense_pick, shift),) = C.tuned_shifts(table)
     assert (name, mine, dense_pick) == ("switch cf 1.25", (2e-3, 5), (1e-3, 25))
     assert shift.paired.mean == pytest.approx(0.15)

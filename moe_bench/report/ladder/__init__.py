@@ -23,24 +23,11 @@ from moe_bench import schema
 from .. import frames
 from ..claims import CONTRADICTED, INCONCLUSIVE, REPRODUCED, Paired, paired_verdict
 from ..claims.registry import Side, final_val_loss
+from .registry import ARMS, DENSE, Arm
 
 TOKENS = "tokens"
 
 
-@dataclass(frozen=True)
-class Arm:
-    """An MoE arm of the ladder, matched on the rows' variant and config columns."""
-
-    label: str
-    side: Side
-
-
-DENSE = Side("dense", {}, "dense")
-ARMS = (
-    Arm("switch dropless", Side("switch", {"variant.capacity_factor": (None,)})),
-    Arm("switch cf 1.25", Side("switch", {"variant.capacity_factor": 1.25})),
-    Arm("deepseek_moe", Side("deepseek_moe", {})),
-)
 MOE_BETTER = {REPRODUCED: "MoE better", CONTRADICTED: "dense better", INCONCLUSIVE: "tie"}
 
 
@@ -89,8 +76,8 @@ def ladder_rows(table: pd.DataFrame, arms: tuple[Arm, ...] = ARMS) -> pd.DataFra
                 {
                     "arm": arm.label,
                     TOKENS: int(tokens),
-                    "dense": np.nanmean(dense),
-                    "moe": np.nanmean(moe),
+                    "dense_loss": np.nanmean(dense),
+                    "moe_loss": np.nanmean(moe),
                     "n": p.n,
                     "d": p.mean,
                     "low": p.low,
@@ -98,8 +85,8 @@ def ladder_rows(table: pd.DataFrame, arms: tuple[Arm, ...] = ARMS) -> pd.DataFra
                     "verdict": MOE_BETTER.get(p.verdict, p.verdict),
                 }
             )
-    return pd.DataFrame(out, columns=["arm", TOKENS, "dense", "moe", "n", "d", "low", "high",
-                                      "verdict"])  # fmt: skip
+    columns = ["arm", TOKENS, "dense_loss", "moe_loss", "n", "d", "low", "high", "verdict"]
+    return pd.DataFrame(out, columns=columns)
 
 
 def _cross(x0: float, y0: float, x1: float, y1: float) -> float:
@@ -172,7 +159,7 @@ def dense_flattening(table: pd.DataFrame) -> pd.DataFrame:
     means = dense.groupby(TOKENS)["final"].agg(["mean", "count"]).sort_index()
     gain = -means["mean"].diff() / np.log2(means.index.to_series()).diff()
     return pd.DataFrame(
-        {TOKENS: means.index, "dense": means["mean"].values, "seeds": means["count"].values,
+        {TOKENS: means.index, "dense_loss": means["mean"].values, "seeds": means["count"].values,
          "gain_per_doubling": gain.values}
     )  # fmt: skip
 

@@ -34,18 +34,19 @@ def ladder_section(table: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
         "",
     ]
     body = [
-        [r["arm"], short(r[TOKENS]), str(r["n"]), f"{r['dense']:.3f}", f"{r['moe']:.3f}",
+        [r["arm"], short(r[TOKENS]), str(r["n"]), f"{r['dense_loss']:.3f}", f"{r['moe_loss']:.3f}",
          interval(r), r["verdict"]]
         for _, r in rows.iterrows()
     ]  # fmt: skip
-    lines += _table(["arm", "tokens", "seeds", "dense", "MoE", "d [95% CI]", "verdict"], body)
+    header = ["arm", "tokens", "seeds", "dense loss", "MoE loss", "d [95% CI]", "verdict"]
+    lines += _table(header, body)
     lines += ["", "### Crossover", ""]
     lines += [f"- {crossover(rows, arm).text}" for arm in dict.fromkeys(rows["arm"])]
     flat = dense_flattening(table)
     if len(flat) > 1:
         lines += ["", "### Dense's flattening (gain per doubling of tokens)", ""]
         body = [
-            [short(r[TOKENS]), str(int(r["seeds"])), f"{r['dense']:.3f}",
+            [short(r[TOKENS]), str(int(r["seeds"])), f"{r['dense_loss']:.3f}",
              "—" if math.isnan(r["gain_per_doubling"]) else f"{r['gain_per_doubling']:.3f}"]
             for _, r in flat.iterrows()
         ]  # fmt: skip
@@ -84,7 +85,7 @@ def causes_section(table: pd.DataFrame, grid: pd.DataFrame) -> list[str]:
     )  # fmt: skip
     if tuned:
         lines += ["", "### Learning rate x warm-up grid (mean final val loss)", ""]
-        for name, arm in (("dense", C.DENSE), *C.GRID_ARMS):
+        for name, arm in C.GRID_ARMS:
             cells = C.grid(grid, arm)
             if cells.empty:
                 continue
