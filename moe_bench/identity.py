@@ -26,18 +26,6 @@ DERIVED = ("params_total", "params_active", "flops_per_token", "leaks_future_tok
 SIZE_FIELDS = ("num_experts", "expert_hidden", "top_k", "d_ff")
 # prefixes of the run card's columns: describe the run, never identify its config
 CARD_PREFIXES = ("env.", "card.")
-# config fields added after results were first written, each with the value that computes what
-# the code before them computed: at that value the column is left out of the key, so folders
-# written before resume as the same config and their rows join the same arms as new ones
-ADDED_DEFAULTS: dict[str, Any] = {
-    "variant.router_grad": "topk",  # router_grad (variants/contract/router_grad.py)
-    "variant.default_moe_decay": 0.9,
-    "task.init_from": None,  # checkpoints and upcycling (moe_bench/upcycle.py)
-    "task.upcycle": "copy",
-    "task.upcycle_noise": 0.0,
-    "task.save": False,
-    "model.checkpoint": False,  # activation checkpointing (variants/contract/recompute.py)
-}
 
 
 def json_value(value: Any) -> Any:
@@ -49,20 +37,46 @@ def json_value(value: Any) -> Any:
     return value
 
 
+# config fields added after results were first written: (the value that computes what the code
+# before them computed, the variants that gained them; None: every job that has the column). At
+# that value the column is left out of the key, so folders written before resume as the same
+# config and their rows join the same arms as new ones; any other value is part of the key.
+ADDED_DEFAULTS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
+    "variant.router_grad": ("topk", None),  # variants/contract/router_grad.py
+    "variant.default_moe_decay": (0.9, None),
+    "task.init_from": (None, None),  # checkpoints and upcycling (moe_bench/upcycle.py)
+    "task.upcycle": ("copy", None),
+    "task.upcycle_noise": (0.0, None),
+    "task.save": (False, None),
+    "model.checkpoint": (False, None),  # activation checkpointing (variants/contract/recompute.py)
+    "task.router_init_scale": (None, None),  # causes and speed options (moe_bench/causes.py)
+    "task.eval_capacity": (True, None),
+    "task.fused_optimizer": (False, None),
+    "task.compile": (False, None),
+    "variant.z_loss_coef": (0.0, ("deepseek_moe",)),  # switch and gshard had it before
+}
+
+
+def at_added_default(name: str, value: Any, variant: Any = None) -> bool:
+    """Whether `name` is an added field (`ADDED_DEFAULTS`) of `variant` holding the value the
+    code before it computed."""
+    if name not in ADDED_DEFAULTS:
+        return False
+    default, gained = ADDED_DEFAULTS[name]
+    return (gained is None or variant in gained) and canonical(value) == canonical(default)
+
+
 def config_key(columns: dict[str, Any]) -> dict[str, Any]:
     """The values that identify a job's results: its base columns minus derived counts and
     minus added fields at their `ADDED_DEFAULTS` value."""
+    variant = columns.get("variant")
     return {
         k: json_value(v)
         for k, v in columns.items()
-        if k not in DERIVED and not k.startswith(CARD_PREFIXES) and not at_added_default(k, v)
+        if k not in DERIVED
+        and not k.startswith(CARD_PREFIXES)
+        and not at_added_default(k, v, variant)
     }
-
-
-def at_added_default(name: str, value: Any) -> bool:
-    """Whether `name` is an added field (`ADDED_DEFAULTS`) holding the value the code before
-    it computed."""
-    return name in ADDED_DEFAULTS and canonical(value) == canonical(ADDED_DEFAULTS[name])
 
 
 def config_hash(key: dict[str, Any]) -> str:

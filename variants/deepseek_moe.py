@@ -14,6 +14,8 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 - `balance_scope` (`variants.contract.config.BalanceScopeConfig`): micro_batch (default, the paper),
   sequence, or global_batch (Qiu et al. 2025) for the expert-level f_i; the device-level term
   stays per micro-batch.
+- Router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, Eq. 5; 1e-3 there), training only,
+  off by default (not in DeepSeekMoE): `z_loss_coef * mean_t logsumexp(u_t)^2`, as switch.
 - Qwen2-MoE options (`variants.contract.config.SharedExpertConfig`, off by default): `shared_gate`
   (sigmoid gate on the shared output), `shared_hidden` (shared width), `norm_topk_prob`
   (renormalise the K weights; the paper does not).
@@ -46,6 +48,7 @@ from .contract.routing import (
     token_order_routing,
     topk,
 )
+from .contract.routing import z_loss as router_z_loss
 
 
 @dataclass
@@ -61,6 +64,7 @@ class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig
     alpha1: float = 0.01
     alpha2: float = 0.0
     num_devices: int = 1
+    z_loss_coef: float = 0.0
 
     @property
     def loss_scope(self) -> str:
@@ -71,6 +75,7 @@ class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig
         super().validate()
         check_number(self, "alpha1", minimum=0)
         check_number(self, "alpha2", minimum=0)
+        check_number(self, "z_loss_coef", minimum=0)
         check_int(self, "num_devices", 1)
         check_divides(self, "num_devices", "num_experts")
 
@@ -107,4 +112,6 @@ class DeepSeekMoERouter(Router):
             losses["balance"] = cfg.alpha1 * balance
             if cfg.alpha2 > 0:
                 losses["device_balance"] = cfg.alpha2 * device_balance(f_E, p_E, cfg.num_devices)
+            if cfg.z_loss_coef > 0:
+                losses["z"] = cfg.z_loss_coef * router_z_loss(logits_TE)
         return routing, losses

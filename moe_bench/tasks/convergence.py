@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_bench import data, loggers, schema, upcycle
+from moe_bench import causes, data, loggers, schema, upcycle
 from moe_bench.config import Job, TaskConfig
 from moe_bench.isocompute import BACKWARD_FACTOR, count_params, ffn_flops_per_token
 from moe_bench.lm import LayerOutput, LMConfig, LMOutput, TinyLM, build_lm
@@ -88,6 +88,12 @@ class ConvergenceConfig(TaskConfig):
     upcycle: str = "copy"  # copy | granular: how routed experts are filled from its FFN
     upcycle_noise: float = 0.0  # multiplicative noise on the copied expert weights
     save: bool = False  # write the final model to <job folder>/model.pt
+    # causes of the MoE-vs-dense gap (moe_bench/causes.py); speed options, opt-in because they
+    # round differently from the default path (scripts/train_speed.py)
+    router_init_scale: float | None = None  # Switch Sec. 2.4's s; null: the router's own init
+    eval_capacity: bool = True  # false: evaluation without capacity (drops in training only)
+    fused_optimizer: bool = False  # AdamW's fused kernel: losses agree to ~1e-7
+    compile: bool = False  # torch.compile the LM's training forward
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -102,6 +108,8 @@ class ConvergenceConfig(TaskConfig):
             check_int(self, "micro_batch_size", 1)
             check_divides(self, "micro_batch_size", "batch_size")
         upcycle.check_fields(self)
+        if self.router_init_scale is not None:
+            check_number(self, "router_init_scale", positive=True)
 
 
 BETAS = (0.9, 0.95)  # DeepSeek-V3 Sec. 4.2, as GPT-3
@@ -128,8 +136,13 @@ def build_model(job: Job) -> TinyLM:
         )
     except ValueError as e:
         raise ValueError(f"convergence model (model.d_model and task.*): {e}") from None
+    if not task.eval_capacity:
+        causes.check_dropless_eval(job.layer, job.variant)
     torch.manual_seed(job.seed)
-    return build_lm(job.variant, dataclasses.asdict(job.layer), cfg).to(job.device)
+    lm = build_lm(job.variant, dataclasses.asdict(job.layer), cfg)
+    if task.router_init_scale is not None:
+        causes.init_routers(lm, task.router_init_scale, job.seed)
+    return lm.to(job.device)
 
 
 def model_params(lm: TinyLM) -> tuple[int, int]:
@@ -149,7 +162,7 @@ def make_optimizer(lm: TinyLM, task: ConvergenceConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": task.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=task.lr, betas=BETAS)
+    return torch.optim.AdamW(groups, lr=task.lr, betas=BETAS, fused=task.fused_optimizer or None)
 
 
 def lr_factor(step: int, warmup_steps: int, steps: int) -> float:
@@ -393,13 +406,19 @@ def run(job: Job, recorder: Recorder) -> None:
     )
     train_log = TrainLog(log, task.log_every, task.batch_size * task.seq_len, job.layer.variable_k)
     micro = task.micro_batch_size or task.batch_size
-    log_eval(log, 0, 0.0, *evaluate(lm, val, task.batch_size, ctx, job.device), unigram)
+
+    def eval_now() -> tuple[float, dict[int, torch.Tensor]]:
+        with causes.dropless(lm, not task.eval_capacity):
+            return evaluate(lm, val, task.batch_size, ctx, job.device)
+
+    model = torch.compile(lm) if task.compile else lm
+    log_eval(log, 0, 0.0, *eval_now(), unigram)
     for step in tqdm(range(1, task.steps + 1), desc="train", leave=False, disable=None):
         idx_BS, targets_BS, _ = (t.to(job.device) for t in next(batches))
         synchronize(job.device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out, finite = train_forward(lm, idx_BS, targets_BS, micro, ctx)
+        out, finite = train_forward(model, idx_BS, targets_BS, micro, ctx)
         if finite:
             torch.nn.utils.clip_grad_norm_(lm.parameters(), task.grad_clip)
             optimizer.step()
@@ -413,7 +432,7 @@ def run(job: Job, recorder: Recorder) -> None:
             raise FloatingPointError(divergence(step, out, stats))
         train_log.emit(step, force=step == task.steps)
         if step % task.eval_every == 0 or step == task.steps:
-            val_loss, loads = evaluate(lm, val, task.batch_size, ctx, job.device)
+            val_loss, loads = eval_now()
             log_eval(log, step, train_log.wall_s, val_loss, loads, unigram)
             recorder.flush()
     if task.save:

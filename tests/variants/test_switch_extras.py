@@ -1,6 +1,7 @@
-"""Training-only extras of switch and gshard, from their papers' formulas.
+"""Training-only extras of switch and gshard (z-loss: deepseek_moe too), from the papers.
 
-- Router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, Eq. 5) on switch and gshard.
+- Router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, Eq. 5) on switch, gshard and
+  deepseek_moe.
 - Multiplicative input jitter on switch (Fedus et al. 2021, Sec. 2.4).
 - GShard's random second choice (Lepikhin et al. 2020, Algorithm 1): kept with probability
   min(1, 2 g2 / (g1 + g2)), checked statistically with a fixed seed.
@@ -18,6 +19,8 @@ import variants
 
 from .helpers import with_logits
 
+# deepseek_moe's defaults pick 7 of 63 experts: top-2 of the 4 here
+FIELDS = {"switch": {}, "gshard": {}, "deepseek_moe": {"top_k": 2}}
 HAND_LOGITS = [[1.0, 2.0, 0.5, -1.0], [3.0, 0.0, 0.0, 1.0], [-2.0, 0.5, 0.25, 0.0]]
 
 
@@ -25,9 +28,9 @@ def z_by_hand(rows: list[list[float]]) -> float:
     return statistics.fmean(math.log(sum(math.exp(u) for u in row)) ** 2 for row in rows)
 
 
-@pytest.mark.parametrize("name", ["switch", "gshard"])
+@pytest.mark.parametrize("name", ["switch", "gshard", "deepseek_moe"])
 def test_z_loss_is_mean_squared_logsumexp(name: str) -> None:
-    layer, x = with_logits(name, torch.tensor(HAND_LOGITS), z_loss_coef=1e-3)
+    layer, x = with_logits(name, torch.tensor(HAND_LOGITS), z_loss_coef=1e-3, **FIELDS[name])
     out = layer.train()(x)
     assert out.losses["z"].item() == pytest.approx(1e-3 * z_by_hand(HAND_LOGITS), rel=1e-6)
     assert out.aux_loss.item() == pytest.approx(
@@ -36,9 +39,9 @@ def test_z_loss_is_mean_squared_logsumexp(name: str) -> None:
     assert layer.eval()(x).losses == {}
 
 
-@pytest.mark.parametrize("name", ["switch", "gshard"])
+@pytest.mark.parametrize("name", ["switch", "gshard", "deepseek_moe"])
 def test_z_loss_off_by_default(name: str) -> None:
-    layer, x = with_logits(name, torch.tensor(HAND_LOGITS))
+    layer, x = with_logits(name, torch.tensor(HAND_LOGITS), **FIELDS[name])
     assert layer.cfg.z_loss_coef == 0
     assert layer.train()(x).losses.keys() == {"balance"}
 
