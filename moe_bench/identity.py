@@ -178,8 +178,9 @@ def arm_labels(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
             parts = []
             for name, text in zip(varying, shown):
                 value = arms[m].get(name)
-                if value is None and ADDED_DEFAULTS.get(name) is not None:  # left out: default
-                    parts.append(f"{text}={_shown(canonical(ADDED_DEFAULTS[name]))}")
+                default = ADDED_DEFAULTS.get(name, (None,))[0]
+                if value is None and default is not None:  # left out: at its added default
+                    parts.append(f"{text}={_shown(canonical(default))}")
                 elif value is None:
                     parts.append(NULL_WORDS.get(text, f"{text}=none"))
                 else:
