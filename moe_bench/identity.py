@@ -26,6 +26,10 @@ DERIVED = ("params_total", "params_active", "flops_per_token", "leaks_future_tok
 SIZE_FIELDS = ("num_experts", "expert_hidden", "top_k", "d_ff")
 # prefixes of the run card's columns: describe the run, never identify its config
 CARD_PREFIXES = ("env.", "card.")
+# the convergence task's routing trace (moe_bench/trace_recorder.py) adds a file, not a
+# measurement: while it is off (task.trace_every 0) its fields stay out of the key, so folders
+# written before the fields existed keep their key
+TRACE_FIELDS = ("task.trace_every", "task.trace_layers", "task.trace_router")
 
 
 def json_value(value: Any) -> Any:
@@ -38,11 +42,13 @@ def json_value(value: Any) -> Any:
 
 
 def config_key(columns: dict[str, Any]) -> dict[str, Any]:
-    """The values that identify a job's results: its base columns minus derived counts."""
+    """The values that identify a job's results: its base columns minus derived counts (and
+    the trace fields while no trace is recorded)."""
+    off = not columns.get("task.trace_every")
     return {
         k: json_value(v)
         for k, v in columns.items()
-        if k not in DERIVED and not k.startswith(CARD_PREFIXES)
+        if k not in DERIVED and not k.startswith(CARD_PREFIXES) and not (off and k in TRACE_FIELDS)
     }
 
 

@@ -253,5 +253,5 @@ TASK = Task(
     metrics=METRICS,
     summary=summary,
     # no leaderboard question: its rows are per layout, drawn in the simulated-scale figures
-    report=Asks(order=5),
+    report=Asks(order=6),
 )
