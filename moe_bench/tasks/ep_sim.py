@@ -23,6 +23,7 @@ layers, columns `min`, `max`, `samples`, `nodes`: `sim_straggler`, `sim_devices_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -127,8 +128,7 @@ def untrained_trace(job: Job) -> Trace:
         seq_len=task.seq_len,
     )
     torch.manual_seed(job.seed)
-    layer = {k: getattr(job.layer, k) for k in job.layer.__dataclass_fields__}
-    lm = build_lm(job.variant, layer, cfg).eval()
+    lm = build_lm(job.variant, dataclasses.asdict(job.layer), cfg).eval()
     meta = {
         "variant": job.variant,
         "num_experts": job.layer.num_experts,
@@ -139,6 +139,7 @@ def untrained_trace(job: Job) -> Trace:
         "trained_steps": 0,
     }
     recorder = TraceRecorder(lm, 1, None, True, meta)
+    log.info("ep_sim router: routing %d corpus batches through the untrained LM", task.router_steps)
     corpus = data.load(job.data)
     batches = corpus.batches(
         "train", task.batch_size, task.seq_len, torch.Generator().manual_seed(job.seed)
