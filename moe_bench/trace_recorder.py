@@ -48,6 +48,7 @@ class TraceRecorder:
         self.parts: dict[str, list[np.ndarray]] = {}
         self.steps: list[int] = []
         self._inputs: dict[int, list[torch.Tensor]] = {}
+        self._weights: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
 
     @classmethod
     def for_job(cls, lm: TinyLM, job: Job) -> TraceRecorder:
@@ -75,6 +76,12 @@ class TraceRecorder:
             yield
             return
         self._inputs = {layer: [] for layer in self.layers}
+        # the weights that route this step: an optimizer step and a bias update follow
+        routers = [self.lm.blocks[layer].ffn.router for layer in self.layers]
+        self._weights = (
+            np.stack([r.weight.detach().float().cpu().numpy() for r in routers]),
+            np.stack([_bias(r) for r in routers]),
+        )
         hooks = [
             self.lm.blocks[layer].ffn.router.register_forward_hook(self._hook(layer))
             for layer in self.layers
@@ -109,10 +116,8 @@ class TraceRecorder:
         self._add(tok_domain_M=domain_B.cpu().repeat_interleave(S).numpy())
         self._add(tok_id_M=idx_BS.reshape(-1).cpu().numpy())
         if self.router:
-            routers = [self.lm.blocks[layer].ffn.router for layer in self.layers]
             x_LTD = np.stack([torch.cat(self._inputs[j]).numpy() for j in self.layers])
-            w_LED = np.stack([r.weight.detach().float().cpu().numpy() for r in routers])
-            bias_LE = np.stack([_bias(r) for r in routers])
+            w_LED, bias_LE = self._weights
             self._add(router_x_SLTD=x_LTD[None], router_w_SLED=w_LED[None])
             self._add(router_bias_SLE=bias_LE[None])
         self.steps.append(step)

@@ -156,10 +156,15 @@ def recorded_trace(tmp_path, variant: str, **fields):
     lm = build_lm(variant, layer, cfg)
     meta = {"variant": variant, "num_experts": 16, "top_k": 2, "tokens_per_step": 64}
     recorder = TraceRecorder(lm, 2, [1], True, meta)
+    opt = torch.optim.SGD(lm.parameters(), lr=1.0)  # a large step: stale weights would show
     for step in range(1, 5):
         idx_BS = torch.randint(0, 256, (4, 16))
         with recorder.capture(step):
-            out = lm(idx_BS)
+            out = lm(idx_BS, idx_BS)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        lm.update_bias()  # as the convergence task does, after the step
         recorder.record(step, out, idx_BS, torch.tensor([0, 1, 1, 0]))
     recorder.save(tmp_path)
     return load_trace(tmp_path)
