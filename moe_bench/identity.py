@@ -54,6 +54,9 @@ ADDED_DEFAULTS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "task.fused_optimizer": (False, None),
     "task.compile": (False, None),
     "variant.z_loss_coef": (0.0, ("deepseek_moe",)),  # switch and gshard had it before
+    "task.trace_every": (0, None),  # routing traces (moe_bench/trace_recorder.py)
+    "task.trace_layers": (None, None),
+    "task.trace_router": (True, None),
 }
 
 

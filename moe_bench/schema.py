@@ -95,6 +95,38 @@ INVARIANCE_DIFF = Metric(
     "max |split - one forward| / max |one forward| of a quantity (columns tolerance, expect, "
     "passed)",
 )  # fmt: skip
+# simulated expert parallelism (task=ep_sim, docs/expert_parallel.md "Simulated scale"): one
+# row per ranks x rule x placement, the mean over the replayed steps and layers (columns min,
+# max, samples)
+_SIM_KEYS = ("ranks", "rule", "placement")
+SIM_STRAGGLER = Metric(
+    "sim_straggler", "x", "min", _SIM_KEYS,
+    "max / mean token rows received per rank (columns rows_max, rows_mean, assignments_max, "
+    "assignments_mean, compute_straggler)",
+)  # fmt: skip
+SIM_DEVICES_PER_TOKEN = Metric(
+    "sim_devices_per_token", "ranks", "min", _SIM_KEYS, "mean ranks a token is sent to"
+)
+SIM_NODES_PER_TOKEN = Metric(
+    "sim_nodes_per_token", "nodes", "min", _SIM_KEYS, "mean nodes a token is sent to"
+)
+SIM_BYTES_PER_TOKEN = Metric(
+    "sim_bytes_per_token", "bytes", "min", _SIM_KEYS,
+    "off-rank bytes of dispatch + combine per token (columns: per-rank dispatch bytes, busiest "
+    "rank, sent/received x intra/inter node)",
+)  # fmt: skip
+SIM_A2A_US = Metric(
+    "sim_a2a_us", "us", "min", _SIM_KEYS,
+    "estimated dispatch + combine time, each ending with its slowest rank (columns dispatch_us, "
+    "combine_us)",
+)  # fmt: skip
+SIM_STEP_US = Metric(
+    "sim_step_us", "us", "min", _SIM_KEYS,
+    "estimated layer step on the critical path (columns compute_us, comm_us)",
+)  # fmt: skip
+SIM_SKIPPED = Metric(
+    "sim_skipped", "", None, _SIM_KEYS, "a rule that cannot route at this layout (column reason)"
+)
 # the job itself: its wall time; its status is the job's state
 JOB = Metric("job", "s", None, (), "one per job: wall seconds, the job's final status")
 
@@ -107,6 +139,8 @@ METRICS: dict[str, Metric] = {
         VAL_LOSS, VAL_PPL, JOB,
         DEVICES_PER_TOKEN, BYTES_PER_TOKEN, REMOTE_FRACTION, RANK_IMBALANCE, A2A_MS, RANK_TOKENS,
         SPEEDUP_VS_EP1, INVARIANCE_DIFF,
+        SIM_STRAGGLER, SIM_DEVICES_PER_TOKEN, SIM_NODES_PER_TOKEN, SIM_BYTES_PER_TOKEN,
+        SIM_A2A_US, SIM_STEP_US, SIM_SKIPPED,
     )
 }  # fmt: skip
 

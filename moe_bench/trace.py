@@ -13,6 +13,13 @@ batch, b * T + t), `expert_N`, `weight_N` (the combine weight the layer used).
 Token arrays (length M): `tok_step_M`, `tok_index_M`, `tok_domain_M` (data domain id),
 `tok_id_M` (the token id). `meta`: JSON with at least `num_experts`, `top_k`,
 `tokens_per_step`; writers add the variant, the layers, the steps and the domain names.
+
+Router replay arrays (optional; S recorded steps and L recorded layers in the order of meta's
+`steps` and `layers`, T tokens per step, D router input width): `router_x_SLTD` (float32, the
+router's input of every token), `router_w_SLED` (float32, the router weight used) and
+`router_bias_SLE` (float32, a selection bias, zeros for a router without one). With them a
+router's logits `x W^T` are recomputed, so another routing rule can be applied to the same
+trained router's scores (`moe_bench.epsim`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ TOKEN_DTYPES = {
     "tok_id_M": np.int32,
 }
 META_REQUIRED = ("num_experts", "top_k", "tokens_per_step")
+ROUTER_DTYPES = {
+    "router_x_SLTD": np.float32,
+    "router_w_SLED": np.float32,
+    "router_bias_SLE": np.float32,
+}
 
 
 @dataclass
@@ -81,6 +93,29 @@ class Trace:
             "id_T": id_T,
         }
 
+    @property
+    def has_router(self) -> bool:
+        return all(name in self.arrays for name in ROUTER_DTYPES)
+
+    def router_of(self, step: int, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x_TD, w_ED, bias_E) of one recorded step and layer, float32: the router replay
+        arrays of the module docstring."""
+        if not self.has_router:
+            raise ValueError(
+                f"this trace has no router replay arrays {sorted(ROUTER_DTYPES)} (record with "
+                "task.trace_router=true)"
+            )
+        steps, layers = list(self.meta["steps"]), list(self.meta["layers"])
+        if step not in steps or layer not in layers:
+            raise ValueError(f"step={step}, layer={layer}: recorded {steps} x layers {layers}")
+        s, j = steps.index(step), layers.index(layer)
+        a = self.arrays
+        return (
+            a["router_x_SLTD"][s, j].astype(np.float32),
+            a["router_w_SLED"][s, j].astype(np.float32),
+            a["router_bias_SLE"][s, j].astype(np.float32),
+        )
+
 
 def check_trace(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Raise ValueError naming the first array or meta field that breaks the format."""
@@ -107,10 +142,12 @@ def check_trace(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
 
 
 def save_trace(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Write a trace atomically (temp file, then rename): a reader never sees half a file."""
-    cast = {
-        n: np.asarray(arrays[n], dtype=d) for n, d in {**ASSIGNMENT_DTYPES, **TOKEN_DTYPES}.items()
-    }
+    """Write a trace atomically (temp file, then rename): a reader never sees half a file.
+    The router replay arrays are written when `arrays` holds them all."""
+    dtypes = {**ASSIGNMENT_DTYPES, **TOKEN_DTYPES}
+    if all(name in arrays for name in ROUTER_DTYPES):
+        dtypes.update(ROUTER_DTYPES)
+    cast = {n: np.asarray(arrays[n], dtype=d) for n, d in dtypes.items()}
     check_trace(cast, meta)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")

@@ -21,7 +21,7 @@ import pandas as pd
 from moe_bench import results
 
 from . import claims, frames, invariance, load, sections
-from .figures import FIGURES, Inputs, Missing, arm_colors, claim_figures, render
+from .figures import FIGURES, SCALE_FIGURES, Inputs, Missing, arm_colors, claim_figures, render
 from .frames import ARM
 from .leaderboards import Board, leaderboard, styled
 
@@ -66,18 +66,27 @@ def render_template(name: str, context: dict[str, Any]) -> str:
 
 def _figures(inputs: Inputs, found: list) -> tuple[list[dict], list[dict]]:
     drawn, missing = [], []
-    for spec in [*FIGURES, *claim_figures(found)]:
+    for spec in [*FIGURES, *SCALE_FIGURES, *claim_figures(found)]:
         try:
-            svg, _ = render(spec, inputs)
+            svg, data = render(spec, inputs)
             drawn.append(
-                {"key": spec.key, "title": spec.title, "caption": spec.caption, "svg": svg}
-            )
+                {"key": spec.key, "title": spec.title, "caption": spec.caption, "svg": svg,
+                 "table": plotted_table(data) if spec.table else None}
+            )  # fmt: skip
         except Missing as why:
             missing.append({"section": spec.title, "reason": str(why)})
         except Exception as err:  # one odd figure must not cost the whole report: say why
             reason = f"could not be drawn: {type(err).__name__}: {err}"
             missing.append({"section": spec.title, "reason": reason})
     return drawn, missing
+
+
+def plotted_table(data: pd.DataFrame) -> dict[str, list]:
+    """A figure's plotted values as a table: one row per panel and series, one column per x."""
+    wide = data.pivot_table(index=["panel", "series"], columns="x", values="y", aggfunc="first")
+    columns = ["panel", "series", *(f"{x:g}" for x in wide.columns)]
+    rows = [[*key, *(f"{v:.4g}" for v in values)] for key, values in wide.iterrows()]
+    return {"columns": columns, "rows": rows}
 
 
 class Stages(NamedTuple):

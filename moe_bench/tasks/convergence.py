@@ -60,6 +60,7 @@ from moe_bench.progress import Rows, find_row
 from moe_bench.recorder import Recorder
 from moe_bench.task import Answer, Asks, Task
 from moe_bench.timing import synchronize
+from moe_bench.trace_recorder import TraceRecorder
 from variants.compute.assignments import Routing, experts_per_token_stats, make_routing
 from variants.contract.config import check_divides, check_int, check_number
 
@@ -94,6 +95,10 @@ class ConvergenceConfig(TaskConfig):
     eval_capacity: bool = True  # false: evaluation without capacity (drops in training only)
     fused_optimizer: bool = False  # AdamW's fused kernel: losses agree to ~1e-7
     compile: bool = False  # torch.compile the LM's training forward
+    # routing trace of every trace_every-th step (0: none): moe_bench/trace_recorder.py
+    trace_every: int = 0
+    trace_layers: list[int] | None = None
+    trace_router: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -101,6 +106,7 @@ class ConvergenceConfig(TaskConfig):
         for name in ("n_layers", "n_heads", "moe_every"):
             check_int(self, name, 1)
         check_int(self, "warmup_steps", 0)
+        check_int(self, "trace_every", 0)
         check_number(self, "lr", positive=True)
         check_number(self, "grad_clip", positive=True)
         check_number(self, "weight_decay", minimum=0)
@@ -411,14 +417,16 @@ def run(job: Job, recorder: Recorder) -> None:
         with causes.dropless(lm, not task.eval_capacity):
             return evaluate(lm, val, task.batch_size, ctx, job.device)
 
+    tracer = TraceRecorder.for_job(lm, job)
     model = torch.compile(lm) if task.compile else lm
     log_eval(log, 0, 0.0, *eval_now(), unigram)
     for step in tqdm(range(1, task.steps + 1), desc="train", leave=False, disable=None):
-        idx_BS, targets_BS, _ = (t.to(job.device) for t in next(batches))
+        idx_BS, targets_BS, domain_B = (t.to(job.device) for t in next(batches))
         synchronize(job.device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out, finite = train_forward(model, idx_BS, targets_BS, micro, ctx)
+        with tracer.capture(step):
+            out, finite = train_forward(model, idx_BS, targets_BS, micro, ctx)
         if finite:
             torch.nn.utils.clip_grad_norm_(lm.parameters(), task.grad_clip)
             optimizer.step()
@@ -426,6 +434,7 @@ def run(job: Job, recorder: Recorder) -> None:
             lm.update_bias()
         synchronize(job.device)
         stats = train_log.add(out, time.perf_counter() - start)
+        tracer.record(step, out, idx_BS, domain_B)
         if not finite:
             train_log.emit(step, force=True)
             recorder.flush()
@@ -437,6 +446,7 @@ def run(job: Job, recorder: Recorder) -> None:
             recorder.flush()
     if task.save:
         upcycle.save_checkpoint(lm, job.variant, job.layer, task.steps, recorder.path.parent)
+    tracer.save(recorder.path.parent)
 
 
 def cost_tflop(job: Job) -> float:

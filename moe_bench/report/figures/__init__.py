@@ -13,11 +13,12 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from . import claims, parallel, speed, training
+from . import claims, ep_scale, parallel, speed, training
 from .draw import BAND_NOTE, Drawn, Inputs, Missing, arm_colors, render_svg
 
 __all__ = [
     "FIGURES",
+    "SCALE_FIGURES",
     "Drawn",
     "FigureSpec",
     "Inputs",
@@ -35,6 +36,7 @@ class FigureSpec(NamedTuple):
     title: str
     caption: str
     draw: Callable[[Inputs], Drawn]
+    table: bool = False  # the plotted values shown in a table beside the figure
 
 
 def render(spec: FigureSpec, inputs: Inputs) -> tuple[str, pd.DataFrame]:
@@ -173,6 +175,34 @@ FIGURES = (
         "95% Student's t interval (n − 1 degrees of freedom), one panel per claims section; "
         "green: reproduced, red: contradicted, grey: inconclusive.",
         claims.forest,
+    ),
+)
+
+
+# simulated expert parallelism (task=ep_sim): drawn after FIGURES, each with its table
+SCALE_FIGURES = (
+    FigureSpec(
+        "ep-scale",
+        "Simulated expert parallelism: stragglers, bytes and all-to-all time vs ranks",
+        "A routing replayed over 8 to 1024 ranks (8 a node) by task=ep_sim, one line per "
+        "routing rule (colour) and placement (line style), one column of panels per arm: the "
+        "max / mean token rows a rank receives (1 = balanced), off-rank bytes of dispatch and "
+        "combine per token, and the estimated dispatch + combine time (each exchange ends with "
+        "its slowest rank; the machine model of docs/expert_parallel.md). Each point is the "
+        "mean over the replayed steps and layers (the rows' min and max are in results.csv); "
+        "the table below gives every plotted value.",
+        ep_scale.ep_scale,
+        table=True,
+    ),
+    FigureSpec(
+        "ep-scale-split",
+        "Simulated expert parallelism: step time split into communication and compute",
+        "The estimated step of the layer on its critical path: communication (slowest "
+        "dispatch + slowest combine) and expert compute (the rank with the most assignments, "
+        "at the configured GEMM rate), one line per rule and placement, per arm; no overlap "
+        "unless task.overlap. The table below gives every plotted value.",
+        ep_scale.ep_scale_split,
+        table=True,
     ),
 )
 
