@@ -16,6 +16,7 @@ the regularised incomplete beta function (continued fraction, Numerical Recipes 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -137,10 +138,11 @@ def seeds_needed(mean: float, sd: float, limit: int = 1000) -> int | None:
         return None
     if sd == 0:
         return 2
-    for n in range(2, limit + 1):
-        if detectable(sd, n) < abs(mean):
-            return n
-    return None
+    # detectable(sd, n) falls strictly with n (t shrinks, sqrt(n) grows): the first n below
+    # |mean| by bisection, the same n a scan from 2 finds, in ~10 steps instead of up to `limit`
+    ns = range(2, limit + 1)
+    first = bisect.bisect_left(ns, True, key=lambda n: detectable(sd, n) < abs(mean))
+    return ns[first] if first < len(ns) else None
 
 
 class Estimate(NamedTuple):

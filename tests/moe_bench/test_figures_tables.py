@@ -455,7 +455,6 @@ def spoil_one(fig: plt.Figure) -> None:
 
 
 @pytest.mark.parametrize("key", KINDS)
-@pytest.mark.xdist_group("figure_sources")  # one worker builds the module fixture once
 def test_figure_plots_its_sources_values(key: str, found: Stages) -> None:
     if key in UNCHECKED:
         pytest.fail(f"{key} unchecked: {UNCHECKED[key]}")  # listed, never silently skipped
@@ -463,7 +462,6 @@ def test_figure_plots_its_sources_values(key: str, found: Stages) -> None:
 
 
 @pytest.mark.parametrize("key", [k for k in KINDS if k not in UNCHECKED])
-@pytest.mark.xdist_group("figure_sources")  # one worker builds the module fixture once
 def test_a_mismatch_is_caught(key: str, found: Stages) -> None:
     """The checks bite: one plotted value off by 1e-6 relative fails its kind's check."""
     with pytest.raises(AssertionError):

@@ -51,7 +51,6 @@ def figure_ids(html: str) -> set[str]:
     return set(re.findall(r'<figure id="([^"]+)"', html))
 
 
-@pytest.mark.xdist_group("full_report")  # one worker builds the module fixture once
 def test_full_sweep_draws_every_figure(full_report: Path) -> None:
     html = full_report.read_text()
     # switch without a capacity factor against dense covers claim 1c: its own figure
@@ -62,7 +61,6 @@ def test_full_sweep_draws_every_figure(full_report: Path) -> None:
         assert f"<h3>{task}</h3>" in html
 
 
-@pytest.mark.xdist_group("full_report")  # one worker builds the module fixture once
 def test_results_csv_holds_every_row(full_report: Path) -> None:
     rows = sum(len(fx.closed(job)) for job in full_jobs())
     table = pd.read_csv(full_report.parent / "results.csv")
@@ -70,7 +68,6 @@ def test_results_csv_holds_every_row(full_report: Path) -> None:
     assert {"variant", "metric", "value", "status", "job_dir"} <= set(table.columns)
 
 
-@pytest.mark.xdist_group("full_report")  # one worker builds the module fixture once
 def test_report_is_self_contained(full_report: Path) -> None:
     html = full_report.read_text()
     assert not re.search(r"<(link|script|iframe|img)\b", html)
@@ -273,7 +270,6 @@ def assert_opens_cleanly(report: Path, profile: Path) -> None:
 
 
 @pytest.mark.slow  # a browser process per page: the slow run
-@pytest.mark.xdist_group("full_report")  # one worker builds the module fixture once
 def test_report_opens_in_headless_chromium(full_report: Path, tmp_path: Path) -> None:
     assert_opens_cleanly(full_report, tmp_path / "profile")
 
@@ -413,7 +409,6 @@ def test_notes_only_for_variants_present(tmp_path: Path, no_figures: None) -> No
     assert str(markupsafe.escape(fx.VARIANT_NOTES["gshard"])) not in notes
 
 
-@pytest.mark.xdist_group("full_report")  # one worker builds the module fixture once
 def test_summary_what_ran_and_sections_come_first(full_report: Path) -> None:
     html = full_report.read_text()
     order = [html.index(f'<section id="{s}">') for s in ("findings", "what-ran", "run")]
