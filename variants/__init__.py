@@ -23,9 +23,12 @@ from .contract.routing import Router
 from .deepseek_moe import DeepSeekMoEConfig, DeepSeekMoERouter
 from .deepseek_v2 import DeepSeekV2Config, DeepSeekV2Router
 from .deepseek_v3 import DeepSeekV3Config, DeepSeekV3Router
+from .deepseek_v4 import DeepSeekV4Config
 from .dense import DenseConfig, DenseFFN
 from .expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
 from .gshard import GShardConfig, GShardRouter
+from .hash_routing import HashConfig, HashRouter
+from .longcat_flash import LongcatFlashConfig, LongcatFlashLayer
 from .mixtral import MixtralConfig, MixtralRouter
 from .moe_plus_plus import MoEPlusPlusConfig, MoEPlusPlusLayer
 from .noisy_topk import NoisyTopKConfig, NoisyTopKRouter
@@ -56,6 +59,9 @@ REGISTRY: dict[str, Variant] = {
     "moe_plus_plus": Variant(MoEPlusPlusConfig, MoEPlusPlusLayer),
     "sinkhorn": Variant(SinkhornConfig, routed(SinkhornRouter)),
     "xmoe": Variant(XMoEConfig, routed(XMoERouter)),
+    "longcat_flash": Variant(LongcatFlashConfig, LongcatFlashLayer),
+    "hash": Variant(HashConfig, routed(HashRouter)),
+    "deepseek_v4": Variant(DeepSeekV4Config, routed(DeepSeekV3Router)),
 }
 
 
@@ -81,6 +87,14 @@ def build(name: str, **fields: Any) -> nn.Module:
     return variant.make(variant.config.from_fields(name, fields))
 
 
+def build_config(cfg: MoEConfig) -> nn.Module:
+    """The layer of a validated config (e.g. `cfg.at_depth(i)`), by the variant it belongs to."""
+    for variant in REGISTRY.values():
+        if type(cfg) is variant.config:
+            return variant.make(cfg)
+    raise ValueError(f"config {type(cfg).__name__} belongs to no registered variant")
+
+
 __all__ = [
     "REGISTRY",
     "ExpertBank",
@@ -91,6 +105,7 @@ __all__ = [
     "Routing",
     "Variant",
     "build",
+    "build_config",
     "experts_per_token",
     "experts_per_token_stats",
     "lookup",

@@ -268,11 +268,14 @@ class ExpertParallel(nn.Module):
         self.backend = get_backend(self.plan.backend)
         self.stats: EPStats | None = None
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """`token_ids` (x's shape without D): this rank's tokens' ids, passed to the router as
+        the layer does (hash routing reads them; other routers ignore them)."""
         dev = x.device
         t0 = _now(dev)
         x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
-        routing, losses = self.router(x_TD, num_seqs)  # the layer's own routing, local tokens
+        # the layer's own routing of this rank's tokens
+        routing, losses = self.router(x_TD, num_seqs, token_ids)
 
         t1 = _now(dev)
         out = _outgoing(routing, x_TD.shape[0], self.plan)
