@@ -130,7 +130,7 @@ LAYER_CASES = [
     (
         "longcat_flash",
         {"num_experts": 4, "top_k": 3, "num_identity_experts": 2, "routed_scaling_factor": 1.0},
-    ),  # fmt: skip
+    ),
 ]
 
 

@@ -175,8 +175,14 @@ def test_glm4_moe_and_dots1_match_hf(module, names, extra, ours) -> None:
         *expert_pairs(layer.experts, block.experts),
         *shared_pairs(layer.shared, block.shared_experts),
     ]
-    check_both_ways(layer, block, pairs, our_run(layer), hf_run(block, block.gate),
-                    [p for p in block.parameters()])  # fmt: skip
+    check_both_ways(
+        layer,
+        block,
+        pairs,
+        our_run(layer),
+        hf_run(block, block.gate),
+        [p for p in block.parameters()],
+    )
 
 
 def test_minimax_m2_matches_hf() -> None:
@@ -194,8 +200,9 @@ def test_minimax_m2_matches_hf() -> None:
     def gate(x):
         return block.gate(x, block.e_score_correction_bias)
 
-    check_both_ways(layer, block, pairs, our_run(layer), hf_run(block, gate),
-                    list(block.parameters()))  # fmt: skip
+    check_both_ways(
+        layer, block, pairs, our_run(layer), hf_run(block, gate), list(block.parameters())
+    )
 
 
 def test_ernie4_5_moe_matches_hf() -> None:
@@ -250,8 +257,14 @@ def test_longcat_flash_matches_hf() -> None:
         seen_identity.append(bool((expert_A >= E).any()))
         return y, [sorted(row) for row in expert_A.view(-1, K3).tolist()]
 
-    check_both_ways(layer, block, pairs, run_ours, hf_run(block, block.router),
-                    list(block.parameters()) + [block.router.e_score_correction_bias])  # fmt: skip
+    check_both_ways(
+        layer,
+        block,
+        pairs,
+        run_ours,
+        hf_run(block, block.router),
+        [*block.parameters(), block.router.e_score_correction_bias],
+    )
     assert all(seen_identity)  # the identity experts were chosen, so their path is checked
 
 
@@ -302,8 +315,15 @@ def test_deepseek_v4_learned_layer_matches_hf() -> None:
         *v4_pairs(layer, block),
         (layer.router.expert_bias, block.gate.e_score_correction_bias, lambda t: t),
     ]
-    check_both_ways(layer, block, pairs, our_run(layer), hf_run(block, block.gate),
-                    list(block.parameters()), inside_swiglu_limit(block, cfg.swiglu_limit))  # fmt: skip
+    check_both_ways(
+        layer,
+        block,
+        pairs,
+        our_run(layer),
+        hf_run(block, block.gate),
+        list(block.parameters()),
+        inside_swiglu_limit(block, cfg.swiglu_limit),
+    )
 
 
 def test_deepseek_v4_hash_layer_matches_hf() -> None:
