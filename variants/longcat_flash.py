@@ -1,6 +1,6 @@
 """longcat_flash: softmax routing over FFN and identity experts with a selection bias, scaled.
 
-LongCat-Flash (Meituan LongCat Team 2025, arXiv:2509.01322, Sec. 2.1), as HF transformers
+LongCat-Flash (Meituan LongCat Team 2025, "LongCat-Flash Technical Report"), as HF transformers
 implements it (`LongcatFlashTopkRouter`, `LongcatFlashMoE`); where the two differ this follows
 the HF code, which is what the released weights run.
 
@@ -18,8 +18,8 @@ P = E + Z experts in the pool, K experts per token (from the pool), A assignment
   the K. An identity expert adds p_i * scale * x.
 - Bias update: the HF code has no training rule for b; here DeepSeek-V3's sign rule
   (arXiv:2408.15664 Algorithm 1) over the pool's training load, once per optimizer step:
-  b_i += bias_update_rate * sign(mean_load - load_i). Departure: the report's own controller
-  of b and its device-level balance loss are not modelled; this layer returns no losses.
+  b_i += bias_update_rate * sign(mean_load - load_i). Departure: the model's own training-time
+  balancing (not in the HF code) is not modelled; this layer returns no losses.
 - Dropless; a token passes through 0..K FFN experts (`variable_k`).
 
 Defaults (HF `LongcatFlashConfig`): 512 FFN experts, 256 identity experts, top-12, scale 6.
