@@ -9,11 +9,11 @@ Shape legend: T tokens, D model width, E routed experts, K experts per token, V 
   routing cannot collapse and needs no balance loss; its load follows the ids' frequencies.
 - The table: each id gets K distinct experts drawn uniformly at random (a random permutation
   of the E experts per id, its first K) from a generator seeded with `hash_seed`, so every
-  replica builds the same table. K = 1 is Roller et al.'s "Random Hash" (Sec. 4: a fixed
-  random assignment of each vocabulary id to one expert, their main Hash Layer). Roller et
-  al.'s frequency-balanced, bigram and clustered hashes are not built. DeepSeek-V4 loads its
-  table from the checkpoint (HF initialises it to zeros): how it was built is not in the HF
-  code, so a random table stands in for it.
+  replica builds the same table. K = 1 is Roller et al.'s random hash (a fixed random
+  assignment of each vocabulary id to one expert; with their balanced hash, the one the paper
+  finds works best). Their balanced, bigram and clustered hashes are not built. DeepSeek-V4
+  loads its table from the checkpoint (HF initialises it to zeros): how it was built is not in
+  the HF code, so a random table stands in for it.
 - Weight (DeepSeek-V4, HF `DeepseekV4HashRouter`): s = score(x W^T) (`score`, as deepseek_v3:
   sigmoid, softmax or sqrtsoftplus), w = s_sel / sum of the K selected s (`norm_topk_prob`)
   times `routed_scaling_factor`. With K = 1 and normalisation the weight is exactly the scale:
