@@ -238,6 +238,12 @@ class ExpertParallel(nn.Module):
                 f"layer={type(layer).__name__} must be a routed MoELayer (variants.build of a "
                 "token-choice variant): it has no routed experts to shard"
             )
+        if type(layer).forward is not MoELayer.forward:
+            raise ValueError(
+                f"layer={type(layer).__name__} adds more than its routed and shared experts "
+                "(zero-computation experts: moe_plus_plus, longcat_flash); expert parallelism "
+                "shards layers whose output is the router's routing plus shared experts only"
+            )
         if not layer.cfg.token_choice:
             raise ValueError(
                 f"layer config {type(layer.cfg).__name__} is not token-choice: its experts "
