@@ -26,6 +26,10 @@ DERIVED = ("params_total", "params_active", "flops_per_token", "leaks_future_tok
 SIZE_FIELDS = ("num_experts", "expert_hidden", "top_k", "d_ff")
 # prefixes of the run card's columns: describe the run, never identify its config
 CARD_PREFIXES = ("env.", "card.")
+# config columns added after results were written, with the value every older job ran with:
+# left out of the key at that value, so a folder written before resumes as the same config
+# (deepseek_v3's `score`, added with the released models' routings: older jobs were sigmoid)
+ADDED_AT_DEFAULT = {"variant.score": "sigmoid"}
 
 
 def json_value(value: Any) -> Any:
@@ -38,11 +42,14 @@ def json_value(value: Any) -> Any:
 
 
 def config_key(columns: dict[str, Any]) -> dict[str, Any]:
-    """The values that identify a job's results: its base columns minus derived counts."""
+    """The values that identify a job's results: its base columns minus derived counts (and
+    minus columns added later while they hold the value older jobs ran with)."""
     return {
         k: json_value(v)
         for k, v in columns.items()
-        if k not in DERIVED and not k.startswith(CARD_PREFIXES)
+        if k not in DERIVED
+        and not k.startswith(CARD_PREFIXES)
+        and not (k in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[k])
     }
 
 
