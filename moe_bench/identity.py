@@ -57,6 +57,7 @@ ADDED_DEFAULTS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "task.trace_every": (0, None),  # routing traces (moe_bench/trace_recorder.py)
     "task.trace_layers": (None, None),
     "task.trace_router": (True, None),
+    "variant.score": ("sigmoid", ("deepseek_v3",)),  # released models' scores (deepseek_v3.py)
 }
 
 

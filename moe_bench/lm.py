@@ -10,6 +10,9 @@ embedding. Departures from GPT-2, chosen to match the MoE models being compared:
   DeepSeek-V2/V3; no bias in any linear layer.
 - The FFN of each block is whatever `ffn_factory(layer_idx)` returns: a `variants` layer whose
   output is a `MoEOutput`; blocks take `out.y` and keep the losses and routing of MoE layers.
+  Every FFN gets the input ids (`token_ids=`, [B, S]): hash routing reads them, others ignore.
+- Per-depth variants: the i-th MoE block gets the variant config's `at_depth(i)` (the same
+  config for most variants; DeepSeek-V4's first `hash_layers` MoE blocks route by token id).
 
 Which blocks are MoE: with `moe_every = n`, block i is MoE when `(i + 1) % n == 0`, so n = 2
 gives the "every other layer" placement of GShard (Lepikhin et al. 2020, Sec. 2.1) and Switch
@@ -119,11 +122,14 @@ class Block(nn.Module):
         self.checkpoint = cfg.checkpoint
 
     def forward(
-        self, x_BSD: torch.Tensor, gate_residual: torch.Tensor | None = None
+        self,
+        x_BSD: torch.Tensor,
+        gate_residual: torch.Tensor | None = None,
+        token_ids_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput]:
         x_BSD = x_BSD + self.drop(self.attn(self.norm_attn(x_BSD)))
         # [B, S, D] in: the layer counts B sequences (DeepSeek-V3's loss is per sequence)
-        kwargs = {}
+        kwargs: dict = {"token_ids": token_ids_BS}
         if self.ffn.cfg.takes_gate_residual:  # MoE++: the previous MoE layer's gate logits
             kwargs["gate_residual"] = gate_residual
         if self.checkpoint and self.training:
@@ -168,7 +174,7 @@ class TinyLM(nn.Module):
         layers, aux = [], torch.zeros((), device=idx_BS.device)
         gate_logits = None  # chained from MoE layer to MoE layer where a layer takes them
         for i, block in enumerate(self.blocks):
-            x_BSD, out = block(x_BSD, gate_logits)
+            x_BSD, out = block(x_BSD, gate_logits, idx_BS)
             if self.cfg.is_moe(i):
                 layers.append(LayerOutput(i, out.losses, out.routing))
                 aux = aux + out.aux_loss
@@ -198,10 +204,12 @@ def build_lm(variant: str, fields: dict[str, Any], cfg: LMConfig) -> TinyLM:
         )
     fields = {**fields, "d_model": cfg.d_model}
     dense_fields = dense_reference(variants.make_config(variant, **fields))
+    moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers())}
 
     def ffn_factory(layer_idx: int) -> nn.Module:
-        if cfg.is_moe(layer_idx):
-            return variants.build(variant, **fields)
+        if cfg.is_moe(layer_idx):  # a fresh config per layer, as at depth moe_index
+            layer_cfg = variants.make_config(variant, **fields).at_depth(moe_index[layer_idx])
+            return variants.build_config(layer_cfg)
         return variants.build("dense", **dense_fields)
 
     return TinyLM(cfg, ffn_factory)

@@ -117,7 +117,8 @@ class MegablocksDMoE(nn.Module):
         self.cfg, self.moe, self.args = cfg, moe, args
         self.lbl = lbl  # megablocks.layers.moe: where dMoE leaves its load-balancing inputs
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """`token_ids` is accepted and ignored (dMoE's router does not read ids)."""
         flatten_tokens(x, self.cfg.d_model)  # the same input checks as every variant
         # dMoE appends (tokens_per_expert, scores) to a module-level list in megablocks
         # (layers/moe.py, _LOAD_BALANCING_LOSS) in training, for the trainer to reduce over

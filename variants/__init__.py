@@ -23,11 +23,14 @@ from .contract.routing import Router
 from .deepseek_moe import DeepSeekMoEConfig, DeepSeekMoERouter
 from .deepseek_v2 import DeepSeekV2Config, DeepSeekV2Router
 from .deepseek_v3 import DeepSeekV3Config, DeepSeekV3Router
+from .deepseek_v4 import DeepSeekV4Config
 from .dense import DenseConfig, DenseFFN
 from .expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
 from .gpt_oss import GptOssConfig, GptOssRouter
 from .gshard import GShardConfig, GShardRouter
+from .hash_routing import HashConfig, HashRouter
 from .llama4 import Llama4Config, Llama4Router
+from .longcat_flash import LongcatFlashConfig, LongcatFlashLayer
 from .mixtral import MixtralConfig, MixtralRouter
 from .moe_plus_plus import MoEPlusPlusConfig, MoEPlusPlusLayer
 from .noisy_topk import NoisyTopKConfig, NoisyTopKRouter
@@ -69,6 +72,9 @@ REGISTRY: dict[str, Variant] = {
     "phimoe": Variant(PhimoeConfig, routed(PhimoeRouter)),
     "gpt_oss": Variant(GptOssConfig, routed(GptOssRouter)),
     "llama4": Variant(Llama4Config, routed(Llama4Router)),
+    "longcat_flash": Variant(LongcatFlashConfig, LongcatFlashLayer),
+    "hash": Variant(HashConfig, routed(HashRouter)),
+    "deepseek_v4": Variant(DeepSeekV4Config, routed(DeepSeekV3Router)),
 }
 
 
@@ -94,6 +100,14 @@ def build(name: str, **fields: Any) -> nn.Module:
     return variant.make(variant.config.from_fields(name, fields))
 
 
+def build_config(cfg: MoEConfig) -> nn.Module:
+    """The layer of a validated config (e.g. `cfg.at_depth(i)`), by the variant it belongs to."""
+    for variant in REGISTRY.values():
+        if type(cfg) is variant.config:
+            return variant.make(cfg)
+    raise ValueError(f"config {type(cfg).__name__} belongs to no registered variant")
+
+
 __all__ = [
     "REGISTRY",
     "ExpertBank",
@@ -104,6 +118,7 @@ __all__ = [
     "Routing",
     "Variant",
     "build",
+    "build_config",
     "experts_per_token",
     "experts_per_token_stats",
     "lookup",

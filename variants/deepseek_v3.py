@@ -6,12 +6,16 @@ DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437, Sec. 2.1.2) and the loss-free b
 Shape legend: T tokens, E routed experts, K routed per token, G groups, B sequences,
 S sequence length, A assignments.
 
-- Affinity (Eq. 15): s = sigmoid(x W^T).
+- Affinity (Eq. 15): s = sigmoid(x W^T). `score` picks another affinity of the released
+  models that route the V3 way (`variants.contract.routing.SCORES`): `softmax` over the E
+  experts (LongCat-Flash, ERNIE-4.5: HF `LongcatFlashTopkRouter`, `Ernie4_5_MoeTopKRouter`) or
+  `sqrtsoftplus`, sqrt(softplus(u)) (DeepSeek-V4: HF `DeepseekV4TopKRouter`).
 - Selection (Eq. 16): top-K of `s + b`, b = `router.expert_bias`. The bias only selects:
   it never enters the combine weight nor the losses.
 - Node-limited routing (Sec. 2.1.2 "node-limited routing"): with `num_groups > 1` the experts
   form contiguous groups; a group's score is the sum of its K/topk_groups highest biased
-  scores; only the `topk_groups` best groups are eligible.
+  scores; only the `topk_groups` best groups are eligible. (HF's DeepSeek-V3 and GLM-4.5
+  code sums a group's 2 best, which is K/topk_groups at V3's 8/4; they differ elsewhere.)
 - Weight (Eq. 13, 17): s_i / sum of the selected s, times `routed_scaling_factor`.
 - Dropless.
 - Bias update (loss-free paper Alg. 1; V3 Sec. 2.1.2): once per optimizer step,
@@ -41,12 +45,14 @@ from .contract.config import (
     BalanceScopeConfig,
     RouterGradConfig,
     SharedExpertConfig,
+    check_choice,
     check_divides,
     check_int,
     check_le,
     check_number,
 )
 from .contract.routing import (
+    SCORES,
     Router,
     flatten_topk,
     group_limited_mask,
@@ -74,9 +80,11 @@ class DeepSeekV3Config(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig)
     bias_update_rate: float = 1e-3
     balance_scope: str = "sequence"  # Eq. 17-20: the complementary loss is sequence-wise
     norm_topk_prob: bool = True  # Eq. 13: V3 normalises the selected sigmoid scores
+    score: str = "sigmoid"  # Eq. 15; softmax or sqrtsoftplus for the models routing V3's way
 
     def validate(self) -> None:
         super().validate()
+        check_choice(self, "score", tuple(SCORES))
         check_int(self, "num_groups", 1)
         check_divides(self, "num_groups", "num_experts")
         check_int(self, "topk_groups", 1)
@@ -112,7 +120,7 @@ class DeepSeekV3Router(Router):
         return self
 
     def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits_TE)
+        return SCORES[self.cfg.score](logits_TE)
 
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
         cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.top_k

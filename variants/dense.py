@@ -42,7 +42,8 @@ class DenseFFN(nn.Module):
         self.cfg = cfg
         self.experts = ExpertBank(1, cfg.d_model, cfg.d_ff, cfg.activation)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """`token_ids` is accepted and ignored (docs/contract.md §2)."""
         x_TD, _ = flatten_tokens(x, self.cfg.d_model)
         check_input_dtype(x_TD, self.experts.w1)
         T, dev = x_TD.shape[0], x_TD.device

@@ -144,15 +144,22 @@ def heterogeneous_balance(
 class MoEPlusPlusLayer(MoELayer):
     """MoELayer whose pool adds zero, copy and constant experts; `forward(x, gate_residual)`."""
 
-    def __init__(self, cfg: MoEPlusPlusConfig) -> None:
-        super().__init__(cfg, MoEPlusPlusRouter(cfg))
+    def __init__(self, cfg: MoEPlusPlusConfig, router: MoEPlusPlusRouter | None = None) -> None:
+        # `router`: a subclass for pools routed another way (LongCat-Flash's biased selection)
+        super().__init__(cfg, router if router is not None else MoEPlusPlusRouter(cfg))
         C, D = cfg.num_constant_experts, cfg.d_model
         self.const_gate = nn.Parameter(torch.empty(C, 2, D))
         for c in range(C):
             nn.init.kaiming_uniform_(self.const_gate[c], a=5**0.5)  # nn.Linear(D, 2)
         self.const_vec = nn.Parameter(torch.randn(C, D))
 
-    def forward(self, x: torch.Tensor, gate_residual: torch.Tensor | None = None) -> MoEOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        gate_residual: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+    ) -> MoEOutput:
+        """`token_ids` is accepted and ignored (docs/contract.md §2)."""
         cfg = self.cfg
         x_TD, num_seqs = flatten_tokens(x, cfg.d_model)
         check_input_dtype(x_TD, self.experts.w1)

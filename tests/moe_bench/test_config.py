@@ -20,18 +20,40 @@ PRESETS = sorted(p.stem for p in (SWEEPS / "experiment").glob("*.yaml"))
 YAML_TASKS = sorted(p.stem for p in (SWEEPS / "task").glob("*.yaml"))
 
 
+ROUTED_SIZES = ("num_experts", "expert_hidden", "top_k")
+VARIANT_FILES = sorted(p.stem for p in (SWEEPS / "variant").glob("*.yaml"))
+
+
+def pinned_sizes(preset: str) -> dict[str, int] | None:
+    """A released model's preset sizes itself (its E, K and H kept in the model's ratios):
+    the sizes it sets, or None where they are derived at equal active FLOPs."""
+    node = OmegaConf.load(SWEEPS / "variant" / f"{preset}.yaml")
+    sizes = {k: node[k] for k in ROUTED_SIZES if node.get(k) is not None}
+    return sizes if len(sizes) == len(ROUTED_SIZES) else None
+
+
 def test_every_registered_variant_has_a_config_file_and_back() -> None:
-    files = sorted(p.stem for p in (SWEEPS / "variant").glob("*.yaml"))
-    assert files == sorted(components.names())
+    """Each registered component has its file; the other files are presets of one of them
+    (a released model's settings of a variant, e.g. glm4_moe of deepseek_v3)."""
+    assert set(components.names()) <= set(VARIANT_FILES)
+    for preset in sorted(set(VARIANT_FILES) - set(components.names())):
+        name = OmegaConf.load(SWEEPS / "variant" / f"{preset}.yaml").name
+        assert name in components.names(), preset
+        assert pinned_sizes(preset), f"{preset}: a model preset gives its sizes"
     assert sorted(registry.names()) == YAML_TASKS
 
 
 @pytest.mark.parametrize("model", ["tiny", "small", "medium", "large"])
-@pytest.mark.parametrize("variant", components.names())
+@pytest.mark.parametrize("variant", VARIANT_FILES)
 def test_variant_resolves_at_equal_active_flops(compose_cfg, variant: str, model: str) -> None:
     run = resolve(compose_cfg(f"variant={variant}", f"model={model}", "device=cpu"))
     cfg, m = run.layer, run.model
-    assert run.variant == variant and cfg.d_model == m.d_model
+    assert cfg.d_model == m.d_model
+    pinned = pinned_sizes(variant)
+    if pinned is not None:  # a released model's preset: its own sizes, not iso-compute
+        assert {k: getattr(cfg, k) for k in pinned} == pinned
+        return
+    assert run.variant == variant
     active = getattr(cfg, "d_ff", None) if variant == "dense" else None
     if active is None:
         active = (cfg.top_k + cfg.num_shared_experts) * cfg.expert_hidden

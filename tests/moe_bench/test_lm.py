@@ -20,6 +20,8 @@ TINY = {
     "deepseek_v3": dict(
         num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1, num_groups=2, topk_groups=1
     ),
+    "hash": dict(num_experts=4, expert_hidden=32),  # top-1 by a fixed id table
+    "deepseek_v4": dict(num_experts=8, top_k=2, expert_hidden=16, hash_layers=1),
 }
 
 
@@ -155,7 +157,7 @@ def cycle_batches(steps: int, batch: int, length: int) -> list[tuple[torch.Tenso
     return batches
 
 
-@pytest.mark.parametrize("variant", ["dense", "switch", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["dense", "switch", "deepseek_v3", "hash", "deepseek_v4"])
 def test_loss_falls_well_below_unigram_entropy(variant):
     lm = tiny_lm(variant).train()
     losses = train(lm, cycle_batches(30, 8, 32), lr=1e-2)
@@ -219,3 +221,20 @@ def test_build_errors():
         build_lm("nope", {}, cfg)
     with pytest.raises(ValueError, match="sequence length 9 must be <= seq_len=8"):
         build_lm("switch", TINY["switch"], cfg)(random_tokens(1, 9))
+
+
+def test_deepseek_v4_routes_its_first_moe_blocks_by_token_id():
+    """`hash_layers` = 2 of 3 MoE blocks: blocks 0 and 1 take their experts from their own id
+    tables (seeds hash_seed + 0, + 1), indexed by the LM's input ids; block 2 learns."""
+    fields = dict(TINY["deepseek_v4"], hash_layers=2, hash_seed=5)
+    lm = build_lm("deepseek_v4", fields, LMConfig(d_model=D, n_layers=3, n_heads=4, seq_len=32))
+    idx_BS = random_tokens(2, 12)
+    out = lm(idx_BS)
+    tables = [variants.hash_routing.random_hash_table(256, 8, 2, seed) for seed in (5, 6)]
+    for rec, table in zip(out.layers[:2], tables):
+        assert lm.blocks[rec.layer].ffn.cfg.uses_token_ids
+        got_TK = rec.routing.expert.view(-1, 2)  # token-major, K per token
+        assert torch.equal(got_TK, table[idx_BS.reshape(-1)])
+    assert not torch.equal(tables[0], tables[1])
+    assert not lm.blocks[2].ffn.cfg.uses_token_ids
+    assert hasattr(lm.blocks[2].ffn.router, "expert_bias")

@@ -267,3 +267,11 @@ def test_results_imports_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "False"
+
+
+def test_a_column_added_later_is_out_of_the_key_at_the_value_older_jobs_ran_with() -> None:
+    """deepseek_v3's `score` came after results were written: sigmoid (what every older job
+    ran) leaves the key as it was; another score is part of the key."""
+    base = {"variant": "deepseek_v3", "task": "balance", "variant.top_k": 2}
+    assert results.config_key({**base, "variant.score": "sigmoid"}) == base
+    assert results.config_key({**base, "variant.score": "softmax"})["variant.score"] == "softmax"

@@ -42,3 +42,21 @@ def with_logits(
     with torch.no_grad():
         layer.router.weight.copy_(logits_TE.T)
     return layer, torch.eye(T)
+
+
+def feed_token_ids(layer: torch.nn.Module) -> torch.nn.Module:
+    """A layer that routes by token id (`cfg.uses_token_ids`) gets, on calls that give none,
+    `token_ids` = each token's flat index mod vocab_size (x's shape without D), so the generic
+    contract and backend tests call every variant as `layer(x)`. Other layers are unchanged."""
+    if not layer.cfg.uses_token_ids:
+        return layer
+
+    def hook(module, args, kwargs):
+        if kwargs.get("token_ids") is None:
+            x = args[0]
+            ids = torch.arange(x[..., 0].numel(), device=x.device) % module.cfg.vocab_size
+            kwargs = {**kwargs, "token_ids": ids.view(x.shape[:-1])}
+        return args, kwargs
+
+    layer.register_forward_pre_hook(hook, with_kwargs=True)
+    return layer

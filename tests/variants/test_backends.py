@@ -17,7 +17,7 @@ from variants.compute.backends import BACKENDS, grouped
 from variants.compute.experts import ExpertBank
 from variants.parallel.expert_parallel import LOCAL_BACKENDS
 
-from .helpers import hand_routing
+from .helpers import feed_token_ids, hand_routing
 
 FAST = [b for b in BACKENDS if b not in ("loop", "megablocks")]
 # the CUDA path of `grouped`, checked here on CPU (grouped_mm runs there too), and each of its
@@ -127,6 +127,14 @@ LAYER_CASES = [
     ("phimoe", {"num_experts": 4}),
     ("gpt_oss", {"num_experts": 4, "top_k": 2}),  # expert biases with gelu or swiglu
     ("llama4", {"num_experts": 4, "top_k": 2}),  # the weight on the expert's input
+    ("deepseek_v3", {"num_experts": 8, "top_k": 2, "num_groups": 1, "score": "softmax"}),
+    ("deepseek_v4", {"num_experts": 8, "top_k": 3, "num_shared_experts": 1}),
+    ("hash", {"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "vocab_size": 7}),
+    # scale 1 (the model: 6) keeps gradients at the other cases' size for the 1e-5 tolerance
+    (
+        "longcat_flash",
+        {"num_experts": 4, "top_k": 3, "num_identity_experts": 2, "routed_scaling_factor": 1.0},
+    ),
 ]
 
 
@@ -145,8 +153,8 @@ def test_layer_backend_matches_loop(name: str, fields: dict, activation: str, ba
     if not _layer_fits(name, fields, backend):
         pytest.skip(f"{name} with {fields} does not fit backend {backend} (a clear ValueError)")
     common = dict(d_model=16, expert_hidden=8, activation=activation, **fields)
-    ref = variants.build(name, backend="loop", **common).train()
-    other = variants.build(name, backend=backend, **common).train()
+    ref = feed_token_ids(variants.build(name, backend="loop", **common)).train()
+    other = feed_token_ids(variants.build(name, backend=backend, **common)).train()
     other.load_state_dict(ref.state_dict())
     x = torch.randn(2, 10, 16)
     outs = []

@@ -7,6 +7,8 @@ import torch
 
 import variants
 
+from .helpers import feed_token_ids
+
 HEADLINE = ["dense", "switch", "gshard", "deepseek_moe", "deepseek_v3"]
 ALL = variants.names()
 ROUTED = [n for n in ALL if n != "dense"]
@@ -19,14 +21,16 @@ def small(name: str, **extra) -> torch.nn.Module:
         fields["top_k"] = 1
     if name == "deepseek_v3":
         fields.update(num_groups=4, topk_groups=2)
-    return variants.build(name, **fields)
+    if name == "longcat_flash":
+        fields.setdefault("num_identity_experts", 4)
+    return feed_token_ids(variants.build(name, **fields))
 
 
 def test_names_are_sorted_and_hold_the_headline_variants() -> None:
     names = variants.names()
     assert names == sorted(names)
     assert set(HEADLINE) <= set(names)
-    assert len(names) == 20
+    assert len(names) == 23
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -79,7 +83,8 @@ def test_parameter_names_and_shapes(name: str) -> None:
     assert layer.experts.w1.shape == (E, D, H)
     assert layer.experts.w2.shape == (E, H, D)
     assert layer.experts.w3.shape == (E, D, H)
-    assert hasattr(layer.router, "expert_bias") == (name == "deepseek_v3")
+    biased = {"deepseek_v3", "deepseek_v4", "longcat_flash"}  # a selection bias
+    assert hasattr(layer.router, "expert_bias") == (name in biased)
     assert (layer.shared is None) == (layer.cfg.num_shared_experts == 0)
 
 
@@ -96,7 +101,12 @@ def test_update_bias_changes_only_what_a_router_updates(name: str) -> None:
     for n, p in layer.named_parameters():
         assert torch.equal(p, params[n]), f"update_bias moved parameter {n}"
     moved = {n for n, b in layer.named_buffers() if not torch.equal(b, buffers[n])}
-    updated = {"deepseek_v3": {"router.expert_bias"}, "remoe": {"router.l1_coef"}}
+    updated = {
+        "deepseek_v3": {"router.expert_bias"},
+        "deepseek_v4": {"router.expert_bias"},
+        "longcat_flash": {"router.expert_bias"},
+        "remoe": {"router.l1_coef"},
+    }
     assert moved >= updated.get(name, set())
     # what was counted since the last update starts afresh (V3's load, ReMoE's counts)
     assert moved <= updated.get(name, set()) | {

@@ -49,12 +49,20 @@ DROPLESS: dict[str, dict] = {
     "qwen3_next": dict(num_experts=8, top_k=3, num_shared_experts=1, shared_hidden=12),
     "gpt_oss": dict(num_experts=8, top_k=2),
     "llama4": dict(num_experts=8, top_k=2, num_shared_experts=1),
+    # routes by token id: the wrapper forwards `token_ids` to the router
+    "hash": dict(num_experts=8, top_k=2, num_shared_experts=1, vocab_size=16),
+    "deepseek_v4": dict(num_experts=8, top_k=2, num_shared_experts=1),
 }  # fmt: skip
 BACKENDS = ("grouped", "loop")
 
 
 def _batch(P: int) -> torch.Tensor:
     return torch.randn(P * B, S, D, generator=torch.Generator().manual_seed(1))
+
+
+def _ids(P: int) -> torch.Tensor:
+    """Token ids of the batch (every layer takes them; hash routing reads them)."""
+    return torch.randint(0, 16, (P * B, S), generator=torch.Generator().manual_seed(3))
 
 
 def _close(name: str, got: torch.Tensor | None, want: torch.Tensor | None) -> None:
@@ -98,18 +106,18 @@ def _check_case(rank: int, P: int, name: str, fields: dict, backend: str, train:
     layer = variants.build(name, d_model=D, expert_hidden=H, backend=backend, **fields)
     layer.train(train)
     ref = copy.deepcopy(layer)
-    x_all = _batch(P)
+    x_all, ids_all = _batch(P), _ids(P)
     g_all = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(2))
     mine = slice(rank * B, (rank + 1) * B)
 
     x_ref = x_all.clone().requires_grad_()
-    out_ref = ref(x_ref)
+    out_ref = ref(x_ref, token_ids=ids_all)
     (out_ref.y * g_all).sum().backward()
 
     ep = ExpertParallel(layer)
     del layer  # this rank keeps only its experts (the router and shared experts are shared)
     x = x_all[mine].clone().requires_grad_()
-    out = ep(x)
+    out = ep(x, token_ids=ids_all[mine])
     (out.y * g_all[mine]).sum().backward()
     ep.sync_replicated_grads(average=False)  # sum over ranks = the single-process gradient
 
@@ -282,6 +290,10 @@ def test_refuses_what_it_cannot_shard() -> None:
         ExpertParallel(ec)
     with pytest.raises(ValueError, match="no routed experts"):
         ExpertParallel(variants.build("dense", d_model=D))
+    for name in ("moe_plus_plus", "longcat_flash"):  # their zero-computation experts
+        pool = variants.build(name, d_model=D, num_experts=4, top_k=2, expert_hidden=H)
+        with pytest.raises(ValueError, match=f"layer={type(pool).__name__} adds more than"):
+            ExpertParallel(pool)
     with pytest.raises(ValueError, match="num_experts=6 must be divisible by world_size=4"):
         EPPlan(num_experts=6, world_size=4, rank=0, backend="grouped")
     with pytest.raises(ValueError, match="backend='padded' is not one of"):

@@ -93,6 +93,9 @@ class MoEConfig:
     # the layer takes `gate_residual=` (the previous MoE layer's `out.extras["gate_logits"]`)
     # and returns its own (MoE++'s gating residuals); models chain them from layer to layer
     takes_gate_residual: ClassVar[bool] = False
+    # the router reads the tokens' ids (`token_ids=`, hash routing): a forward without them is
+    # a ValueError. Every layer accepts `token_ids=`; the others ignore it
+    uses_token_ids: ClassVar[bool] = False
     # each token picks its experts (token choice) rather than each expert its tokens (expert
     # choice): only token-choice routing can run on a rank's own tokens (expert parallelism)
     token_choice: ClassVar[bool] = True
@@ -174,6 +177,11 @@ class MoEConfig:
         if cls.fixed_top_k is not None and top_k != cls.fixed_top_k[0]:
             k, why = cls.fixed_top_k
             raise ValueError(f"top_k={top_k} must be {k} {why}")
+
+    def at_depth(self, moe_index: int) -> MoEConfig:
+        """The config of a model's `moe_index`-th MoE layer (0-based): this one, unless the
+        variant's layers differ with depth (DeepSeek-V4 hash-routes its first layers)."""
+        return self
 
     def active_width(self) -> float:
         """Hidden units a token activates: the width of the dense FFN of equal active FLOPs

@@ -98,10 +98,12 @@ class MoELayer(nn.Module):
         # `router_grad`: what reaches the router in the backward (variants.contract.router_grad)
         self.router_grad = make_estimator(cfg)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """`token_ids` (x's shape without D, integer): the tokens' ids, read by routers whose
+        config sets `uses_token_ids` (hash routing) and ignored by the others."""
         x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
         check_input_dtype(x_TD, self.experts.w1)
-        routing, losses = self.router(x_TD, num_seqs)
+        routing, losses = self.router(x_TD, num_seqs, token_ids)
         y_TD, path = self.backend(x_TD, routing, self.experts)
         y_TD = self.router_grad(x_TD, routing, y_TD, self.experts)
         return assemble(x, self.add_shared(x_TD, y_TD), losses, routing, path)

@@ -10,6 +10,7 @@ thing that crosses from routing to expert compute) plus a dict of weighted losse
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +148,10 @@ class Router(nn.Module):
     """Expert centroids `weight [E, D]`; logits `u = x @ weight.T` in `router_dtype` (fp32).
 
     Subclasses implement `route(x_TD, num_seqs) -> (Routing, losses)` and, where their
-    affinities are not a softmax, `score(logits_TE)`. The base handles force_uniform_routing
-    and drops losses in eval mode (docs/contract.md §2: eval forwards return no losses).
+    affinities are not a softmax, `score(logits_TE)`. A router whose config sets
+    `uses_token_ids` implements `route(x_TD, num_seqs, token_ids)` instead (token_ids [T] long,
+    or None when the caller gave none). The base handles force_uniform_routing and drops losses
+    in eval mode (docs/contract.md §2: eval forwards return no losses).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -177,13 +180,16 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, x_TD: torch.Tensor, num_seqs: int = 1
+        self, x_TD: torch.Tensor, num_seqs: int = 1, token_ids: torch.Tensor | None = None
     ) -> tuple[Routing, dict[str, torch.Tensor]]:
         if self.forced is not None:
             return self.replayed(x_TD), {}
         if self.cfg.force_uniform_routing:
             return self.uniform(x_TD, num_seqs), {}
-        routing, losses = self.route(x_TD, num_seqs)
+        if self.cfg.uses_token_ids:
+            routing, losses = self.route(x_TD, num_seqs, flatten_ids(token_ids, x_TD.shape[0]))
+        else:
+            routing, losses = self.route(x_TD, num_seqs)
         return routing, (losses if self.training else {})
 
     def uniform(self, x_TD: torch.Tensor, num_seqs: int = 1) -> Routing:
@@ -247,12 +253,35 @@ class Router(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def flatten_ids(token_ids: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+    """`token_ids` of any leading shape -> [T] long; None stays None (the router decides)."""
+    if token_ids is None:
+        return None
+    if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+        raise ValueError(f"token_ids dtype={token_ids.dtype} must be an integer dtype")
+    if token_ids.numel() != num_tokens:
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} holds {token_ids.numel()} ids; it must "
+            f"hold one per token of x ({num_tokens}), e.g. [B, S] for x [B, S, D]"
+        )
+    return token_ids.reshape(-1).long()
+
+
 def mask_to_assignments(
     keep_TE: torch.Tensor, weight_TE: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bool [T, E] selection -> token-major (token_A, expert_A, weight_A), weight from weight_TE."""
     token_A, expert_A = keep_TE.nonzero(as_tuple=True)
     return token_A, expert_A, weight_TE[token_A, expert_A]
+
+
+# affinity s = f(u) of the routers that pick top-K of s (+ a bias) and weigh by s: Eq. 15 of
+# DeepSeek-V3 (sigmoid), softmax over the experts, and DeepSeek-V4's sqrt(softplus(u))
+SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda u: F.softmax(u, dim=-1),
+    "sqrtsoftplus": lambda u: F.softplus(u).sqrt(),
+}
 
 
 def norm_topk(weight_TK: torch.Tensor, enabled: bool) -> torch.Tensor:

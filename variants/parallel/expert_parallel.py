@@ -241,6 +241,12 @@ class ExpertParallel(nn.Module):
                 f"layer={type(layer).__name__} must be a routed MoELayer (variants.build of a "
                 "token-choice variant): it has no routed experts to shard"
             )
+        if type(layer).forward is not MoELayer.forward:
+            raise ValueError(
+                f"layer={type(layer).__name__} adds more than its routed and shared experts "
+                "(zero-computation experts: moe_plus_plus, longcat_flash); expert parallelism "
+                "shards layers whose output is the router's routing plus shared experts only"
+            )
         if not layer.cfg.token_choice:
             raise ValueError(
                 f"layer config {type(layer.cfg).__name__} is not token-choice: its experts "
@@ -282,11 +288,14 @@ class ExpertParallel(nn.Module):
         self.backend = expert_compute(layer.cfg, self.plan.backend)
         self.stats: EPStats | None = None
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """`token_ids` (x's shape without D): this rank's tokens' ids, passed to the router as
+        the layer does (hash routing reads them; other routers ignore them)."""
         dev = x.device
         t0 = _now(dev)
         x_TD, num_seqs = flatten_tokens(x, self.cfg.d_model)
-        routing, losses = self.router(x_TD, num_seqs)  # the layer's own routing, local tokens
+        # the layer's own routing of this rank's tokens
+        routing, losses = self.router(x_TD, num_seqs, token_ids)
 
         t1 = _now(dev)
         out = _outgoing(routing, x_TD.shape[0], self.plan)
