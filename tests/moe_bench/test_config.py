@@ -34,12 +34,12 @@ def pinned_sizes(preset: str) -> dict[str, int] | None:
 
 def test_every_registered_variant_has_a_config_file_and_back() -> None:
     """Each registered component has its file; the other files are presets of one of them
-    (a released model's settings of a variant, e.g. glm4_moe of deepseek_v3)."""
+    (a released model's settings of a variant, e.g. glm4_moe of deepseek_v3), sized at equal
+    active FLOPs or pinned to the model's own sizes."""
     assert set(components.names()) <= set(VARIANT_FILES)
     for preset in sorted(set(VARIANT_FILES) - set(components.names())):
         name = OmegaConf.load(SWEEPS / "variant" / f"{preset}.yaml").name
         assert name in components.names(), preset
-        assert pinned_sizes(preset), f"{preset}: a model preset gives its sizes"
     assert sorted(registry.names()) == YAML_TASKS
 
 
@@ -53,7 +53,7 @@ def test_variant_resolves_at_equal_active_flops(compose_cfg, variant: str, model
     if pinned is not None:  # a released model's preset: its own sizes, not iso-compute
         assert {k: getattr(cfg, k) for k in pinned} == pinned
         return
-    assert run.variant == variant
+    assert run.variant == OmegaConf.load(SWEEPS / "variant" / f"{variant}.yaml").name
     active = getattr(cfg, "d_ff", None) if variant == "dense" else None
     if active is None:
         active = (cfg.top_k + cfg.num_shared_experts) * cfg.expert_hidden
