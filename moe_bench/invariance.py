@@ -419,7 +419,9 @@ def measure_rank(rank: int, world: int, case: Case, split: Split) -> dict[str, t
     else:
         sync_step_counts(router)
         layer.update_bias()
-    values = {"routing": codes, "aux_loss": (aux / world).view(1), "aux_grad": router_grad(router)}
+    values = {"routing": codes, "aux_loss": (aux / world).view(-1)}
+    if aux.numel():  # no loss, no gradient to compare
+        values["aux_grad"] = router_grad(router)
     values.update(counts=counts, update=float_buffers(router))
     return {k: v for k, v in values.items() if v.numel() or k == "routing"}
 

@@ -3,7 +3,6 @@ evaluation without capacity, the fused optimizer's identical losses, and their r
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from moe_bench import __main__ as app
 from moe_bench import causes, config
+from moe_bench.results import read_rows
 from moe_bench.tasks import convergence
 
 from .test_convergence_task import TINY
@@ -68,7 +68,7 @@ def test_dropless_restores_capacity_after_an_error(compose_cfg) -> None:
 def rows_of(compose_cfg, tmp_path: Path, *overrides: str) -> list[dict]:
     cfg = compose_cfg(*TINY, "task.steps=12", "task.eval_every=6", *overrides)
     assert app.execute(cfg, tmp_path, "test") == "ok"
-    return [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    return read_job_rows(tmp_path)
 
 
 def losses(rows: list[dict]) -> list[float]:
@@ -132,6 +132,13 @@ def test_default_path_gives_the_committed_claims_losses(compose_cfg, tmp_path: P
     do not change the default path."""
     cfg = compose_cfg("+experiment=claims", f"+claims={arm}", "seed=0", "task.steps=10")
     assert app.execute(cfg, tmp_path, "test") == "ok"
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    rows = read_job_rows(tmp_path)
     (loss,) = [r["value"] for r in rows if r["metric"] == "train_loss" and r["step"] == 10]
     assert loss == pytest.approx(COMMITTED_STEP_10[arm], abs=2e-6)
+
+
+def read_job_rows(folder: Path) -> list[dict]:
+    """A job folder's rows (its part files), none unreadable."""
+    rows, problems = read_rows(folder)
+    assert problems == []
+    return rows

@@ -19,6 +19,7 @@ import pytest
 
 import moe_bench
 from moe_bench import results
+from moe_bench import rows as parts
 from moe_bench.__main__ import execute
 from tests.moe_bench.conftest import FAST, cli_env
 
@@ -72,7 +73,9 @@ def test_torchrun_two_ranks_write_the_spawned_jobs_untimed_values(tmp_path: Path
     frame = results.load(out)
     assert set(frame.status) == {"ok"} and (frame["task.launcher"] == "env").all()
     # rank 1 writes only its own closing row, beside rank 0's rows
-    helper = pd.read_json(out / "results.rank1.jsonl", lines=True)
+    tables, problems = parts.read_tables_of(sorted(out.glob("rows.rank1-*.parquet")))
+    assert tables and problems == []
+    helper = parts.frame(tables)
     assert helper.metric.tolist() == ["job"] and helper.status.tolist() == ["ok"]
     matrix = frame[frame.metric == "rank_tokens"]
     assert sorted(zip(matrix.src, matrix.dst)) == [(0, 0), (0, 1), (1, 0), (1, 1)]

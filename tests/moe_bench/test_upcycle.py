@@ -3,7 +3,6 @@ against its dense parent (copy, granular), the errors, and a child that trains."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import torch
 from moe_bench import __main__ as app
 from moe_bench import config, upcycle
 from moe_bench.lm import LMConfig, TinyLM, build_lm
+from moe_bench.results import read_rows
 from variants.compute.assignments import make_routing
 from variants.compute.backends import loop
 
@@ -145,7 +145,7 @@ def test_missing_or_non_dense_parent_names_task_init_from(compose_cfg, tmp_path)
 
 
 def rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    return read_job_rows(folder)
 
 
 @pytest.mark.slow
@@ -173,3 +173,10 @@ def test_saved_dense_run_upcycles_and_the_child_trains(compose_cfg, tmp_path) ->
     assert app.execute(missing, tmp_path / "orphan", "orphan") == "failed"
     error = next(r["error"] for r in rows(tmp_path / "orphan") if r["metric"] == "job")
     assert "task.init_from=" in error and "holds no model.pt" in error
+
+
+def read_job_rows(folder: Path) -> list[dict]:
+    """A job folder's rows (its part files), none unreadable."""
+    rows, problems = read_rows(folder)
+    assert problems == []
+    return rows
