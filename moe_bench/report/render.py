@@ -143,7 +143,7 @@ def context(
     checks = invariance.invariance_table(ok)
     return {
         "name": root.resolve().name,
-        "sweep": str(root.resolve()),
+        "sweep": shown_path(root),
         "built": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "summary": {
             "jobs": len(jobs),
@@ -193,3 +193,10 @@ def context(
         "split_check_columns": list(checks.columns),
         "split_check_tolerances": invariance.tolerances(ok),
     }
+
+
+def shown_path(root: Path) -> str:
+    """The sweep folder as the page names it: relative to the working directory when inside it
+    (a committed report names its place in the repository, not the machine that built it)."""
+    path = root.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
