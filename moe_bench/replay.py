@@ -28,44 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_bench.lm import LMOutput, TinyLM
+from moe_bench.lm import TinyLM
 from moe_bench.trace import TRACE_FILE, Trace, save_trace
-
-
-def step_arrays(
-    out: LMOutput, step: int, idx_BS: torch.Tensor, domain_B: torch.Tensor | None = None
-) -> dict[str, np.ndarray]:
-    """One training step's routing as trace arrays: every MoE layer's kept assignments (token
-    index b * S + t in the step's batch), and the step's tokens (domain -1 where unknown)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for rec in out.layers:
-        r = rec.routing
-        A = r.token.numel()
-        for name, values in (
-            ("step_N", np.full(A, step)),
-            ("layer_N", np.full(A, rec.layer)),
-            ("token_N", r.token.cpu().numpy()),
-            ("expert_N", r.expert.cpu().numpy()),
-            ("weight_N", r.weight.detach().float().cpu().numpy()),
-        ):
-            parts.setdefault(name, []).append(values)
-    B, S = idx_BS.shape
-    domain_T = np.full(B * S, -1) if domain_B is None else np.repeat(domain_B.cpu().numpy(), S)
-    arrays = {name: np.concatenate(values) for name, values in parts.items()}
-    arrays.update(
-        tok_step_M=np.full(B * S, step),
-        tok_index_M=np.arange(B * S),
-        tok_domain_M=domain_T,
-        tok_id_M=idx_BS.reshape(-1).cpu().numpy(),
-    )
-    return arrays
 
 
 def record(
     path: str | Path, steps: list[dict[str, np.ndarray]], lm: TinyLM, meta: dict[str, Any]
 ) -> Path:
-    """Write the steps' arrays (from `step_arrays`) as one trace file; `meta` adds to the
-    fields the layers give (experts, top_k, tokens per step, layers, steps)."""
+    """Write the steps' arrays (from `moe_bench.trace_recorder.step_arrays`) as one trace
+    file; `meta` adds to the fields the layers give (experts, top_k, tokens per step, layers,
+    steps)."""
     arrays = {k: np.concatenate([s[k] for s in steps]) for k in steps[0]}
     ffn = lm.blocks[lm.cfg.moe_layers()[0]].ffn.cfg
     meta = {

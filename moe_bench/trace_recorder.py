@@ -104,17 +104,7 @@ class TraceRecorder:
         """Keep one step's routing (call after the step's forward, for every step)."""
         if not self.wants(step):
             return
-        B, S = idx_BS.shape
-        by_layer = {rec.layer: rec.routing for rec in out.layers}
-        for layer in self.layers:
-            r = by_layer[layer]
-            A = r.token.numel()
-            self._add(step_N=np.full(A, step), layer_N=np.full(A, layer))
-            self._add(token_N=r.token.cpu().numpy(), expert_N=r.expert.cpu().numpy())
-            self._add(weight_N=r.weight.detach().float().cpu().numpy())
-        self._add(tok_step_M=np.full(B * S, step), tok_index_M=np.arange(B * S))
-        self._add(tok_domain_M=domain_B.cpu().repeat_interleave(S).numpy())
-        self._add(tok_id_M=idx_BS.reshape(-1).cpu().numpy())
+        self._add(**step_arrays(out, step, idx_BS, domain_B, self.layers))
         if self.router:
             x_LTD = np.stack([torch.cat(self._inputs[j]).numpy() for j in self.layers])
             w_LED, bias_LE = self._weights
@@ -142,6 +132,42 @@ class TraceRecorder:
             return None
         trace = self.trace()
         return save_trace(Path(job_dir) / TRACE_FILE, trace.arrays, trace.meta)
+
+
+def step_arrays(
+    out: LMOutput,
+    step: int,
+    idx_BS: torch.Tensor,
+    domain_B: torch.Tensor | None = None,
+    layers: list[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """One training step's routing as trace arrays: the kept assignments (token index b * S + t
+    in the step's batch) of `layers` (None: every MoE layer), and the step's tokens (domain -1
+    where unknown). The one writer of a step's arrays: the recorder and router replay use it."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for rec in out.layers:
+        if layers is not None and rec.layer not in layers:
+            continue
+        r = rec.routing
+        A = r.token.numel()
+        for name, values in (
+            ("step_N", np.full(A, step)),
+            ("layer_N", np.full(A, rec.layer)),
+            ("token_N", r.token.cpu().numpy()),
+            ("expert_N", r.expert.cpu().numpy()),
+            ("weight_N", r.weight.detach().float().cpu().numpy()),
+        ):
+            parts.setdefault(name, []).append(values)
+    B, S = idx_BS.shape
+    domain_T = np.full(B * S, -1) if domain_B is None else np.repeat(domain_B.cpu().numpy(), S)
+    arrays = {name: np.concatenate(values) for name, values in parts.items()}
+    arrays.update(
+        tok_step_M=np.full(B * S, step),
+        tok_index_M=np.arange(B * S),
+        tok_domain_M=domain_T,
+        tok_id_M=idx_BS.reshape(-1).cpu().numpy(),
+    )
+    return arrays
 
 
 def _bias(router: torch.nn.Module) -> np.ndarray:

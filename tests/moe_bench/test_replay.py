@@ -8,8 +8,9 @@ import torch
 
 import variants
 from moe_bench.lm import LMConfig, build_lm
-from moe_bench.replay import record, replaying, step_arrays
+from moe_bench.replay import record, replaying
 from moe_bench.trace import load_trace
+from moe_bench.trace_recorder import step_arrays
 
 SMALL = dict(num_experts=4, expert_hidden=8, top_k=2)
 FIELDS = {
