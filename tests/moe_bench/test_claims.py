@@ -166,7 +166,7 @@ SELECTION_SCOPE = "selection_scope" in variants.make_config("expert_choice").__d
 
 
 @pytest.mark.parametrize(
-    ("preset", "jobs"), [("claims", 36), ("claims_gpu", 39), ("claims_training", 12)]
+    ("preset", "jobs"), [("claims", 39), ("claims_gpu", 39), ("claims_training", 12)]
 )
 def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int) -> None:
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
@@ -203,6 +203,25 @@ def test_training_claims_pair_by_seed_and_never_across_claims() -> None:
         [3.2, 3.21, 3.22]
     )
     assert results["7"].numbers[0][2] == pytest.approx([3.50, 3.51, 3.52])  # not the upcycled
+
+
+def test_hash_claim_is_judged_not_worse_against_dropless_switch_only() -> None:
+    """Claim 10 compares hash with switch without capacity, never switch at cf 1.0; a hash
+    loss within the noise of switch's (a tie) reproduces a "not worse" claim, one beyond it
+    contradicts."""
+    rows = []
+    for s in range(3):
+        rows.append(job("hash", s, 3.30 + (0.02, -0.01, 0.0)[s]))
+        rows.append(job("switch", s, 3.30 + 0.001 * s, **{"variant.capacity_factor": None}))
+        rows.append(job("switch", s, 2.00, **SWITCH))  # far better, but not claim 10's control
+    (tie,) = [r for r in claims.evaluate(frame(*rows)) if r.claim.id == "10"]
+    assert tie.verdict == claims.REPRODUCED and tie.checks[0].n == 3
+    assert tie.numbers[0][2] == pytest.approx([3.30, 3.301, 3.302])
+    worse = [job("hash", s, 3.60 + 0.01 * s) for s in range(3)] + [
+        job("switch", s, 3.30 + 0.01 * s, **{"variant.capacity_factor": None}) for s in range(3)
+    ]
+    (lost,) = [r for r in claims.evaluate(frame(*worse)) if r.claim.id == "10"]
+    assert lost.verdict == claims.CONTRADICTED
 
 
 def test_upcycling_options_start_from_the_parent_presets_folder(compose_cfg) -> None:

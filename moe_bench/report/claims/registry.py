@@ -315,6 +315,22 @@ CLAIMS = (
         "from one dense parent: mixtral with 8 copies of its FFN (top-2, so 2x dense's active "
         "FFN FLOPs) vs the dense LM, the same extra steps each",
     ),
+    Claim(
+        "10",
+        "Routing by a fixed hash of the token id matches or beats learned top-1 routing",
+        Source(
+            "Roller et al. 2021, Hash Layers (arXiv:2106.04426)",
+            "ParlAI project page by the authors (projects/params_vs_compute), its figure",
+            "on pushshift.io Reddit the hash layer outperforms the learned Switch baseline, "
+            "especially with more experts (no number in the text; the figure, read by eye: "
+            "about 23.2 vs 23.7 perplexity at 64 experts, 24.0 for both at 16)",
+        ),
+        Side("hash"),
+        Side("switch", {"variant.capacity_factor": (None,)}, "switch dropless"),
+        (Check(VAL_LOSS, "not worse"),),
+        "hash (top-1 by a random byte -> expert table) vs switch dropless (learned top-1), "
+        "the same experts and widths",
+    ),
 )
 
 
