@@ -15,12 +15,14 @@ Shape legend: T tokens, E experts, K = 2 choices, A assignments.
   Optional ST-MoE z-loss as in switch.
 - `router_grad` (`variants.contract.config.RouterGradConfig`): `sparsemixer` selects both
   choices and their weights by SparseMixer instead of the top-2 and g1/(g1+g2); random routing
-  is then off (SparseMixer samples the second choice itself), capacity and the loss stay.
+  is then off (SparseMixer samples the second choice itself); capacity stays, and the loss's
+  f counts the argmax (`Router.counted`), not the sampled first choice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -64,7 +66,8 @@ class GShardRouter(Router):
         cfg, T, E = self.cfg, x_TD.shape[0], self.cfg.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = F.softmax(logits_TE, dim=-1)
-        weight_T2, expert_T2 = self.select(logits_TE, lambda: top2_normalised(probs_TE))
+        rule = partial(top2_normalised, probs_TE)
+        weight_T2, expert_T2 = self.select(logits_TE, rule)
         token_A, expert_A, weight_A = flatten_topk(expert_T2, weight_T2)
         choice_A = torch.arange(2, device=x_TD.device).repeat(T)  # 0 first, 1 second
         keep_A = torch.ones_like(choice_A, dtype=torch.bool)
@@ -82,7 +85,8 @@ class GShardRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
-            first_T, tokens_T = expert_T2[:, 0], torch.arange(T, device=x_TD.device)
+            first_T = self.counted(expert_T2, rule)[:, 0]
+            tokens_T = torch.arange(T, device=x_TD.device)
             f, p = scoped_balance_inputs(self, first_T, tokens_T, probs_TE, num_seqs)
             losses = softmax_losses(self, logits_TE, f, p)
         return routing, losses

@@ -13,8 +13,8 @@ Shape legend: T tokens, E experts, K = top_k experts per token, A assignments.
   without dividing by K, so its value is K times this one (2x for top-2) at the same
   coefficient, so an HF `router_aux_loss_coef` c corresponds to balance_coef = K * c here.
 - `router_grad` (`variants.contract.config.RouterGradConfig`): `sparsemixer` selects the two
-  experts and their weights by SparseMixer instead of Eq. 1-2 (as Phi-3.5-MoE; the balance
-  loss then counts SparseMixer's choices).
+  experts and their weights by SparseMixer instead of Eq. 1-2 (as Phi-3.5-MoE, whose loss
+  also counts the plain top-2, not SparseMixer's samples).
 - Defaults: 8 experts, top-2 (Mixtral 8x7B). Departure: the activation stays the suite's
   default gelu (Mixtral's experts are SwiGLU: pass activation="swiglu").
 """
@@ -22,6 +22,7 @@ Shape legend: T tokens, E experts, K = top_k experts per token, A assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -60,12 +61,15 @@ class MixtralRouter(Router):
         cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.top_k
         logits_TE = self.logits(x_TD)
         probs_TE = F.softmax(logits_TE, dim=-1)
-        weight_TK, expert_TK = self.select(logits_TE, lambda: top_k_softmax(logits_TE, K))
+        rule = partial(top_k_softmax, logits_TE, K)
+        weight_TK, expert_TK = self.select(logits_TE, rule)
         token_A, expert_A, weight_A = flatten_topk(expert_TK, weight_TK)
         demand_E = torch.bincount(expert_A, minlength=E)
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E)
         losses = {}
         if self.training:
+            counted_TK = self.counted(expert_TK, rule)
+            token_A, expert_A, _ = flatten_topk(counted_TK, counted_TK)
             balance = scoped_balance_loss(self, expert_A, token_A, probs_TE, num_seqs)
             losses["balance"] = cfg.balance_coef * balance
         return routing, losses

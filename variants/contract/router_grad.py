@@ -45,6 +45,11 @@ class TopK(nn.Module):
         """(weight_TK, expert_TK): the variant's own top-K `rule`."""
         return rule()
 
+    @staticmethod
+    def counted(expert_TK: torch.Tensor, rule: Rule) -> torch.Tensor:
+        """[T, K]: the choices a balance loss counts, here the selection's own."""
+        return expert_TK
+
     def forward(
         self, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor, bank: ExpertBank
     ) -> torch.Tensor:
@@ -135,10 +140,12 @@ class SparseMixer(TopK):
     within a relative `2 * jitter_eps` of that best logit (1 for a choice alone in its band;
     the two need not sum to 1). Training: each choice sampled from that band's softmax, its
     forward weight times Heun's midpoint factor (1 or 0.3333) and its router gradient the
-    paper's estimator. The variant keeps the rest of its routing (capacity, balance loss over
-    the choices made; gshard's random routing of the second choice is off: SparseMixer
-    already samples it). The selection happens before dispatch, so every backend and expert
-    parallelism run it; the output passes through here.
+    paper's estimator. The variant keeps the rest of its routing: capacity, and its balance
+    loss, whose f counts the variant's own top-K rule (`counted`), not the samples, as HF's
+    loss for Phi-3.5-MoE counts the softmax's top-2 (so the loss does not depend on the
+    draws); gshard's random routing of the second choice is off (SparseMixer samples it).
+    The selection happens before dispatch, so every backend and expert parallelism run it;
+    the output passes through here.
     """
 
     @staticmethod
@@ -146,6 +153,11 @@ class SparseMixer(TopK):
         cfg: Any, logits_TE: torch.Tensor, rule: Rule, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return sparsemixer(logits_TE, cfg.jitter_eps, training)
+
+    @staticmethod
+    def counted(expert_TK: torch.Tensor, rule: Rule) -> torch.Tensor:
+        """[T, K]: the variant's own top-K choices (HF's Phi-3.5-MoE loss: the softmax's top-2)."""
+        return rule()[1]
 
 
 def estimator_class(cfg: Any) -> type[TopK]:

@@ -186,6 +186,11 @@ class Router(nn.Module):
         A variant whose config leaves `no_sparsemixer` None selects through here."""
         return estimator_class(self.cfg).select(self.cfg, logits_TE, rule, self.training)
 
+    def counted(self, expert_TK: torch.Tensor, rule: Rule) -> torch.Tensor:
+        """[T, K]: the choices the balance loss's f counts: `expert_TK` from `select`, or the
+        `rule`'s where the estimator selects itself (SparseMixer: not its samples)."""
+        return estimator_class(self.cfg).counted(expert_TK, rule)
+
     def forward(
         self, x_TD: torch.Tensor, num_seqs: int = 1, token_ids: torch.Tensor | None = None
     ) -> tuple[Routing, dict[str, torch.Tensor]]:
