@@ -260,3 +260,28 @@ def test_invariance_suite_passes_a_sparsemixer_case() -> None:
     by = {(r["split"], r["quantity"]): r for r in rows}
     assert by["micro4", "routing"]["expect"] == "stated" and by["micro4", "routing"]["max_diff"] > 0
     assert by["micro4", "aux_loss"]["expect"] == "equal"
+
+
+def test_which_variants_take_it_and_each_routes_two_distinct_experts() -> None:
+    """Every registered variant asked for router_grad=sparsemixer at top_k=2: the ones whose
+    router selects by softmax logits through `Router.select` take it (the deepseek_moe family
+    where norm_topk_prob is off by default); each of them trains a step with two distinct
+    experts per token and a finite router gradient."""
+    took = []
+    for name in variants.names():
+        fields = {**SMALL, "top_k": 2, "router_grad": "sparsemixer"}
+        try:
+            variants.make_config(name, **fields)
+        except ValueError as err:
+            assert "\n" not in str(err), name
+            continue
+        took.append(name)
+        torch.manual_seed(0)
+        layer = variants.build(name, **fields).train()
+        out = layer(torch.randn(12, 8))
+        (out.y.square().sum() + out.aux_loss).backward()
+        pairs = torch.stack((out.routing.token, out.routing.expert)).unique(dim=1)
+        assert pairs.shape[1] == out.routing.token.numel(), name  # distinct (gshard may drop)
+        assert int(out.routing.demand.sum()) == 24, name  # two asked per token
+        assert torch.isfinite(layer.router.weight.grad).all(), name
+    assert took == ["deepseek_moe", "gpt_oss", "gshard", "mixtral", "olmoe", "qwen3_moe"]
