@@ -37,6 +37,13 @@ def json_value(value: Any) -> Any:
     return value
 
 
+# the variants that gained `jitter_eps` with router_grad=sparsemixer (SparseMixer's band);
+# switch (input jitter) and phimoe had theirs before
+JITTER_EPS_ADDED = (
+    "deepseek_moe", "deepseek_v2", "deepseek_v3", "deepseek_v4", "gpt_oss", "gshard", "mixtral",
+    "noisy_topk", "olmoe", "qwen3_moe", "qwen3_next", "sinkhorn", "xmoe",
+)  # fmt: skip
+
 # config fields added after results were first written: (the value that computes what the code
 # before them computed, the variants that gained them; None: every job that has the column). At
 # that value the column is left out of the key, so folders written before resume as the same
@@ -44,6 +51,7 @@ def json_value(value: Any) -> Any:
 ADDED_DEFAULTS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "variant.router_grad": ("topk", None),  # variants/contract/router_grad.py
     "variant.default_moe_decay": (0.9, None),
+    "variant.jitter_eps": (0.01, JITTER_EPS_ADDED),
     "task.init_from": (None, None),  # checkpoints and upcycling (moe_bench/upcycle.py)
     "task.upcycle": ("copy", None),
     "task.upcycle_noise": (0.0, None),

@@ -19,6 +19,10 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 - Qwen2-MoE options (`variants.contract.config.SharedExpertConfig`, off by default): `shared_gate`
   (sigmoid gate on the shared output), `shared_hidden` (shared width), `norm_topk_prob`
   (renormalise the K weights; the paper does not).
+- `router_grad` (`variants.contract.config.RouterGradConfig`): `sparsemixer` (top_k=2,
+  norm_topk_prob off) selects the two experts and their weights by SparseMixer from the
+  logits instead of Eq. 3-5; capacity applies to its choices, while the losses' f counts the
+  plain top-2 (`Router.counted`), as HF's loss for Phi-3.5-MoE does.
 - Defaults follow DeepSeekMoE 2B: 1 shared + 63 routed experts, 7 routed per token
   (granularity m=4 over N=16 with K=2: mN - Ks routed, mK - Ks active).
 """
@@ -26,6 +30,7 @@ Shape legend: T tokens, E routed experts, K routed experts per token, Dv devices
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -43,6 +48,7 @@ from .contract.config import (
 from .contract.routing import (
     Router,
     f_dot_p,
+    flatten_topk,
     norm_topk,
     scoped_balance_loss,
     token_order_routing,
@@ -57,6 +63,7 @@ class DeepSeekMoEConfig(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig
         "α1 · Σ_i f_i P_i with f_i = E/(K·T) · count_i, α1 = 0.01; device balance α2 = 0 "
         "unless set (Dai et al. 2024)."
     )
+    no_sparsemixer: ClassVar[str | None] = None
     num_experts: int = 63
     top_k: int = 7
     expert_hidden: int = 256
@@ -93,22 +100,34 @@ def device_balance(f_E: torch.Tensor, p_E: torch.Tensor, num_devices: int) -> to
     return f_dot_p(f_dG.mean(-1), p_dG.sum(-1))
 
 
+def top_k_scores(
+    scores_TE: torch.Tensor, k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight_TK, expert_TK): the top-k scores as weights (Eq. 3-5), renormalised over the k
+    where `norm_topk_prob`."""
+    weight_TK, expert_TK = topk(scores_TE, k)
+    return norm_topk(weight_TK, norm_topk_prob), expert_TK
+
+
 class DeepSeekMoERouter(Router):
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
         cfg, T, K = self.cfg, x_TD.shape[0], self.cfg.top_k
         logits_TE = self.logits(x_TD)
         scores_TE = F.softmax(logits_TE, dim=-1)
-        weight_TK, expert_TK = topk(scores_TE, K)
-        weight_TK = norm_topk(weight_TK, cfg.norm_topk_prob)
-        # demand_A: before drops (f counts demand)
-        routing, demand_A = token_order_routing(
+        rule = partial(top_k_scores, scores_TE, K, cfg.norm_topk_prob)
+        weight_TK, expert_TK = self.select(logits_TE, rule)
+        routing, _ = token_order_routing(
             expert_TK, weight_TK, scores_TE, logits_TE, cfg.capacity(T)
         )
         losses = {}
         if self.training:
-            f_E, p_E = expert_fraction(routing.demand, T, K), scores_TE.mean(0)
+            # f counts demand (before drops): the choices, or the plain top-K under SparseMixer
+            counted_TK = self.counted(expert_TK, rule)
+            token_A, expert_A, _ = flatten_topk(counted_TK, counted_TK)
+            demand_E = torch.bincount(expert_A, minlength=cfg.num_experts)
+            f_E, p_E = expert_fraction(demand_E, T, K), scores_TE.mean(0)
             # E/(K T) * count = E * share: the scoped share, times E (Eq. 13)
-            balance = scoped_balance_loss(self, demand_A[1], demand_A[0], scores_TE, num_seqs)
+            balance = scoped_balance_loss(self, expert_A, token_A, scores_TE, num_seqs)
             losses["balance"] = cfg.alpha1 * balance
             if cfg.alpha2 > 0:
                 losses["device_balance"] = cfg.alpha2 * device_balance(f_E, p_E, cfg.num_devices)

@@ -73,6 +73,7 @@ class DeepSeekV2Config(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig)
         "Three losses, each per sequence then averaged: expert α1 = 0.003, device α2 = 0.05, "
         "communication α3 = 0.02 (DeepSeek-AI 2024, arXiv:2405.04434)."
     )
+    no_sparsemixer: ClassVar[str | None] = "deepseek_v2 selects within its device-limited groups"
     num_experts: int = 160
     top_k: int = 6
     expert_hidden: int = 128

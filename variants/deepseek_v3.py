@@ -69,6 +69,9 @@ class DeepSeekV3Config(SharedExpertConfig, BalanceScopeConfig, RouterGradConfig)
         "step), plus a sequence-wise balance loss α · Σ_i f_i P_i with α = 1e-4."
     )
     dropless: ClassVar[str | None] = "deepseek_v3 balances with its bias, not with drops"
+    no_sparsemixer: ClassVar[str | None] = (
+        "it selects by score + balancing bias (sigmoid by default), not by softmax logits"
+    )
     num_experts: int = 256
     top_k: int = 8
     expert_hidden: int = 128

@@ -13,11 +13,16 @@ Shape legend: T tokens, E experts, K = 2 choices, A assignments.
 - Balance loss: `balance_coef * E * sum_i f_i P_i`, f_i = fraction of tokens whose FIRST choice
   is i (the paper's c_e/S counts first choices only), P_i = mean softmax probability.
   Optional ST-MoE z-loss as in switch.
+- `router_grad` (`variants.contract.config.RouterGradConfig`): `sparsemixer` selects both
+  choices and their weights by SparseMixer instead of the top-2 and g1/(g1+g2); random routing
+  is then off (SparseMixer samples the second choice itself); capacity stays, and the loss's
+  f counts the argmax (`Router.counted`), not the sampled first choice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -39,6 +44,7 @@ class GShardConfig(BalanceScopeConfig, RouterGradConfig):
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
     fixed_top_k: ClassVar[tuple[int, str] | None] = (2, "for gshard (top-2 gating)")
+    no_sparsemixer: ClassVar[str | None] = None
     uneven_top_k: ClassVar[str | None] = (
         "gshard keeps a token's second choice at random in training (1 or 2 experts per token)"
     )
@@ -49,17 +55,23 @@ class GShardConfig(BalanceScopeConfig, RouterGradConfig):
         check_number(self, "z_loss_coef", minimum=0)
 
 
+def top2_normalised(probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight_T2, expert_T2): the top-2 probabilities g1, g2 as g / (g1 + g2) (Algorithm 1)."""
+    g_T2, expert_T2 = topk(probs_TE, 2)
+    return g_T2 / g_T2.sum(-1, keepdim=True), expert_T2
+
+
 class GShardRouter(Router):
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
         cfg, T, E = self.cfg, x_TD.shape[0], self.cfg.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = F.softmax(logits_TE, dim=-1)
-        g_T2, expert_T2 = topk(probs_TE, 2)
-        weight_T2 = g_T2 / g_T2.sum(-1, keepdim=True)
+        rule = partial(top2_normalised, probs_TE)
+        weight_T2, expert_T2 = self.select(logits_TE, rule)
         token_A, expert_A, weight_A = flatten_topk(expert_T2, weight_T2)
         choice_A = torch.arange(2, device=x_TD.device).repeat(T)  # 0 first, 1 second
         keep_A = torch.ones_like(choice_A, dtype=torch.bool)
-        if self.training:
+        if self.training and cfg.router_grad != "sparsemixer":  # SparseMixer sampled it already
             keep_second_T = torch.rand(T, device=x_TD.device) < 2 * weight_T2[:, 1].detach()
             keep_A[1::2] = keep_second_T
         token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
@@ -73,7 +85,8 @@ class GShardRouter(Router):
         routing = make_routing(token_A, expert_A, weight_A, probs_TE, logits_TE, demand_E, capacity)
         losses = {}
         if self.training:
-            first_T, tokens_T = expert_T2[:, 0], torch.arange(T, device=x_TD.device)
+            first_T = self.counted(expert_T2, rule)[:, 0]
+            tokens_T = torch.arange(T, device=x_TD.device)
             f, p = scoped_balance_inputs(self, first_T, tokens_T, probs_TE, num_seqs)
             losses = softmax_losses(self, logits_TE, f, p)
         return routing, losses

@@ -45,6 +45,9 @@ class NoisyTopKConfig(RouterGradConfig):
         "estimator (Shazeer et al. 2017)."
     )
     dropless: ClassVar[str | None] = "noisy_topk balances with its importance and load losses"
+    no_sparsemixer: ClassVar[str | None] = (
+        "noisy_topk selects on noisy logits, which its load loss models"
+    )
     num_experts: int = 32
     top_k: int = 4
     importance_coef: float = 0.1

@@ -45,6 +45,9 @@ class SinkhornConfig(RouterGradConfig):
         "No auxiliary loss: training routes on the Sinkhorn-balanced plan of exp(u), so balance "
         "comes from the assignment itself (Clark et al. 2022)."
     )
+    no_sparsemixer: ClassVar[str | None] = (
+        "sinkhorn selects by its balanced transport plan, not by the logits"
+    )
     top_k: int = 1
     sinkhorn_tol: float = 1e-4
     sinkhorn_max_iters: int = 1000

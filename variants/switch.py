@@ -47,6 +47,7 @@ class SwitchConfig(BalanceScopeConfig, RouterGradConfig):
     capacity_factor: float | None = 1.25
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
+    # input jitter here (RouterGradConfig's SparseMixer band needs top_k=2, never switch's)
     jitter_eps: float = 0.0
     fixed_top_k: ClassVar[tuple[int, str] | None] = (1, "for switch (top-1 routing)")
 

@@ -54,6 +54,9 @@ class XMoEConfig(BalanceScopeConfig, RouterGradConfig):
         "softmax(cos / τ0) at a fixed τ0 = 0.3, not the gate's learnable τ (Chi et al. 2022, "
         "Eq. 8)."
     )
+    no_sparsemixer: ClassVar[str | None] = (
+        "xmoe selects on cosine scores over a learned temperature"
+    )
     num_experts: int = 8
     top_k: int = 1
     routing_dim: int = 16

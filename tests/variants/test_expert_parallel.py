@@ -233,6 +233,10 @@ def _silent_worker(rank: int, P: int) -> None:
 
 def _cases(train_v3: bool) -> list[tuple]:
     cases = [(n, f, b, False) for n, f in DROPLESS.items() for b in BACKENDS]
+    # SparseMixer's selection (router_grad=sparsemixer) happens before dispatch; in eval it is
+    # deterministic, so each rank's routing equals the reference's (training samples per rank)
+    sparsemixer = dict(DROPLESS["mixtral"], router_grad="sparsemixer", jitter_eps=0.3)
+    cases += [("mixtral", sparsemixer, b, False) for b in BACKENDS]
     if train_v3:  # training mode: local sequence losses, bias update from all ranks' load
         cases.append(("deepseek_v3", DROPLESS["deepseek_v3"], "grouped", True))
         cases.append(("deepseek_v2", DROPLESS["deepseek_v2"], "loop", True))

@@ -20,8 +20,9 @@ from ..compute.backends import get_backend
 ACTIVATIONS = ("gelu", "swiglu", "clamped_swiglu")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 # how the router's gradient is estimated (`variants.contract.router_grad` holds one estimator
-# per name): "topk", the plain top-K gradient; "default_moe", Panda et al. 2025's EMA stand-in
-ROUTER_GRADS = ("topk", "default_moe")
+# per name): "topk", the plain top-K gradient; "default_moe", Panda et al. 2025's EMA stand-in;
+# "sparsemixer", GRIN's SparseMixer (Liu et al. 2024): its own top-2 selection and estimator
+ROUTER_GRADS = ("topk", "default_moe", "sparsemixer")
 ROUTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -290,10 +291,27 @@ class RouterGradConfig(MoEConfig):
       did not use stands in with `default_output[i]`, an exponential moving average (decay
       `default_moe_decay`) of expert i's mean output, so the router gets a dense gradient.
       The forward output is unchanged (`variants.contract.router_grad.DefaultMoE`).
+    - `sparsemixer`: SparseMixer (GRIN, Liu et al. 2024, arXiv:2409.12136; Phi-3.5-MoE's
+      router, `variants.contract.sparsemixer`) picks the two experts and their weights from
+      the router's logits in place of the variant's top-2 rule: within a relative band
+      `2 * jitter_eps` of the best remaining logit, argmax in eval, sampled in training, where
+      its Heun's-method estimator gives the router's gradient. Needs top_k=2 and a router that
+      selects by softmax logits (`no_sparsemixer` None); the variant's own weight rule
+      (renormalisation, `norm_topk_prob`) gives way to SparseMixer's weights.
+    `jitter_eps` [0.01, Phi-3.5-MoE's `router_jitter_noise`] is read by `sparsemixer` only.
     """
 
+    # why the variant's router cannot select by SparseMixer (`router_grad="sparsemixer"`);
+    # None where its router selects through `Router.select` on softmax logits
+    no_sparsemixer: ClassVar[str | None] = "its router does not select by softmax logits"
     router_grad: str = "topk"
     default_moe_decay: float = 0.9
+    jitter_eps: float = 0.01
+
+    @property
+    def draws_over_the_batch(self) -> bool:
+        # SparseMixer samples every token's first choice, then every second (HF's order)
+        return self.router_grad == "sparsemixer"
 
     def validate(self) -> None:
         super().validate()
@@ -301,3 +319,23 @@ class RouterGradConfig(MoEConfig):
         check_number(self, "default_moe_decay", minimum=0)
         if self.default_moe_decay >= 1:
             raise ValueError(f"default_moe_decay={self.default_moe_decay} must be < 1")
+        check_number(self, "jitter_eps", minimum=0)
+        if self.router_grad != "sparsemixer":
+            return
+        others = "'topk' or 'default_moe'"
+        if self.top_k != 2:
+            raise ValueError(
+                f"router_grad='sparsemixer' needs top_k=2 (SparseMixer picks two experts), not "
+                f"top_k={self.top_k}; allowed here: {others}"
+            )
+        if self.no_sparsemixer is not None:
+            raise ValueError(
+                f"router_grad='sparsemixer' is not allowed here ({self.no_sparsemixer}); "
+                f"allowed: {others}"
+            )
+        # the Qwen2-MoE option (`SharedExpertConfig`) would rescale SparseMixer's weights
+        if getattr(self, "norm_topk_prob", False):
+            raise ValueError(
+                "norm_topk_prob=True does not apply with router_grad='sparsemixer' (its "
+                "weights are SparseMixer's); set norm_topk_prob=False"
+            )

@@ -7,12 +7,14 @@ With top-K routing the router's gradient comes only through the K kept weights o
 module the layer calls after its backend, `y_TD = estimator(x_TD, routing, y_TD, bank)`; it may
 add terms whose value is zero but whose gradient is not. One estimator per name of
 `variants.contract.config.ROUTER_GRADS`, registered in `ESTIMATORS`. An estimator that acts on
-the router's weights instead (SparseMixer's, arXiv:2409.12136) hooks into the router and
-registers a pass-through module here.
+the router's selection and weights instead (SparseMixer's, arXiv:2409.12136) does so in its
+`select`, which the router calls where scores become a top-K choice (`Router.select`), and
+passes the output through here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +22,10 @@ from torch import nn
 
 from ..compute.assignments import Routing
 from ..compute.experts import ExpertBank
+from .sparsemixer import sparsemixer
+
+# a variant's own selection: () -> (weight_TK, expert_TK)
+Rule = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
 class TopK(nn.Module):
@@ -31,6 +37,18 @@ class TopK(nn.Module):
     @classmethod
     def from_config(cls, cfg: Any) -> TopK:
         return cls()
+
+    @staticmethod
+    def select(
+        cfg: Any, logits_TE: torch.Tensor, rule: Rule, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight_TK, expert_TK): the variant's own top-K `rule`."""
+        return rule()
+
+    @staticmethod
+    def counted(expert_TK: torch.Tensor, rule: Rule) -> torch.Tensor:
+        """[T, K]: the choices a balance loss counts, here the selection's own."""
+        return expert_TK
 
     def forward(
         self, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor, bank: ExpertBank
@@ -110,9 +128,50 @@ class DefaultMoE(TopK):
         return y_TD + (d_TD - d_TD.detach())
 
 
+class SparseMixer(TopK):
+    """`sparsemixer`: SparseMixer (GRIN, Liu et al. 2024, arXiv:2409.12136), Phi-3.5-MoE's
+    router, on a variant whose router selects top-2 by softmax logits
+    (`RouterGradConfig.no_sparsemixer` None).
+
+    It replaces the selection and weights, not a term after the backend: `select` returns
+    `variants.contract.sparsemixer.sparsemixer(logits, jitter_eps, training)`, the code the
+    `phimoe` variant runs, in place of the variant's top-2 rule. Eval: each choice the argmax
+    of the logits left (the top-2), its weight its softmax probability among the experts
+    within a relative `2 * jitter_eps` of that best logit (1 for a choice alone in its band;
+    the two need not sum to 1). Training: each choice sampled from that band's softmax, its
+    forward weight times Heun's midpoint factor (1 or 0.3333) and its router gradient the
+    paper's estimator. The variant keeps the rest of its routing: capacity, and its balance
+    loss, whose f counts the variant's own top-K rule (`counted`), not the samples, as HF's
+    loss for Phi-3.5-MoE counts the softmax's top-2 (so the loss does not depend on the
+    draws); gshard's random routing of the second choice is off (SparseMixer samples it).
+    The selection happens before dispatch, so every backend and expert parallelism run it;
+    the output passes through here.
+    """
+
+    @staticmethod
+    def select(
+        cfg: Any, logits_TE: torch.Tensor, rule: Rule, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparsemixer(logits_TE, cfg.jitter_eps, training)
+
+    @staticmethod
+    def counted(expert_TK: torch.Tensor, rule: Rule) -> torch.Tensor:
+        """[T, K]: the variant's own top-K choices (HF's Phi-3.5-MoE loss: the softmax's top-2)."""
+        return rule()[1]
+
+
+def estimator_class(cfg: Any) -> type[TopK]:
+    """The estimator class a config asks for (`router_grad`; `topk` where a variant has none)."""
+    return ESTIMATORS[getattr(cfg, "router_grad", "topk")]
+
+
 def make_estimator(cfg: Any) -> TopK:
     """The estimator a layer config asks for (`router_grad`; `topk` where a variant has none)."""
-    return ESTIMATORS[getattr(cfg, "router_grad", "topk")].from_config(cfg)
+    return estimator_class(cfg).from_config(cfg)
 
 
-ESTIMATORS: dict[str, type[TopK]] = {"topk": TopK, "default_moe": DefaultMoE}
+ESTIMATORS: dict[str, type[TopK]] = {
+    "topk": TopK,
+    "default_moe": DefaultMoE,
+    "sparsemixer": SparseMixer,
+}

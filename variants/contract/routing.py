@@ -19,6 +19,7 @@ from torch import nn
 from ..compute.assignments import Routing, make_routing
 from ..compute.dispatch import rank_in_expert
 from .config import ROUTER_DTYPES, MoEConfig
+from .router_grad import Rule, estimator_class
 
 # ---------------------------------------------------------------------------------------------
 # Assignment bookkeeping
@@ -178,6 +179,17 @@ class Router(nn.Module):
 
     def route(self, x_TD: torch.Tensor, num_seqs: int) -> tuple[Routing, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def select(self, logits_TE: torch.Tensor, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight_TK, expert_TK): the variant's own top-K `rule` (called with no argument),
+        unless its `router_grad` estimator selects itself (SparseMixer, from `logits_TE`).
+        A variant whose config leaves `no_sparsemixer` None selects through here."""
+        return estimator_class(self.cfg).select(self.cfg, logits_TE, rule, self.training)
+
+    def counted(self, expert_TK: torch.Tensor, rule: Rule) -> torch.Tensor:
+        """[T, K]: the choices the balance loss's f counts: `expert_TK` from `select`, or the
+        `rule`'s where the estimator selects itself (SparseMixer: not its samples)."""
+        return estimator_class(self.cfg).counted(expert_TK, rule)
 
     def forward(
         self, x_TD: torch.Tensor, num_seqs: int = 1, token_ids: torch.Tensor | None = None
