@@ -166,7 +166,7 @@ SELECTION_SCOPE = "selection_scope" in variants.make_config("expert_choice").__d
 
 
 @pytest.mark.parametrize(
-    ("preset", "jobs"), [("claims", 39), ("claims_gpu", 39), ("claims_training", 12)]
+    ("preset", "jobs"), [("claims", 39), ("claims_gpu", 39), ("claims_training", 15)]
 )
 def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int) -> None:
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
@@ -184,20 +184,23 @@ def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int
 
 
 def test_training_claims_pair_by_seed_and_never_across_claims() -> None:
-    """Claim 7 pairs mixtral topk with default_moe from scratch; claim 8 the upcycled mixtral
-    with the dense run continued from the same parent; an upcycled mixtral is never claim 7's
-    control."""
+    """Claims 7 and 9 pair mixtral topk with default_moe and with sparsemixer from scratch;
+    claim 8 the upcycled mixtral with the dense run continued from the same parent; an upcycled
+    mixtral is never claim 7's or 9's control."""
     parent = {"task.init_from": "multirun/claims_training_parent/0", "task.steps": 200}
     rows = []
     for s in range(3):
         rows.append(job("mixtral", s, 3.40 + 0.01 * s, **{"variant.router_grad": "default_moe"}))
         rows.append(job("mixtral", s, 3.50 + 0.01 * s, **{"variant.router_grad": "topk"}))
+        rows.append(job("mixtral", s, 3.60 + 0.01 * s, **{"variant.router_grad": "sparsemixer"}))
         rows.append(job("mixtral", s, 3.00 + 0.01 * s, **{"variant.router_grad": "topk"}, **parent))
         rows.append(job("dense", s, 3.20 + 0.01 * s, **parent))
     results = {r.claim.id: r for r in claims.evaluate(frame(*rows))}
-    assert sorted(results) == ["7", "8"]
-    for r in results.values():
+    assert sorted(results) == ["7", "8", "9"]
+    for r in (results["7"], results["8"]):
         assert r.verdict == claims.REPRODUCED and r.checks[0].n == 3
+    assert results["9"].verdict == claims.CONTRADICTED  # sparsemixer's loss above top-K's
+    assert results["9"].numbers[0][2] == pytest.approx([3.50, 3.51, 3.52])  # not the upcycled
     _, upcycled, dense = results["8"].numbers[0]
     assert upcycled == pytest.approx([3.00, 3.01, 3.02]) and dense == pytest.approx(
         [3.2, 3.21, 3.22]
