@@ -205,3 +205,30 @@ def test_default_moe_trains_every_token_choice_variant(name: str) -> None:
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.9 * losses[0]
     assert torch.isfinite(layer.router_grad.default_output).all()
+
+
+def test_default_moe_under_activation_checkpointing_updates_its_ema_once() -> None:
+    """The recomputed forward of a checkpointed layer must not update the EMA stand-in a second
+    time: the buffer, the output and every gradient equal the plain run's."""
+    from variants.contract.recompute import checkpointed
+
+    def run(checkpoint: bool) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        layer = variants.build(
+            "mixtral", d_model=16, num_experts=8, expert_hidden=16, top_k=2,
+            router_grad="default_moe", backend="loop",
+        ).train()  # fmt: skip
+        before = {n: b.clone() for n, b in layer.named_buffers()}
+        x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(1))
+        out = checkpointed(layer, x) if checkpoint else layer(x)
+        (out.y.square().sum() + out.aux_loss).backward()
+        buffers = {n: b.clone() for n, b in layer.named_buffers()}
+        assert any(not torch.equal(before[n], buffers[n]) for n in buffers)  # it did update
+        return buffers, out.y.detach(), layer.router.weight.grad.clone()
+
+    (plain, y, grad), (ckpt, y_ckpt, grad_ckpt) = run(False), run(True)
+    assert plain.keys() == ckpt.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0)
+    torch.testing.assert_close(y_ckpt, y, rtol=0, atol=0)
+    torch.testing.assert_close(grad_ckpt, grad, rtol=1e-6, atol=1e-7)
