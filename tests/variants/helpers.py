@@ -60,3 +60,21 @@ def feed_token_ids(layer: torch.nn.Module) -> torch.nn.Module:
 
     layer.register_forward_pre_hook(hook, with_kwargs=True)
     return layer
+
+
+def fit_losses(layer: torch.nn.Module, steps: int = 30) -> list[float]:
+    """Adam steps of `layer` (width 8) fitting a fixed random map, its aux loss added: the fit
+    loss at each step, the router's gradient checked finite and the bias updated each step."""
+    x, target = torch.randn(32, 8), torch.randn(32, 8)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = layer(x)
+        loss = (out.y - target).square().mean()
+        (loss + out.aux_loss).backward()
+        assert torch.isfinite(layer.router.weight.grad).all()
+        opt.step()
+        layer.update_bias()
+        losses.append(float(loss.detach()))
+    return losses

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import variants
-from tests.variants.helpers import with_logits
+from tests.variants.helpers import fit_losses, with_logits
 from variants.contract.router_grad import DefaultMoE, TopK
 
 TOKEN_CHOICE = (
@@ -192,17 +192,7 @@ def test_default_moe_trains_every_token_choice_variant(name: str) -> None:
     """30 Adam steps fitting a fixed random map: the loss falls, the defaults stay finite."""
     torch.manual_seed(0)
     layer = variants.build(name, router_grad="default_moe", **small_fields(name)).train()
-    x, target = torch.randn(32, 8), torch.randn(32, 8)
-    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        out = layer(x)
-        loss = (out.y - target).square().mean()
-        (loss + out.aux_loss).backward()
-        opt.step()
-        layer.update_bias()
-        losses.append(float(loss.detach()))
+    losses = fit_losses(layer)
     assert losses[-1] < 0.9 * losses[0]
     assert torch.isfinite(layer.router_grad.default_output).all()
 
