@@ -1,14 +1,16 @@
 """The scripts that upgrade committed rows: the run card's texts from this checkout's code,
-and 10-step training windows that say they are `task.log_every=10` rows."""
+10-step training windows that say they are `task.log_every=10` rows, and the join of several
+sweeps' rows with their job folders kept apart."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 
 from moe_bench import components, registry
-from scripts import add_run_card, window_training_rows
+from scripts import add_run_card, join_rows, window_training_rows
 
 
 def test_texts_from_code_are_what_a_job_writes() -> None:
@@ -38,3 +40,22 @@ def test_windowed_rows_say_their_log_every_and_keep_the_mean() -> None:
     assert set(out["task.log_every"]) == {10}
     again = window_training_rows.windowed(out, 10)  # windowing windowed rows changes nothing
     assert again["value"].tolist() == out["value"].tolist()
+
+
+def test_joined_rows_keep_each_parts_jobs_apart(tmp_path: Path) -> None:
+    def saved(name: str, jobs: list[str]) -> Path:
+        path = tmp_path / name
+        pd.DataFrame(
+            {"job_dir": jobs, "metric": "job", "value": range(len(jobs)), "variant": name}
+        ).to_csv(path, index=False)
+        return path
+
+    base, extra = saved("base.csv", ["0", "1"]), saved("extra.csv", ["0"])
+    out = tmp_path / "joined.csv.gz"
+    assert join_rows.main([str(out), str(base), f"more={extra}"]) == 0
+    joined = pd.read_csv(out, dtype={"job_dir": str})
+    assert joined["job_dir"].tolist() == ["0", "1", "more/0"]
+    assert joined.set_index("job_dir").loc["more/0", "variant"] == "extra.csv"
+    # the same job folder twice would merge two jobs' rows: refused, nothing written
+    assert join_rows.main([str(tmp_path / "bad.csv"), str(base), str(extra)]) == 2
+    assert not (tmp_path / "bad.csv").exists()
