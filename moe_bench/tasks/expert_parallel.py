@@ -60,6 +60,7 @@ from variants.parallel.expert_parallel import (
     EPStats,
     ExpertParallel,
     _check_groups,
+    check_shardable,
 )
 
 PASSES = ("fwd", "fwd_bwd")
@@ -145,6 +146,11 @@ def rank_spec(job: Job) -> RankSpec:
             f"backend={job.backend!r}: expert parallelism runs the local experts on "
             f"{' or '.join(LOCAL_BACKENDS)}"
         )
+    # the wrapper's own checks (a forward of its own, not token-choice, ...), on the meta
+    # device: no weights allocated
+    check_shardable(
+        components.lookup(job.variant).build(job.layer, torch.device("meta"), job.dtype)
+    )
     EPPlan(job.layer.num_experts, P, 0, job.backend)  # E divisible by P
     _check_groups(job.layer, P)  # device groups on whole ranks
     if (m.tokens // m.seq_len) % P:

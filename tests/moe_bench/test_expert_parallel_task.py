@@ -139,6 +139,57 @@ def test_dense_is_refused(compose_cfg, tmp_path: Path) -> None:
     assert status == "failed" and "no routed experts" in frame.error.iloc[-1]
 
 
+@pytest.mark.parametrize(
+    ("variant", "match"),
+    [("longcat_flash", "has a forward of its own"), ("expert_choice", "not token-choice")],
+)
+def test_unshardable_layers_fail_before_any_rank_starts(
+    compose_cfg, tmp_path: Path, monkeypatch, variant: str, match: str
+) -> None:
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("ranks started")
+
+    monkeypatch.setattr(ep_task, "spawn_ranks", no_spawn)
+    status, frame = _ep_job(compose_cfg, tmp_path, f"variant={variant}", "task.ep_size=2")
+    assert status == "failed" and match in frame.error.iloc[-1]
+
+
+RELEASED = (
+    "qwen3_moe",
+    "qwen3_next",
+    "olmoe",
+    "phimoe",
+    "gpt_oss",
+    "llama4",
+    "minimax_m2",
+    "glm4_moe",
+    "dots1",
+    "ernie4_5_moe",
+    "deepseek_v4",
+)  # fmt: skip  (token-choice released-model presets; longcat_flash is refused above)
+
+
+@pytest.mark.slow  # eleven Hydra composes: the slow run
+def test_released_model_presets_pass_every_check_before_ranks_start(compose_cfg) -> None:
+    """At 4 ranks (so also at 2): experts divisible, the layer shardable, sequences whole."""
+    for variant in RELEASED:
+        job = resolve(compose_cfg(*FAST, *EP, f"variant={variant}", "task.ep_size=4"))
+        assert ep_task.rank_spec(job).layer is job.layer, variant  # every check passed
+
+
+@pytest.mark.slow  # several processes per job: the slow run
+@pytest.mark.parametrize("variant", ["qwen3_next", "gpt_oss", "deepseek_v4"])
+def test_released_model_presets_run_expert_parallel(
+    compose_cfg, tmp_path: Path, variant: str
+) -> None:
+    """A shared gate (Qwen3-Next), expert biases and a clamped SwiGLU (gpt-oss), and
+    DeepSeek-V4's learned layer run the task on 2 gloo ranks."""
+    status, frame = _ep_job(compose_cfg, tmp_path, f"variant={variant}", "task.ep_size=2",
+                            "task.steps=2")  # fmt: skip
+    assert status == "ok"
+    assert (_rows(frame, "rank_tokens")["value"] > 0).all()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -296,7 +296,7 @@ def test_refuses_what_it_cannot_shard() -> None:
         ExpertParallel(variants.build("dense", d_model=D))
     for name in ("moe_plus_plus", "longcat_flash"):  # their zero-computation experts
         pool = variants.build(name, d_model=D, num_experts=4, top_k=2, expert_hidden=H)
-        with pytest.raises(ValueError, match=f"layer={type(pool).__name__} adds more than"):
+        with pytest.raises(ValueError, match="has a forward of its own"):
             ExpertParallel(pool)
     with pytest.raises(ValueError, match="num_experts=6 must be divisible by world_size=4"):
         EPPlan(num_experts=6, world_size=4, rank=0, backend="grouped")

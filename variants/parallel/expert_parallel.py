@@ -219,6 +219,33 @@ def _check_groups(cfg: Any, world_size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_shardable(layer: nn.Module) -> None:
+    """ValueError naming what stops `layer` from running expert-parallel, else nothing (checked
+    by the wrapper, and by the expert_parallel task before any rank starts)."""
+    if not isinstance(layer, MoELayer):
+        raise ValueError(
+            f"layer={type(layer).__name__} must be a routed MoELayer (variants.build of a "
+            "token-choice variant): it has no routed experts to shard"
+        )
+    if type(layer).forward is not MoELayer.forward:
+        raise ValueError(
+            f"layer={type(layer).__name__} has a forward of its own (more than router -> "
+            "experts, e.g. zero-computation experts); expert parallelism shards layers whose "
+            "output is the router's routing plus shared experts only"
+        )
+    if not layer.cfg.token_choice:
+        raise ValueError(
+            f"layer config {type(layer.cfg).__name__} is not token-choice: its experts "
+            "choose among all tokens of the batch, so ranks cannot route their own tokens; "
+            "expert parallelism takes token-choice variants only"
+        )
+    if not layer.router_grad.expert_parallel:
+        raise ValueError(
+            f"router_grad={layer.cfg.router_grad!r} cannot run expert-parallel: its "
+            "estimator needs every expert's outputs on one rank; use router_grad='topk'"
+        )
+
+
 class ExpertParallel(nn.Module):
     """A token-choice MoELayer executed expert-parallel over `group` (default: the world).
 
@@ -236,33 +263,7 @@ class ExpertParallel(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(layer, MoELayer):
-            raise ValueError(
-                f"layer={type(layer).__name__} must be a routed MoELayer (variants.build of a "
-                "token-choice variant): it has no routed experts to shard"
-            )
-        if type(layer).forward is not MoELayer.forward:
-            raise ValueError(
-                f"layer={type(layer).__name__} adds more than its routed and shared experts "
-                "(zero-computation experts: moe_plus_plus, longcat_flash); expert parallelism "
-                "shards layers whose output is the router's routing plus shared experts only"
-            )
-        if not layer.cfg.token_choice:
-            raise ValueError(
-                f"layer config {type(layer.cfg).__name__} is not token-choice: its experts "
-                "choose among all tokens of the batch, so ranks cannot route their own tokens; "
-                "expert parallelism takes token-choice variants only"
-            )
-        if not layer.router_grad.expert_parallel:
-            raise ValueError(
-                f"router_grad={layer.cfg.router_grad!r} cannot run expert-parallel: its "
-                "estimator needs every expert's outputs on one rank; use router_grad='topk'"
-            )
-        if type(layer).forward is not MoELayer.forward:
-            raise ValueError(
-                f"layer={type(layer).__name__} has a forward of its own (more than router -> "
-                "experts); expert parallelism runs the MoELayer path only"
-            )
+        check_shardable(layer)
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
                 "torch.distributed is not initialized: call torch.distributed."
