@@ -1,5 +1,6 @@
-"""A parametrised test's cases split between the two runs: a representative few in the default
-run, the rest in the slow run (`-m slow`), so that each case runs in exactly one of them."""
+"""A parametrised test's cases split between the two runs: most in the default run, those named
+slow only in the slow run (`-m slow`), so that each case runs in exactly one of them. A case
+added later (a new variant) runs in the default run until it is named slow."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from typing import Any
 import pytest
 
 
-def rest_slow(cases: Iterable[Any], default: Collection[Any]) -> list[Any]:
-    """`cases` (values, or tuples of values for several argnames) with those not in `default`
-    marked slow; every entry of `default` must be one of `cases`."""
+def some_slow(cases: Iterable[Any], slow: Collection[Any]) -> list[Any]:
+    """`cases` (values, or tuples of values for several argnames) with those in `slow` marked
+    slow; every entry of `slow` must be one of `cases` (a renamed case is not dropped)."""
     cases = list(cases)
-    unknown = [c for c in default if c not in cases]
+    unknown = [c for c in slow if c not in cases]
     if unknown:
-        raise ValueError(f"default={unknown!r} are not among the cases")
+        raise ValueError(f"slow={unknown!r} are not among the cases")
     return [
-        c
-        if c in default
-        else pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
+        pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
+        if c in slow
+        else c
         for c in cases
     ]
