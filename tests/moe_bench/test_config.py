@@ -96,7 +96,15 @@ def test_devices(compose_cfg, device: str) -> None:
     assert resolve(compose_cfg(f"device={device}")).device.type in ("cpu", "cuda")
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+# presets that other default-run tests compose with their sweeper params (test_claims,
+# test_ladder_report, the quick preset's test below): the generic checks of these in the slow run
+COMPOSED_ELSEWHERE = (
+    "claims", "claims_gpu", "claims_training", "ladder", "ladder_0p5m", "ladder_2m", "ladder_8m",
+    "ladder_causes", "ladder_grid", "quick",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", some_slow(PRESETS, COMPOSED_ELSEWHERE))
 def test_every_preset_composes_into_a_multirun(compose_cfg, preset: str) -> None:
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
