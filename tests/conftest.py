@@ -6,11 +6,16 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-import torch
+
+# torch is imported by the fixtures, not here: pytest-xdist's controlling process loads this
+# file but runs no test, and importing torch there costs seconds of CPU that the two workers,
+# starting at the same time on 2 cores, wait for
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
+    import torch
+
     torch.manual_seed(0)
 
 
@@ -18,6 +23,8 @@ def _seed() -> None:
 def _threads() -> None:
     # Unit tests run small ops, where a second thread costs more than it gives (and makes a
     # busy machine's timings erratic). Benchmarks set their own thread count.
+    import torch
+
     torch.set_num_threads(1)
 
 

@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_bench.bench.cases import NUM_THREADS
 
+from . import gated
+
+HERE = Path(__file__).parent
+# a smoke run of a fine-size case (E=64, K=8) takes seconds where the others take a fraction
+# of one: `loop` and the HF-style fake step expert by expert. The default run smoke-runs the
+# other sizes, the slow run these; the benchmark run times every case, whatever its size.
+SLOW_SMOKE_SIZE = "fine"
+
+
+def is_smoke(config: pytest.Config) -> bool:
+    """Benchmarks disabled (the default and slow runs): each case runs once, nothing timed."""
+    disabled = config.getoption("benchmark_disable", False)
+    return bool(disabled and not config.getoption("benchmark_enable", False))
+
+
+def case_size(item: pytest.Item) -> str | None:
+    """The benchmark size an item runs (its `size`, or its time rule's), else None."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "rule" in params:
+        return gated.TIME_RULES[params["rule"]].size
+    return params.get("size")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not is_smoke(config):
+        return
+    for item in items:
+        if item.path.is_relative_to(HERE) and case_size(item) == SLOW_SMOKE_SIZE:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def smoke(pytestconfig: pytest.Config) -> bool:
     """Benchmarks disabled (the default run): smoke-run the cases at SMOKE_TOKENS tokens."""
-    disabled = pytestconfig.getoption("benchmark_disable", False)
-    return bool(disabled and not pytestconfig.getoption("benchmark_enable", False))
+    return is_smoke(pytestconfig)
 
 
 @pytest.fixture

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from moe_bench.bench.cases import HF_STYLE, SIZES, Case, build_layer, hf_style
+from tests.slow_cases import some_slow
 from variants.compute.backends import BACKENDS
 
 FAKES = {HF_STYLE: hf_style, "grouped": BACKENDS["grouped"]}
 
 
-@pytest.mark.parametrize("size", list(SIZES))
+# fine (E=64, K=8): seconds a case, with `loop` stepping 64 experts; the slow run checks it
+@pytest.mark.parametrize("size", some_slow(SIZES, ["fine"]))
 @pytest.mark.parametrize("backend", list(FAKES))
 def test_backend_matches_loop_at_benchmark_expert_counts(size: str, backend: str) -> None:
     ref = build_layer(Case(size, "deepseek_moe", "loop"))

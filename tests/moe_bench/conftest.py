@@ -60,13 +60,10 @@ def run_cli(
     )  # fmt: skip
 
 
-@pytest.fixture
-def sketched_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Build report pages with every figure drawn (its data, its `Missing`, its matplotlib
-    figure) but not laid out and saved as SVG: layout and SVG are most of a page's build time.
-    For tests that read a page's text and which figures it holds. The real SVG is checked by
-    test_report.py's full page (every figure, self-contained, opened in a browser) and the
-    figure tests, which draw every figure."""
+def sketch_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Report pages built under `monkeypatch` draw every figure (its data, its `Missing`, its
+    matplotlib figure) but do not lay it out and save it as SVG: layout and SVG are most of a
+    page's build time."""
     from matplotlib import pyplot as plt
 
     from moe_bench.report import figures
@@ -79,6 +76,16 @@ def sketched_figures(monkeypatch: pytest.MonkeyPatch) -> None:
         return f'<svg class="sketch" data-figure="{prefix}"></svg>', drawn.data
 
     monkeypatch.setattr(figures, "render_svg", sketch)
+
+
+@pytest.fixture
+def sketched_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build report pages with every figure drawn but not laid out and saved as SVG
+    (`sketch_figures`). For tests that read a page's text and which figures it holds. The real
+    SVG is checked by test_report.py's pages with real figures (a throughput sweep's in the
+    default run; the full sweep's, every figure, self-contained and opened in a browser, in
+    the slow run) and the figure tests, which draw every figure."""
+    sketch_figures(monkeypatch)
 
 
 @pytest.fixture

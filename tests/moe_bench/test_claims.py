@@ -165,22 +165,42 @@ def expand(cfg) -> list[list[str]]:
 SELECTION_SCOPE = "selection_scope" in variants.make_config("expert_choice").__dataclass_fields__
 
 
-@pytest.mark.parametrize(
-    ("preset", "jobs"), [("claims", 39), ("claims_gpu", 39), ("claims_training", 15)]
-)
+CLAIMS_PRESETS = {"claims": 39, "claims_gpu": 39, "claims_training": 15}
+
+
+def claim_options(batches: list[list[str]]) -> list[str]:
+    """The claims files a preset's jobs name (`+claims=<name>`), sorted."""
+    return sorted({o.split("=", 1)[1] for b in batches for o in b if o.startswith("+claims=")})
+
+
+def check_claim_option(compose_cfg, preset: str, name: str) -> None:
+    assert (SWEEPS / "claims" / f"{name}.yaml").is_file()
+    if name == "expert_choice_position" and not SELECTION_SCOPE:
+        return  # variant.selection_scope arrives with expert_choice's position scope
+    run = resolve(compose_cfg(f"+experiment={preset}", f"+claims={name}", "device=cpu"))
+    assert run.task.name == "convergence"
+
+
+@pytest.mark.parametrize(("preset", "jobs"), CLAIMS_PRESETS.items())
 def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int) -> None:
+    """The jobs' count, the report's own expansion, every claims file there; one claims option
+    resolved (the slow run resolves every one: a compose each)."""
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     batches = expand(cfg)
     assert len(batches) == jobs
     given = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     assert load.expand(given) == batches  # the report's own expansion counts the same jobs
-    for option in {o for batch in batches for o in batch if o.startswith("+claims=")}:
-        name = option.split("=", 1)[1]
-        assert (SWEEPS / "claims" / f"{name}.yaml").is_file()
-        if name == "expert_choice_position" and not SELECTION_SCOPE:
-            continue  # variant.selection_scope arrives with expert_choice's position scope
-        run = resolve(compose_cfg(f"+experiment={preset}", option, "device=cpu"))
-        assert run.task.name == "convergence"
+    names = claim_options(batches)
+    assert all((SWEEPS / "claims" / f"{name}.yaml").is_file() for name in names), names
+    check_claim_option(compose_cfg, preset, names[0])
+
+
+@pytest.mark.slow  # a compose per claims option, seconds in all: the slow run
+@pytest.mark.parametrize("preset", CLAIMS_PRESETS)
+def test_every_claims_option_of_a_preset_resolves(compose_cfg, preset: str) -> None:
+    names = claim_options(expand(compose_cfg(f"+experiment={preset}", hydra=True)))
+    for name in names:
+        check_claim_option(compose_cfg, preset, name)
 
 
 def test_training_claims_pair_by_seed_and_never_across_claims() -> None:

@@ -15,6 +15,7 @@ import variants
 from moe_bench import components, registry, results
 from moe_bench.config import resolve
 from tests.moe_bench.conftest import SWEEPS
+from tests.slow_cases import some_slow
 
 PRESETS = sorted(p.stem for p in (SWEEPS / "experiment").glob("*.yaml"))
 YAML_TASKS = sorted(p.stem for p in (SWEEPS / "task").glob("*.yaml"))
@@ -43,8 +44,14 @@ def test_every_registered_variant_has_a_config_file_and_back() -> None:
     assert sorted(registry.names()) == YAML_TASKS
 
 
-@pytest.mark.parametrize("model", ["tiny", "small", "medium", "large"])
-@pytest.mark.parametrize("variant", VARIANT_FILES)
+MODELS = ("tiny", "small", "medium", "large")
+# the default run resolves every variant file at one model size, the sizes taken in turn (so
+# every size too); the slow run resolves the rest of the cross-product
+IN_TURN = {(v, MODELS[n % len(MODELS)]) for n, v in enumerate(VARIANT_FILES)}
+SIZED = [(v, m) for v in VARIANT_FILES for m in MODELS]
+
+
+@pytest.mark.parametrize(("variant", "model"), some_slow(SIZED, set(SIZED) - IN_TURN))
 def test_variant_resolves_at_equal_active_flops(compose_cfg, variant: str, model: str) -> None:
     run = resolve(compose_cfg(f"variant={variant}", f"model={model}", "device=cpu"))
     cfg, m = run.layer, run.model
@@ -89,7 +96,15 @@ def test_devices(compose_cfg, device: str) -> None:
     assert resolve(compose_cfg(f"device={device}")).device.type in ("cpu", "cuda")
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+# presets that other default-run tests compose with their sweeper params (test_claims,
+# test_ladder_report, the quick preset's test below): the generic checks of these in the slow run
+COMPOSED_ELSEWHERE = (
+    "claims", "claims_gpu", "claims_training", "ladder", "ladder_0p5m", "ladder_2m", "ladder_8m",
+    "ladder_causes", "ladder_grid", "quick",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", some_slow(PRESETS, COMPOSED_ELSEWHERE))
 def test_every_preset_composes_into_a_multirun(compose_cfg, preset: str) -> None:
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"

@@ -220,6 +220,7 @@ def test_env_launcher_refuses_a_world_of_another_size(
     assert status == "failed" and "but the launcher started 1 ranks" in frame.error.iloc[-1]
 
 
+@pytest.mark.slow  # a compose per variant option, seconds; the preset's jobs run in the slow run
 def test_preset_composes_at_ep_size_4(compose_cfg) -> None:
     cfg = compose_cfg("+experiment=expert_parallel", hydra=True)
     options = cfg.hydra.sweeper.params.variant.split(",")

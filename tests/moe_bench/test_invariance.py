@@ -12,10 +12,18 @@ from torch.utils.checkpoint import checkpoint
 import variants
 from moe_bench import invariance
 from moe_bench.tasks.invariance import distributed_rows
+from tests.slow_cases import some_slow
 from variants.contract.routing import topk
 
+# the default run splits a representative few (one loss, several losses, the bias state, the
+# losses per forward, zero-computation experts, the noisy and ReLU routers); the slow run the rest
+SPLIT_IN_THE_SLOW_RUN = (
+    "deepseek_v2", "deepseek_v4", "gpt_oss", "gshard", "moe_plus_plus", "olmoe", "phimoe",
+    "qwen3_moe", "qwen3_next", "topp", "xmoe",
+)  # fmt: skip
 
-@pytest.mark.parametrize("name", variants.names())
+
+@pytest.mark.parametrize("name", some_slow(variants.names(), SPLIT_IN_THE_SLOW_RUN))
 def test_one_process_splits(name: str) -> None:
     chosen = [c for c in invariance.cases() if c.variant == name]
     rows = invariance.local_rows(chosen) if chosen else []

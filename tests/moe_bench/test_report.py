@@ -20,6 +20,7 @@ from moe_bench.report.__main__ import main
 
 from . import headless_chromium
 from . import report_fixtures as fx
+from .conftest import sketch_figures
 
 ALL_FIGURES = {spec.key for spec in figures.FIGURES}
 
@@ -43,16 +44,25 @@ def full_jobs() -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full sweep's page, every figure laid out and saved as SVG (seconds): the slow run's."""
     sweep = fx.write_sweep(tmp_path_factory.mktemp("full"), full_jobs())
     return build_report(sweep)
+
+
+@pytest.fixture(scope="module")
+def full_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full sweep's page with every figure drawn but sketched (`sketch_figures`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        sketch_figures(patch)
+        return build_report(fx.write_sweep(tmp_path_factory.mktemp("sketched"), full_jobs()))
 
 
 def figure_ids(html: str) -> set[str]:
     return set(re.findall(r'<figure id="([^"]+)"', html))
 
 
-def test_full_sweep_draws_every_figure(full_report: Path) -> None:
-    html = full_report.read_text()
+def test_full_sweep_draws_every_figure(full_page: Path) -> None:
+    html = full_page.read_text()
     # switch without a capacity factor against dense covers claim 1c: its own figure
     assert figure_ids(html) == ALL_FIGURES | {"claim-1c-0"}
     assert html.count("<svg") == len(ALL_FIGURES) + 1
@@ -61,15 +71,15 @@ def test_full_sweep_draws_every_figure(full_report: Path) -> None:
         assert f"<h3>{task}</h3>" in html
 
 
-def test_results_csv_holds_every_row(full_report: Path) -> None:
+def test_results_csv_holds_every_row(full_page: Path) -> None:
     rows = sum(len(fx.closed(job)) for job in full_jobs())
-    table = pd.read_csv(full_report.parent / "results.csv")
+    table = pd.read_csv(full_page.parent / "results.csv")
     assert len(table) == rows
     assert {"variant", "metric", "value", "status", "job_dir"} <= set(table.columns)
 
 
-def test_report_is_self_contained(full_report: Path) -> None:
-    html = full_report.read_text()
+def assert_self_contained(html: str) -> None:
+    assert "could not be drawn" not in html and 'class="sketch"' not in html
     assert not re.search(r"<(link|script|iframe|img)\b", html)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     assert "@import" not in html and "url(http" not in html
@@ -80,6 +90,14 @@ def test_report_is_self_contained(full_report: Path) -> None:
     assert len(ids) == len(set(ids)), "inline SVGs must not share element ids"
     for anchor in re.findall(r'(?:href="|url\()#([^")]+)', html):
         assert anchor in ids, f"dangling reference #{anchor}"
+
+
+@pytest.mark.slow  # every figure laid out and saved as SVG, seconds: the slow run
+def test_full_sweep_as_svg_is_self_contained(full_report: Path) -> None:
+    html = full_report.read_text()
+    assert figure_ids(html) == ALL_FIGURES | {"claim-1c-0"}
+    assert html.count("<svg") == len(ALL_FIGURES) + 1
+    assert_self_contained(html)
 
 
 def test_failed_job_is_listed_with_its_error(tmp_path: Path, no_figures: None) -> None:
@@ -108,10 +126,13 @@ def test_single_job_sweep_says_what_is_missing(tmp_path: Path, sketched_figures:
     assert "★" not in html  # one row per column: nothing to be best against
 
 
-def test_throughput_only_sweep(tmp_path: Path, sketched_figures: None) -> None:
+def test_throughput_only_sweep(tmp_path: Path) -> None:
+    """Its figures are real SVG (the full sweep's, every figure, are in the slow run)."""
     jobs = [fx.throughput_job(v, tokens=t) for v in ("dense", "switch") for t in (256, 512)]
     html = build_report(fx.write_sweep(tmp_path, jobs)).read_text()
     assert figure_ids(html) == {"throughput-tokens", "speed", "efficiency"}
+    assert html.count("<svg") == 3
+    assert_self_contained(html)
     missing = html[html.index('id="missing"') : html.index('<section id="run">')]
     assert "no variant ran at two or more values of number of experts" in missing
     for metric in ("train_loss", "max_vio_batch", "expert_load", "peak_memory_bytes"):
@@ -409,8 +430,8 @@ def test_notes_only_for_variants_present(tmp_path: Path, no_figures: None) -> No
     assert str(markupsafe.escape(fx.VARIANT_NOTES["gshard"])) not in notes
 
 
-def test_summary_what_ran_and_sections_come_first(full_report: Path) -> None:
-    html = full_report.read_text()
+def test_summary_what_ran_and_sections_come_first(full_page: Path) -> None:
+    html = full_page.read_text()
     order = [html.index(f'<section id="{s}">') for s in ("findings", "what-ran", "run")]
     assert order == sorted(order)
     findings = html[order[0] : order[1]]

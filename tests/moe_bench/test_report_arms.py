@@ -377,6 +377,7 @@ def test_every_figure_plots_its_tables_values() -> None:
 # --- the house --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh process (test_layout checks the import graph by default)
 def test_report_imports_no_torch_and_no_task_or_variant_code() -> None:
     code = (
         "import sys, moe_bench.report, moe_bench.report.claims, moe_bench.report.compare; "

@@ -255,6 +255,7 @@ def test_a_folder_written_before_resumes_as_the_same_config(compose_cfg, tmp_pat
     assert execute(cfg, tmp_path, "resume") == "skipped"
 
 
+@pytest.mark.slow  # a fresh process (test_layout checks the import graph by default)
 def test_results_imports_no_torch() -> None:
     code = textwrap.dedent(
         """

@@ -187,10 +187,12 @@ def test_parallel_launcher_warning() -> None:
     assert progress.concurrency_warning("throughput", True, basic) is None
 
 
+# a model size and a preset in the default run; another preset and size in the slow run
 @pytest.mark.parametrize(
     "overrides",
-    [["model=medium"], ["+experiment=paper_table"], ["+experiment=convergence"],
-     ["model=large", "task=balance"]],
+    [["model=medium"], ["+experiment=paper_table"],
+     pytest.param(["+experiment=convergence"], marks=pytest.mark.slow),
+     pytest.param(["model=large", "task=balance"], marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_gpu_sized_jobs_are_refused_on_cpu(compose_cfg, overrides: list[str]) -> None:
     cfg = compose_cfg(*overrides, "device=cpu")

@@ -256,10 +256,12 @@ def two_ranks() -> list[dict]:
     return spawn_ranks(_two_rank_suite, 2, args=(_cases(train_v3=True),), timeout_s=120)
 
 
+@pytest.mark.slow  # two spawned ranks: the slow run
 def test_two_ranks_equal_single_process(two_ranks: list[dict]) -> None:
     assert [r["cases"] for r in two_ranks] == [len(_cases(train_v3=True))] * 2
 
 
+@pytest.mark.slow  # two spawned ranks: the slow run
 def test_capacity_is_per_rank(two_ranks: list[dict]) -> None:
     for name in ("switch", "gshard"):
         per_rank = [r["capacity"][name] for r in two_ranks]
@@ -269,6 +271,7 @@ def test_capacity_is_per_rank(two_ranks: list[dict]) -> None:
         assert max(c["err_global"] for c in per_rank) > 1e-3, f"{name}: {per_rank}"
 
 
+@pytest.mark.slow  # two spawned ranks: the slow run
 def test_rank_receiving_nothing(two_ranks: list[dict]) -> None:
     for backend in BACKENDS:
         assert [r["received"][backend] for r in two_ranks] == [[2 * B * S, 0]] * 2
