@@ -10,7 +10,8 @@ directory, skip it if the directory already holds ok results of the same config 
 its task, write its rows (rows-*.parquet), env.json and job.json, and print one line with its
 key metrics.
 A job that fails writes a `failed` row with its error; in a multirun the sweep goes on, a
-single run exits with status 1 (also when refused or busy).
+single run exits with status 1 (also when refused or busy). A GPU-sized job refused in a
+multirun is such a failed job (its error the refusal line); a single run exits with status 2.
 Expected problems (bad values, impossible combinations, out of memory) print one line; anything
 else also logs its traceback to the job's log.
 """
@@ -26,7 +27,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moe_bench import SWEEPS, callbacks, config, progress, registry
-from moe_bench.runner import Resolved, execute, resolve
+from moe_bench.recorder import Recorder
+from moe_bench.runner import Resolved, execute, guarded, resolve
 
 __all__ = ["execute", "main"]
 
@@ -42,10 +44,23 @@ def gpu_refusal(cfg: DictConfig, resolved: Resolved) -> str | None:
     return config.gpu_sized(job, tflop, bool(cfg.allow_cpu))
 
 
-def announce(cfg: DictConfig, hc: DictConfig, label: str, resolved: Resolved) -> None:
-    """Refuse a GPU-sized job on a CPU (exit 2); print 'job i/N' and any concurrency warning."""
+def refused_in_sweep(
+    cfg: DictConfig, out_dir: Path, label: str, resolved: Resolved, refusal: str
+) -> str:
+    """A sweep's GPU-sized job: recorded as failed with the refusal as its error (one line),
+    so the report shows it and the sweep goes on to its other jobs."""
+
+    def refuse(recorder: Recorder) -> None:
+        raise ValueError(refusal.removeprefix("moe_bench: error: "))
+
+    return guarded(out_dir, label, resolved.job.columns, refuse, bool(cfg.get("overwrite")))
+
+
+def announce(cfg: DictConfig, hc: DictConfig, label: str, resolved: Resolved) -> str | None:
+    """Print 'job i/N' and any concurrency warning; a GPU-sized job on a CPU: its refusal line,
+    and a single run exits with status 2 (a sweep records it as failed and goes on)."""
     refusal = gpu_refusal(cfg, resolved)
-    if refusal:
+    if refusal and hc.mode != RunMode.MULTIRUN:
         print(refusal, file=sys.stderr)
         raise SystemExit(2)
     if hc.mode == RunMode.MULTIRUN:
@@ -53,8 +68,9 @@ def announce(cfg: DictConfig, hc: DictConfig, label: str, resolved: Resolved) ->
     name = cfg.task.name
     timed = name in registry.names() and registry.lookup(name).timed
     warning = progress.concurrency_warning(name, timed, hc.launcher)
-    if warning:
+    if warning and not refusal:
         print(warning, file=sys.stderr)
+    return refusal
 
 
 @hydra.main(version_base="1.3", config_path=str(SWEEPS), config_name="config")
@@ -62,8 +78,12 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     label = " ".join(hc.overrides.task) or f"variant={cfg.variant.name} task={cfg.task.name}"
     resolved = callbacks.take_resolved() or resolve(cfg)
-    announce(cfg, hc, label, resolved)
-    status = execute(cfg, Path(hc.runtime.output_dir), label, resolved)
+    refusal = announce(cfg, hc, label, resolved)
+    out_dir = Path(hc.runtime.output_dir)
+    if refusal:
+        status = refused_in_sweep(cfg, out_dir, label, resolved, refusal)
+    else:
+        status = execute(cfg, out_dir, label, resolved)
     if status in ("failed", "refused", "busy") and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -215,6 +216,21 @@ def test_cli_refuses_a_gpu_preset_on_cpu_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "GPU-sized" in done.stderr
     assert not results.has_rows(tmp_path / "run")
+
+
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
+def test_a_sweeps_gpu_sized_job_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=large,tiny", "task=balance", "task.batches=1", "variant=switch",
+            "device=cpu", f"hydra.sweep.dir={sweep}", "~hydra.callbacks.report"]  # fmt: skip
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr
+    frame = results.load(sweep)
+    states = frame[frame.metric == "job"].set_index("model.d_model")
+    large, tiny = states.sort_index(ascending=False)["error"].tolist()
+    assert "GPU-sized" in large and "allow_cpu=true" in large and "\n" not in large
+    assert pd.isna(tiny)  # the next job ran
+    assert done.stdout.count("ok       ") == 1
 
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run
