@@ -11,6 +11,7 @@ own.
 from __future__ import annotations
 
 import datetime
+import functools
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,15 +54,21 @@ def build_report(sweep_dir: str | Path, gzip_csv: bool = False) -> Path:
     return path
 
 
-def render_template(name: str, context: dict[str, Any]) -> str:
-    env = jinja2.Environment(
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """One environment per process: it compiles each template once (its loader still reloads
+    a template whose file changed)."""
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.get_template(name).render(**context)
+
+
+def render_template(name: str, context: dict[str, Any]) -> str:
+    return _templates().get_template(name).render(**context)
 
 
 def _figures(inputs: Inputs, found: list) -> tuple[list[dict], list[dict]]:
