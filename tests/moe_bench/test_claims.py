@@ -247,6 +247,20 @@ def test_hash_claim_is_judged_not_worse_against_dropless_switch_only() -> None:
     assert lost.verdict == claims.CONTRADICTED
 
 
+def test_jobs_from_before_a_field_existed_pair_with_jobs_at_its_default() -> None:
+    """Rows written before `task.fused_optimizer` existed (no column) are the same setting as
+    later rows at its added default (False), not at another value; 0 and 0.0 are one value."""
+    later = {"task.fused_optimizer": False, "task.trace_every": 0.0}
+    rows = [job("hash", s, 3.30 - 0.01 * s, **later) for s in range(3)]
+    rows += [job("switch", s, 3.40, **{"variant.capacity_factor": None, "task.trace_every": 0})
+             for s in range(3)]  # fmt: skip
+    (paired,) = [r for r in claims.evaluate(frame(*rows)) if r.claim.id == "10"]
+    assert paired.checks[0].n == 3
+    fused = [job("hash", s, 3.30, **{"task.fused_optimizer": True}) for s in range(3)]
+    fused += [job("switch", s, 3.40, **{"variant.capacity_factor": None}) for s in range(3)]
+    assert not [r for r in claims.evaluate(frame(*fused)) if r.claim.id == "10"]
+
+
 def test_upcycling_options_start_from_the_parent_presets_folder(compose_cfg) -> None:
     """The parent preset saves its model where claim 8's options read it."""
     parent = compose_cfg("+experiment=claims_training_parent", hydra=True)

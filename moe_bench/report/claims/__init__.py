@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from moe_bench import schema
-from moe_bench.identity import SIZE_FIELDS
+from moe_bench.identity import ADDED_DEFAULTS, SIZE_FIELDS, canonical
 
 from .. import frames, stats
 from ..frames import ARM, column
@@ -128,16 +128,31 @@ def jobs_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = rows[~rows["job_dir"].isin(bad)]
     if rows.empty:
         return pd.DataFrame()
-    jobs = frames.job_configs(rows).sort_index()
+    jobs = with_added_defaults(frames.job_configs(rows).sort_index())
     jobs[ARM] = frames.job_arms(rows)[ARM].reindex(jobs.index)
     setting = [c for c in jobs.columns if c.startswith(SETTING_PREFIXES) or c in SETTING_COLUMNS]
     jobs["_setting"] = _key(jobs[sorted(setting)])
     return jobs
 
 
+def with_added_defaults(jobs: pd.DataFrame) -> pd.DataFrame:
+    """Jobs run before a config field existed, given the value the code then computed
+    (`identity.ADDED_DEFAULTS`), so they pair with later jobs of the same setting."""
+    jobs = jobs.copy()
+    for name, (default, gained) in ADDED_DEFAULTS.items():
+        if name not in jobs:
+            continue
+        missing = jobs[name].isna() & (jobs[name].map(canonical) != canonical(default))
+        if gained is not None:
+            missing &= jobs["variant"].isin(gained)
+        jobs[name] = jobs[name].astype(object).where(~missing, default)
+    return jobs
+
+
 def _key(columns: pd.DataFrame) -> pd.Series:
-    """Per row, its values as one string (missing values included: "nan")."""
-    return columns.apply(lambda row: "|".join(map(str, row)), axis=1)
+    """Per row, its values as one string, each in its one spelling (`identity.canonical`: 3
+    and 3.0 alike; missing values "None")."""
+    return columns.apply(lambda row: "|".join(str(canonical(v)) for v in row), axis=1)
 
 
 def _group_key(claim: Claim, jobs: pd.DataFrame) -> list[str]:
