@@ -8,10 +8,11 @@ Training rows (every step) become one row per job, metric, key columns and windo
 harmonic mean, as `TrainLog.emit` computes it), at the window's last step and its `wall_s`.
 `expert_load` rows are kept at each job's last evaluation only (the report and the claims read
 no other); the other evaluation rows (`val_loss`, `val_ppl`, `max_vio_global`) and `job` rows
-are kept as they are. With steps a multiple of the window, the mean over a job's training rows
-is unchanged. The rows then say what they are: `task.log_every` becomes the window on every row
-(training is the same whatever it logs, so jobs windowed this way and jobs run with that
-`log_every` are one arm). Windowing rows already windowed at the same size changes nothing else.
+are kept as they are, and so are rows without a step (a mixed sweep's other tasks). With steps
+a multiple of the window, the mean over a job's training rows is unchanged. The rows then say
+what they are: `task.log_every` becomes the window on every training job's row (training is the
+same whatever it logs, so jobs windowed this way and jobs run with that `log_every` are one
+arm). Windowing rows already windowed at the same size changes nothing else.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ KEYS = ("layer", "loss", "pass", "domain", "expert")
 
 
 def windowed(rows: pd.DataFrame, window: int) -> pd.DataFrame:
-    train = rows[rows["metric"].isin(TRAINING)].copy()
+    # a sweep's other tasks (throughput, balance, ...) log these names without a step: kept
+    stepped = rows["step"].notna()
+    train = rows[rows["metric"].isin(TRAINING) & stepped].copy()
     train["_window"] = (train["step"] - 1) // window
     keys = ["job_dir", "metric", *[k for k in KEYS if k in train], "_window"]
     out = []
@@ -41,13 +44,13 @@ def windowed(rows: pd.DataFrame, window: int) -> pd.DataFrame:
         else:
             last["value"] = values.mean()
         out.append(last)
-    kept = rows[~rows["metric"].isin(TRAINING)]
-    load = kept["metric"] == "expert_load"
+    kept = rows[~(rows["metric"].isin(TRAINING) & stepped)]
+    load = (kept["metric"] == "expert_load") & kept["step"].notna()
     last = kept["step"].where(load).groupby(kept["job_dir"]).transform("max")
     kept = kept[~load | (kept["step"] == last)]
     out = pd.concat([kept, pd.DataFrame(out).drop(columns="_window")], ignore_index=True)
-    if "task.log_every" in out:
-        out["task.log_every"] = window
+    if "task.log_every" in out:  # the training jobs' rows (other tasks have no log_every)
+        out.loc[out["task.log_every"].notna(), "task.log_every"] = window
     return out
 
 

@@ -40,6 +40,14 @@ def test_windowed_rows_say_their_log_every_and_keep_the_mean() -> None:
     assert set(out["task.log_every"]) == {10}
     again = window_training_rows.windowed(out, 10)  # windowing windowed rows changes nothing
     assert again["value"].tolist() == out["value"].tolist()
+    # a mixed sweep: another task's step-less rows of the same names are kept as they are
+    other = pd.DataFrame(
+        {"job_dir": "1", "metric": ["tokens_per_s", "expert_load"], "value": [7.0, 0.5],
+         "step": float("nan"), "task.log_every": float("nan")}
+    )  # fmt: skip
+    mixed = window_training_rows.windowed(pd.concat([rows, other]), 10)
+    kept = mixed[mixed["job_dir"] == "1"]
+    assert sorted(kept["value"]) == [0.5, 7.0] and kept["task.log_every"].isna().all()
 
 
 def test_joined_rows_keep_each_parts_jobs_apart(tmp_path: Path) -> None:
