@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -218,13 +219,19 @@ def test_cli_refuses_a_gpu_preset_on_cpu_in_one_line(tmp_path: Path) -> None:
     assert not results.has_rows(tmp_path / "run")
 
 
-@pytest.mark.slow  # a subprocess run or several processes: the slow run
-def test_a_sweeps_gpu_sized_job_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
+def balance_multirun(tmp_path: Path, *overrides: str) -> tuple[Any, Path]:
+    """A two-job balance sweep on the command line, without its report: (process, sweep)."""
     sweep = tmp_path / "sweep"
-    args = ["-m", "model=large,tiny", "task=balance", "task.batches=1", "variant=switch",
-            "device=cpu", f"hydra.sweep.dir={sweep}", "~hydra.callbacks.report"]  # fmt: skip
+    args = ["-m", *overrides, "task=balance", "task.batches=1", "device=cpu",
+            f"hydra.sweep.dir={sweep}", "~hydra.callbacks.report"]  # fmt: skip
     done = run_cli(args, tmp_path)
     assert done.returncode == 0, done.stderr
+    return done, sweep
+
+
+@pytest.mark.slow  # a subprocess run or several processes: the slow run
+def test_a_sweeps_gpu_sized_job_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    done, sweep = balance_multirun(tmp_path, "model=large,tiny", "variant=switch")
     frame = results.load(sweep)
     states = frame[frame.metric == "job"].set_index("model.d_model")
     large, tiny = states.sort_index(ascending=False)["error"].tolist()
@@ -235,10 +242,6 @@ def test_a_sweeps_gpu_sized_job_is_recorded_failed_and_the_sweep_goes_on(tmp_pat
 
 @pytest.mark.slow  # a subprocess run or several processes: the slow run
 def test_multirun_prints_job_i_of_n_and_a_line_per_job(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    args = ["-m", "variant=dense,switch", "task=balance", "task.batches=1", "model=tiny",
-            "device=cpu", f"hydra.sweep.dir={sweep}", "~hydra.callbacks.report"]  # fmt: skip
-    done = run_cli(args, tmp_path)
-    assert done.returncode == 0, done.stderr
+    done, _ = balance_multirun(tmp_path, "variant=dense,switch", "model=tiny")
     assert "job 1/2  variant=dense" in done.stdout and "job 2/2  variant=switch" in done.stdout
     assert done.stdout.count("ok       ") == 2 and "max_vio_global prose " in done.stdout
