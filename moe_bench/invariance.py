@@ -59,6 +59,7 @@ import variants
 from moe_bench.paths import config_dir
 from variants.contract.config import BALANCE_SCOPES
 from variants.contract.recompute import checkpointed
+from variants.parallel.expert_parallel import check_shardable
 
 B, S, D = 8, 8, 16  # B sequences of S tokens: 4 micro-batches or 4 ranks get 2 each
 SMALL = dict(d_model=D, num_experts=8, expert_hidden=16, backend="loop")
@@ -341,12 +342,12 @@ def runs_on(case: Case, split: Split) -> str | None:
     if split.running and cfg.loss_scope != "global_batch":
         return "running counts exist for balance_scope=global_batch only"
     if split.parallel == "expert":
-        if not cfg.token_choice:
-            return "not token-choice: expert parallelism routes each rank's own tokens"
         if cfg.num_experts % split.ranks:
             return f"num_experts={cfg.num_experts} not divisible by {split.ranks} ranks"
-        if type(case.build()).forward is not variants.MoELayer.forward:
-            return "a forward of its own: expert parallelism runs the MoELayer path only"
+        try:  # the wrapper's own checks: token-choice, no forward of its own, ...
+            check_shardable(case.build())
+        except ValueError as why:
+            return str(why)
     return None
 
 

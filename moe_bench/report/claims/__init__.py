@@ -140,9 +140,9 @@ def with_added_defaults(jobs: pd.DataFrame) -> pd.DataFrame:
     (`identity.ADDED_DEFAULTS`), so they pair with later jobs of the same setting."""
     jobs = jobs.copy()
     for name, (default, gained) in ADDED_DEFAULTS.items():
-        if name not in jobs:
+        if name not in jobs or default is None:  # a null default: missing already says it
             continue
-        missing = jobs[name].isna() & (jobs[name].map(canonical) != canonical(default))
+        missing = jobs[name].isna()
         if gained is not None:
             missing &= jobs["variant"].isin(gained)
         jobs[name] = jobs[name].astype(object).where(~missing, default)
