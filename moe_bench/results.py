@@ -31,6 +31,7 @@ Reading never raises on a bad file: `read_rows` returns the rows it could read a
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import re
@@ -214,8 +215,10 @@ def job_state(out_dir: str | Path, probe_lock: bool = True) -> str | None:
     return "incomplete" if (out_dir / STATE).is_file() else None
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The code version: the commit of the checkout moe_bench runs from (None outside git)."""
+    """The code version: the commit of the checkout moe_bench runs from (None outside git).
+    Read once per process: a checkout moved on later does not change the code it imported."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

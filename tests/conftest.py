@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import shutil
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 # torch is imported by the fixtures, not here: pytest-xdist's controlling process loads this
 # file but runs no test, and importing torch there costs seconds of CPU that the two workers,
 # starting at the same time on 2 cores, wait for
+
+RAM_DISK = Path("/dev/shm")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin reads the option
+def pytest_configure(config: pytest.Config) -> None:
+    """Test files go to a RAM disk where there is one (Linux), in a folder of this run's own,
+    removed when the run ends. pytest's default keeps the last three runs' folders on disk and
+    deletes an older one as each run ends: on a disk mounted with `discard` (this project's VMs)
+    deleting one run's ~1000 files took 4 s, all of it after the last test."""
+    if config.option.basetemp or hasattr(config, "workerinput"):
+        return  # given on the command line, or an xdist worker under its controller's folder
+    if RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK):
+        config.option.basetemp = str(RAM_DISK / f"moe-bench-pytest-{os.getpid()}")
+        config._moe_bench_basetemp = config.option.basetemp
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After collection (torch, pandas, Hydra and the test modules imported: ~300k objects that
+    live to the end), exclude those objects from garbage collection and collect less often.
+    Each full collection otherwise walks them all: ~8% of a run's time, measured with
+    gc.callbacks on this project's 2-core VM; these two settings cut that by about half."""
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)  # CPython's default: (700, 10, 10)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = getattr(config, "_moe_bench_basetemp", None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
+    # the interpreter's exit collects every object the tests left: ~1.5 s per worker, which the
+    # controller waits for; frozen, they are simply freed with the process
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

@@ -193,9 +193,21 @@ def leaderboard(task: str, rows: pd.DataFrame) -> Board:
     )
     jobs = jobs.join(_job_flags(rows))
     jobs["incomplete"] &= ~jobs["failed"]  # a failed job is listed as failed, not incomplete
+    # what a column can read, selected once (filtering a wide frame copies every column):
+    # ok jobs' rows of the board's metrics and the timed ratio (whose interval a rate's spread
+    # takes), not per expert (most of a training sweep's rows: never a leaderboard value), in
+    # the columns `final_values` reads
+    needed = {c.metric for c in LEADERBOARD} | {schema.RATIO_TO_DENSE.name}
+    read = [RUN, "job_dir", "metric", "value", "step", "domain", "pass", "layer", "ratio_ci95"]
+    experts = frames.find_column(rows, frames.EXPERTS)
+    ok = rows.loc[
+        (rows["status"] == "ok") & rows["metric"].isin(needed) & column(rows, "expert").isna(),
+        [c for c in [*read, experts] if c is not None and c in rows.columns],
+    ]
+    present = set(ok["metric"].unique())
     specs, values = {}, {}
-    for col in LEADERBOARD:
-        for label, final in final_values(rows[rows["status"] == "ok"], col).items():
+    for col in (c for c in LEADERBOARD if c.metric in present):
+        for label, final in final_values(ok, col).items():
             specs[label], values[label], values[label + SPREAD] = final, final.values, final.spread
     index = pd.MultiIndex.from_tuples([], names=[RUN, "domain"])
     cases = pd.DataFrame(values, columns=list(values), index=index if not values else None)

@@ -184,7 +184,7 @@ def context(
         "figures": drawn,
         "notes": [{"variant": v, "note": notes.get(v)} for v in variants],
         "non_causal": frames.non_causal(frame),
-        "findings": sections.findings(frame, cards),
+        "findings": sections.findings(frame, cards, boards),
         "claims": claims.rows_for_report(found),
         "claims_rule": claims.RULE,
         "claims_gaps": claims.claim_gaps(frame) if found else [],

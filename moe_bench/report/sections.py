@@ -277,16 +277,18 @@ def _per_k(table: pd.DataFrame, label: str, rows: pd.DataFrame) -> tuple[list[Es
     return scaled, " per unit of K (the arms route to different numbers of experts K)"
 
 
-def findings(frame: pd.DataFrame, cards: list[TaskCard]) -> list[str]:
+def findings(
+    frame: pd.DataFrame, cards: list[TaskCard], boards: dict[str, Board] | None = None
+) -> list[str]:
     """The summary: one generated sentence per question a task's card asks that its board can
-    answer."""
+    answer (`boards`: the tasks' leaderboards where already built from these rows)."""
     frame = frame if ARM in frame else frames.with_arms(frame)
     out = []
     for card in cards:
         rows = frame[frame["task"] == card.task]
         if rows.empty or not card.answers:
             continue
-        board = leaderboard(card.task, rows)
+        board = boards[card.task] if boards is not None else leaderboard(card.task, rows)
         for answer in card.answers:
             label = _answer_label(board, answer)
             if label is None:

@@ -13,10 +13,11 @@ from moe_bench.bench.cases import NUM_THREADS
 from . import gated
 
 HERE = Path(__file__).parent
-# a smoke run of a fine-size case (E=64, K=8) takes seconds where the others take a fraction
-# of one: `loop` and the HF-style fake step expert by expert. The default run smoke-runs the
-# other sizes, the slow run these; the benchmark run times every case, whatever its size.
-SLOW_SMOKE_SIZE = "fine"
+# a smoke run of a fine-size case (E=64, K=8) takes seconds, a coarse one a few tenths, a
+# quick one hundredths: `loop` and the HF-style fake step expert by expert. The default run
+# smoke-runs the quick size (every backend and peer the benchmark times, through the same code
+# as the larger sizes), the slow run the others; the benchmark run times every case.
+SLOW_SMOKE_SIZES = ("fine", "coarse")
 
 
 def is_smoke(config: pytest.Config) -> bool:
@@ -38,7 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not is_smoke(config):
         return
     for item in items:
-        if item.path.is_relative_to(HERE) and case_size(item) == SLOW_SMOKE_SIZE:
+        if item.path.is_relative_to(HERE) and case_size(item) in SLOW_SMOKE_SIZES:
             item.add_marker(pytest.mark.slow)
 
 

@@ -142,3 +142,16 @@ def read_job_rows(folder: Path) -> list[dict]:
     rows, problems = read_rows(folder)
     assert problems == []
     return rows
+
+
+@pytest.mark.parametrize("arm", ["dense", "switch_cf125", "deepseek_moe"])
+def test_a_half_batch_arm_trains_on_the_same_tokens_as_its_base(compose_cfg, arm: str) -> None:
+    """Composed in a multirun job's override order (sweep params, then the command line), the
+    half-batch arm keeps its doubled schedule: the preset's settings do not override it."""
+    base = compose_cfg(f"ladder_arm={arm}", "seed=0", "+experiment=ladder_causes").task
+    half = compose_cfg(f"ladder_arm={arm}_half_batch", "seed=0", "+experiment=ladder_causes").task
+    assert half.batch_size * 2 == base.batch_size
+    assert (half.steps, half.warmup_steps, half.eval_every) == (
+        2 * base.steps, 2 * base.warmup_steps, 2 * base.eval_every
+    )  # fmt: skip
+    assert half.eval_batches * half.batch_size == base.eval_batches * base.batch_size

@@ -186,5 +186,5 @@ def test_ladder_presets_compose_every_job(compose_cfg, preset: str, jobs: int) -
         count *= len(str(values).split(","))
     assert count == jobs
     assert cfg.model.d_model == 64 and cfg.task.fused_optimizer
-    for arm in str(params["+ladder_arm"]).split(","):
+    for arm in str(params["ladder_arm"]).split(","):
         assert (SWEEPS / "ladder_arm" / f"{arm}.yaml").is_file()

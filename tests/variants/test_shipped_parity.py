@@ -14,6 +14,7 @@ ran is in each test's id). Skipped, with the reason, where transformers is not i
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ if importlib.util.find_spec("transformers") is None:
         allow_module_level=True,
     )
 
-import transformers
-
-HF_VERSION = transformers.__version__
+# the installed version without importing the package: its import takes a second, paid by
+# every xdist worker at collection, and only the worker that runs these tests needs it
+HF_VERSION = importlib.metadata.version("transformers")
 D, H, E = 16, 8, 8
 View = Callable[[torch.nn.Module], torch.Tensor]  # HF block -> a view in our layout
 

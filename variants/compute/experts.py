@@ -70,6 +70,8 @@ class ExpertBank(nn.Module):
         return not self.bias and self.activation in ("gelu", "swiglu")
 
     def reset_parameters(self) -> None:
+        if self.w1.is_meta:  # shapes only (parameter counts): torch's meta normal_ takes ms
+            return
         # fan-in scaling keeps activations O(1) at any D and H (nn.Linear-like magnitude)
         for w in (self.w1, self.w3):
             if w is not None:

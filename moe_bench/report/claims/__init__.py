@@ -129,7 +129,12 @@ def jobs_table(frame: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame()
     jobs = with_added_defaults(frames.job_configs(rows).sort_index())
-    jobs[ARM] = frames.job_arms(rows)[ARM].reindex(jobs.index)
+    arms = (
+        rows.groupby(frames.runs(rows), sort=False)[ARM].first()
+        if ARM in rows  # labelled already (`frames.with_arms`, the report's stages)
+        else frames.job_arms(rows)[ARM]
+    )
+    jobs[ARM] = arms.reindex(jobs.index)
     setting = [c for c in jobs.columns if c.startswith(SETTING_PREFIXES) or c in SETTING_COLUMNS]
     jobs["_setting"] = _key(jobs[sorted(setting)])
     return jobs
@@ -173,12 +178,15 @@ def evaluate(frame: pd.DataFrame, claims: tuple[Claim, ...] = CLAIMS) -> list[Re
     jobs = jobs_table(frame)
     if jobs.empty:
         return []
-    by_job = dict(tuple(frame.groupby("job_dir", sort=False)))
+    records, variants = jobs.to_dict("records"), set(jobs["variant"])
+    by_job: dict[str, pd.DataFrame] = {}  # split once, when a first claim is covered
     out = []
     for claim in claims:
+        if not {claim.treatment.variant, claim.control.variant} <= variants:
+            continue
         sides = jobs.assign(
-            _t=jobs.apply(claim.treatment.matches, axis=1),
-            _c=jobs.apply(claim.control.matches, axis=1),
+            _t=[claim.treatment.matches(job) for job in records],
+            _c=[claim.control.matches(job) for job in records],
         )
         sides = sides[sides["_t"] | sides["_c"]]
         if sides.empty:
@@ -186,6 +194,8 @@ def evaluate(frame: pd.DataFrame, claims: tuple[Claim, ...] = CLAIMS) -> list[Re
         key = _group_key(claim, sides)
         groups = [g for _, g in sides.groupby(_key(sides[key]), sort=True)]
         groups = [g for g in groups if g["_t"].any() and g["_c"].any()]
+        if groups and not by_job:
+            by_job = dict(tuple(frame.groupby("job_dir", sort=False)))
         varying = _varying(pd.concat(groups), key) if len(groups) > 1 else []
         out += [_result(claim, group, by_job, varying) for group in groups]
     return out

@@ -104,7 +104,8 @@ class Side:
     def name(self) -> str:
         return self.label or self.variant
 
-    def matches(self, job: pd.Series) -> bool:
+    def matches(self, job: Mapping[str, Any]) -> bool:
+        """Whether a job (its config columns, as a record) is this side."""
         return job["variant"] == self.variant and all(
             _matches(job.get(key), want) for key, want in self.where.items()
         )
