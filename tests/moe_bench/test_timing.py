@@ -27,6 +27,7 @@ from moe_bench.timing import (
     time_rounds,
 )
 from tests.moe_bench.conftest import FAST, run_cli
+from tests.slow_cases import some_slow
 
 CPU = torch.device("cpu")
 
@@ -245,3 +246,15 @@ def test_multirun_prints_job_i_of_n_and_a_line_per_job(tmp_path: Path) -> None:
     done, _ = balance_multirun(tmp_path, "variant=dense,switch", "model=tiny")
     assert "job 1/2  variant=dense" in done.stdout and "job 2/2  variant=switch" in done.stdout
     assert done.stdout.count("ok       ") == 2 and "max_vio_global prose " in done.stdout
+
+
+# the default run checks the largest part; the slow run the others
+@pytest.mark.parametrize(
+    "preset", some_slow(["ladder_0p5m", "ladder_2m", "ladder_8m", "ladder_causes"], ["ladder_0p5m", "ladder_2m", "ladder_causes"])
+)
+def test_every_ladder_job_runs_on_the_cpu(compose_cfg, preset: str) -> None:
+    """No job of a ladder part is refused as GPU-sized (each part is sized for 2 CPU cores)."""
+    cfg = compose_cfg(f"+experiment={preset}", hydra=True)
+    for arm in str(cfg.hydra.sweeper.params["ladder_arm"]).split(","):
+        job = compose_cfg(f"ladder_arm={arm}", "seed=0", f"+experiment={preset}")
+        assert gpu_refusal(job, resolve(job)) is None, (preset, arm)
