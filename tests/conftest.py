@@ -23,7 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Test files go to a RAM disk where there is one (Linux), in a folder of this run's own,
     removed when the run ends. pytest's default keeps the last three runs' folders on disk and
     deletes an older one as each run ends: on a disk mounted with `discard` (this project's VMs)
-    deleting one run's ~1000 files took 4 s, all of it after the last test."""
+    deleting one run's files took seconds, all of them after the last test."""
     if config.option.basetemp or hasattr(config, "workerinput"):
         return  # given on the command line, or an xdist worker under its controller's folder
     if RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK):
@@ -32,12 +32,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """After collection (torch, pandas, Hydra and the test modules imported: ~300k objects that
-    live to the end), exclude those objects from garbage collection and collect less often.
-    Each full collection otherwise walks them all: ~8% of a run's time, measured with
-    gc.callbacks on this project's 2-core VM; these two settings cut that by about half."""
+    """After collection, torch, pandas, Hydra and the test modules are imported: hundreds of
+    thousands of objects that live to the end. Frozen, they are left out of every later garbage
+    collection, each of whose full passes would otherwise walk them all."""
     gc.freeze()
-    gc.set_threshold(7000, 10, 10)  # CPython's default: (700, 10, 10)
 
 
 @pytest.hookimpl(trylast=True)
@@ -45,8 +43,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     own = getattr(config, "_moe_bench_basetemp", None)
     if own is not None:
         shutil.rmtree(own, ignore_errors=True)
-    # the interpreter's exit collects every object the tests left: ~1.5 s per worker, which the
-    # controller waits for; frozen, they are simply freed with the process
+    # the interpreter's exit collects every object the tests left, which takes an xdist worker
+    # seconds that the controller waits for; frozen, they are simply freed with the process
     gc.freeze()
 
 
