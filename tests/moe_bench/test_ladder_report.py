@@ -188,3 +188,11 @@ def test_ladder_presets_compose_every_job(compose_cfg, preset: str, jobs: int) -
     assert cfg.model.d_model == 64 and cfg.task.fused_optimizer
     for arm in str(params["ladder_arm"]).split(","):
         assert (SWEEPS / "ladder_arm" / f"{arm}.yaml").is_file()
+
+
+def test_a_killed_job_is_not_read_as_final() -> None:
+    """A job without its closing `job` row (killed mid-run) is left out: its last val_loss is
+    not a final one."""
+    killed = job("switch", 3, 9.0, **SWITCH_DL)[:-1]
+    table = ladder.jobs(fx.frame([*(job("dense", s, 2.0) for s in range(4)), killed]))
+    assert set(table["variant"]) == {"dense"} and len(table) == 4

@@ -38,6 +38,11 @@ def jobs(frame: pd.DataFrame) -> pd.DataFrame:
     rows = frame[frame["job_dir"].isin(trained)]
     bad = rows.loc[rows["status"] != "ok", "job_dir"].unique()
     rows = rows[~rows["job_dir"].isin(bad)]
+    # finished: its rows end with the `job` row (docs/contract.md §7); a killed job's last
+    # val_loss is not its final one. Rows from before `job` rows existed have none at all.
+    ended = rows.loc[rows["metric"] == schema.JOB.name, "job_dir"].unique()
+    if len(ended):
+        rows = rows[rows["job_dir"].isin(ended)]
     if rows.empty:
         return pd.DataFrame(columns=["variant", "seed", TOKENS, "final"])
     table = frames.job_configs(rows).sort_index()
