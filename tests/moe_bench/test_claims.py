@@ -306,3 +306,11 @@ def test_gaps_state_the_measured_drop_fraction() -> None:
         line.startswith("Measured: switch at capacity factor 1 dropped 20.0%") and "2 seeds" in line
         for line in lines
     ), lines
+
+
+def test_a_killed_job_is_not_a_claims_job() -> None:
+    """Rows without the closing `job` row (a killed job) are not read as a finished job's."""
+    done = fx.closed([fx.row(fx.base("dense", "convergence", 0), "val_loss", 2.0, step=10)])
+    killed = [fx.row(fx.base("switch", "convergence", 0), "val_loss", 9.0, step=5)]
+    table = claims.jobs_table(fx.frame([done, killed]))
+    assert list(table["variant"]) == ["dense"]

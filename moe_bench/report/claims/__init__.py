@@ -119,13 +119,22 @@ class Result(NamedTuple):
     control_steps: int | None  # the control's last evaluation step
 
 
-def jobs_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per finished ok job that logged a validation loss (index job_dir): its config
-    columns (`frames.job_configs`, the arms' identity), its arm label and its setting key."""
+def trained_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of finished ok jobs that logged a validation loss. Finished: its rows end with
+    the `job` row (docs/contract.md §7), so a killed job's last val_loss is not read as its
+    final one; rows from before `job` rows existed have none at all, and all count."""
     trained = frame.loc[frame["metric"] == schema.VAL_LOSS.name, "job_dir"].unique()
     rows = frame[frame["job_dir"].isin(trained)]
     bad = rows.loc[rows["status"] != "ok", "job_dir"].unique()
     rows = rows[~rows["job_dir"].isin(bad)]
+    ended = rows.loc[rows["metric"] == schema.JOB.name, "job_dir"].unique()
+    return rows[rows["job_dir"].isin(ended)] if len(ended) else rows
+
+
+def jobs_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished ok job that logged a validation loss (index job_dir): its config
+    columns (`frames.job_configs`, the arms' identity), its arm label and its setting key."""
+    rows = trained_rows(frame)
     if rows.empty:
         return pd.DataFrame()
     jobs = with_added_defaults(frames.job_configs(rows).sort_index())

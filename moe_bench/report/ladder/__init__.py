@@ -18,10 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moe_bench import schema
-
 from .. import frames
-from ..claims import CONTRADICTED, INCONCLUSIVE, REPRODUCED, Paired, paired_verdict
+from ..claims import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    REPRODUCED,
+    Paired,
+    paired_verdict,
+    trained_rows,
+)
 from ..claims.registry import Side, final_val_loss
 from .registry import ARMS, DENSE, Arm
 
@@ -34,15 +39,7 @@ MOE_BETTER = {REPRODUCED: "MoE better", CONTRADICTED: "dense better", INCONCLUSI
 def jobs(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per finished ok job with a validation loss (index job_dir): its config columns,
     `tokens` it trained on and `final` (its last val_loss)."""
-    trained = frame.loc[frame["metric"] == schema.VAL_LOSS.name, "job_dir"].unique()
-    rows = frame[frame["job_dir"].isin(trained)]
-    bad = rows.loc[rows["status"] != "ok", "job_dir"].unique()
-    rows = rows[~rows["job_dir"].isin(bad)]
-    # finished: its rows end with the `job` row (docs/contract.md §7); a killed job's last
-    # val_loss is not its final one. Rows from before `job` rows existed have none at all.
-    ended = rows.loc[rows["metric"] == schema.JOB.name, "job_dir"].unique()
-    if len(ended):
-        rows = rows[rows["job_dir"].isin(ended)]
+    rows = trained_rows(frame)
     if rows.empty:
         return pd.DataFrame(columns=["variant", "seed", TOKENS, "final"])
     table = frames.job_configs(rows).sort_index()
