@@ -159,7 +159,9 @@ def test_grid_pick_per_arm_and_the_schedule_cause() -> None:
     assert (name, mine, dense_pick) == ("switch cf 1.25", (2e-3, 5), (1e-3, 25))
     assert shift.paired.mean == pytest.approx(0.15)
     text, _ = page(fx.frame(jobs[:2]), grid=fx.frame(jobs))
-    assert "switch cf 1.25: pick lr 0.002, warm-up 5" in text
+    # switch's pick is the largest lr of the grid, dense's its middle one
+    assert "switch cf 1.25: pick lr 0.002, warm-up 5 (the grid's edge" in text
+    assert "dense: pick lr 0.001, warm-up 25\n" in text
 
 
 def test_cli_writes_the_page_and_the_figure(tmp_path: Path, capsys) -> None:

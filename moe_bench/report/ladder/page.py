@@ -90,7 +90,10 @@ def causes_section(table: pd.DataFrame, grid: pd.DataFrame) -> list[str]:
             if cells.empty:
                 continue
             lr, warmup = C.pick(cells)
-            lines += [f"{name}: pick lr {lr:g}, warm-up {warmup}", ""]
+            # a pick on the grid's edge is a bound, not an optimum: the best lies there or beyond
+            edge = " (the grid's edge: the best lr may lie beyond it)" if lr in (
+                cells.index.min(), cells.index.max()) else ""  # fmt: skip
+            lines += [f"{name}: pick lr {lr:g}, warm-up {warmup}{edge}", ""]
             body = [[f"{lr_:g}", *(f"{v:.3f}" for v in cells.loc[lr_])] for lr_ in cells.index]
             lines += _table(["lr \\ warm-up", *(str(int(w)) for w in cells.columns)], body)
             lines.append("")
