@@ -91,8 +91,8 @@ def causes_section(table: pd.DataFrame, grid: pd.DataFrame) -> list[str]:
                 continue
             lr, warmup = C.pick(cells)
             # a pick on the grid's edge is a bound, not an optimum: the best lies there or beyond
-            edge = " (the grid's edge: the best lr may lie beyond it)" if lr in (
-                cells.index.min(), cells.index.max()) else ""  # fmt: skip
+            on_edge = lr in (cells.index.min(), cells.index.max())
+            edge = " (the grid's edge: the best lr may lie beyond it)" if on_edge else ""
             lines += [f"{name}: pick lr {lr:g}, warm-up {warmup}{edge}", ""]
             body = [[f"{lr_:g}", *(f"{v:.3f}" for v in cells.loc[lr_])] for lr_ in cells.index]
             lines += _table(["lr \\ warm-up", *(str(int(w)) for w in cells.columns)], body)
