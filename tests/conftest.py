@@ -53,6 +53,24 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.enable()
 
 
+MODULES_FROZEN = pytest.StashKey[int]()  # len(sys.modules) when the heap was last frozen
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
+    """A test that imported modules (matplotlib, transformers, torch._dynamo: on first use) left
+    long-lived objects that every later full collection would walk again, as the heap frozen
+    after collection would be without the freeze: after the test's teardown they are frozen as
+    well. This also freezes whatever garbage is waiting at that moment, a few dozen times per
+    run, which then stays in memory until the worker exits."""
+    result = yield
+    stash = item.config.stash
+    if stash.get(MODULES_FROZEN, 0) != len(sys.modules):
+        stash[MODULES_FROZEN] = len(sys.modules)
+        gc.freeze()
+    return result
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     own = getattr(config, "_moe_bench_basetemp", None)

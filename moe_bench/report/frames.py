@@ -112,7 +112,12 @@ def with_arms(frame: pd.DataFrame) -> pd.DataFrame:
         return frame.assign(**{c: pd.Series(dtype=object) for c in (ARM, ARM_ID, RUN)})
     run = runs(frame)
     arms = job_arms(frame)
-    return frame.assign(**{RUN: run, ARM: run.map(arms[ARM]), ARM_ID: run.map(arms[ARM_ID])})
+    frame = frame.assign(**{RUN: run, ARM: run.map(arms[ARM]), ARM_ID: run.map(arms[ARM_ID])})
+    # text as Python objects: pandas' Arrow-backed strings (its default since 3.0) cost every
+    # row selection a take per column, and the later stages select rows of this wide frame
+    # (every config column) hundreds of times per page; the values are the same strings
+    text = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.StringDtype)]
+    return frame.astype(dict.fromkeys(text, object))
 
 
 def arm_variants(frame: pd.DataFrame) -> dict[str, str]:

@@ -13,6 +13,7 @@ from moe_bench import __main__ as app
 from moe_bench import causes, config
 from moe_bench.results import read_rows
 from moe_bench.tasks import convergence
+from tests.slow_cases import some_slow
 
 from .test_convergence_task import TINY
 
@@ -144,7 +145,10 @@ def read_job_rows(folder: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("arm", ["dense", "switch_cf125", "deepseek_moe"])
+# one arm in the default run (the composition order is the same for each), all in the slow run
+@pytest.mark.parametrize(
+    "arm", some_slow(["dense", "switch_cf125", "deepseek_moe"], ["switch_cf125", "deepseek_moe"])
+)
 def test_a_half_batch_arm_trains_on_the_same_tokens_as_its_base(compose_cfg, arm: str) -> None:
     """Composed in a multirun job's override order (sweep params, then the command line), the
     half-batch arm keeps its doubled schedule: the preset's settings do not override it."""

@@ -16,6 +16,7 @@ from moe_bench.report.ladder.__main__ import main as ladder_main
 from moe_bench.report.ladder.figure import draw
 from moe_bench.report.ladder.page import page
 from moe_bench.report.ladder.registry import side
+from tests.slow_cases import some_slow
 
 from . import report_fixtures as fx
 from .conftest import SWEEPS
@@ -175,10 +176,15 @@ def test_cli_writes_the_page_and_the_figure(tmp_path: Path, capsys) -> None:
     assert ladder_main([str(tmp_path / "o2"), "--ladder", str(tmp_path / "nothing")]) == 2
 
 
+# the rungs' own presets (ladder_0p5m, _2m, _8m: ladder's settings at one budget each) in the
+# slow run
 @pytest.mark.parametrize(
     ("preset", "jobs"),
-    [("ladder", 20), ("ladder_0p5m", 20), ("ladder_2m", 20), ("ladder_8m", 4),
-     ("ladder_causes", 55), ("ladder_grid", 54)],
+    some_slow(
+        [("ladder", 20), ("ladder_0p5m", 20), ("ladder_2m", 20), ("ladder_8m", 4),
+         ("ladder_causes", 55), ("ladder_grid", 54)],
+        [("ladder_0p5m", 20), ("ladder_2m", 20), ("ladder_8m", 4)],
+    ),
 )  # fmt: skip
 def test_ladder_presets_compose_every_job(compose_cfg, preset: str, jobs: int) -> None:
     cfg = compose_cfg(f"+experiment={preset}", hydra=True)
