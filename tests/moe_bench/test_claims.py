@@ -14,6 +14,7 @@ import variants
 from moe_bench.config import resolve
 from moe_bench.report import build_report, claims, load
 from moe_bench.report.claims.__main__ import main as claims_main
+from tests.slow_cases import some_slow
 
 from . import report_fixtures as fx
 from .conftest import SWEEPS
@@ -181,7 +182,12 @@ def check_claim_option(compose_cfg, preset: str, name: str) -> None:
     assert run.task.name == "convergence"
 
 
-@pytest.mark.parametrize(("preset", "jobs"), CLAIMS_PRESETS.items())
+# the claims preset in the default run; the GPU and training presets (the same expansion) in the
+# slow run, which also resolves every claims option of each
+@pytest.mark.parametrize(
+    ("preset", "jobs"),
+    some_slow(CLAIMS_PRESETS.items(), [("claims_gpu", 39), ("claims_training", 15)]),
+)
 def test_claims_presets_expand_to_their_jobs(compose_cfg, preset: str, jobs: int) -> None:
     """The jobs' count, the report's own expansion, every claims file there; one claims option
     resolved (the slow run resolves every one: a compose each)."""

@@ -34,8 +34,10 @@ def run_job(compose_cfg, tmp_path: Path, *overrides: str) -> tuple[str, list[dic
     return status, rows
 
 
-# deepseek_v3 (the bias state) trains 30 steps in the slow run
-@pytest.mark.parametrize("variant", some_slow(["dense", "switch", "deepseek_v3"], ["deepseek_v3"]))
+# a routed layer in the default run; dense and deepseek_v3 (the bias state) in the slow run
+@pytest.mark.parametrize(
+    "variant", some_slow(["dense", "switch", "deepseek_v3"], ["dense", "deepseek_v3"])
+)
 def test_writes_step_layer_eval_and_domain_rows(compose_cfg, tmp_path: Path, variant: str) -> None:
     status, rows = run_job(
         compose_cfg, tmp_path, f"variant={variant}", "task.steps=30", "task.eval_every=15"

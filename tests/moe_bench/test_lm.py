@@ -195,7 +195,8 @@ def test_update_bias_follows_the_training_load():
         torch.testing.assert_close(block.ffn.router.expert_bias, bias)
 
 
-@pytest.mark.parametrize("variant", ["gshard", "deepseek_v3"])
+# gshard's random second choice in the default run; deepseek_v3's bias state in the slow run
+@pytest.mark.parametrize("variant", some_slow(["gshard", "deepseek_v3"], ["deepseek_v3"]))
 def test_same_seed_same_losses(variant):
     def run() -> list[float]:
         torch.manual_seed(123)  # model init, and gshard's random second choice

@@ -176,6 +176,7 @@ def test_every_task_states_its_report_asks_and_cost(compose_cfg, name: str) -> N
     task = registry.lookup(name)
     assert task.report.ask.endswith("?") and task.report.measure
     job = resolve(compose_cfg(*FAST, f"task={name}"))
+    assert job.task.name == name and isinstance(job.task, task.config)
     assert 0 < task.cost_tflop(job) < CPU_TFLOP_BUDGET  # tiny sizes fit a CPU
     for answer in task.report.answers:
         assert answer.metric in task.metrics

@@ -190,10 +190,10 @@ def test_parallel_launcher_warning() -> None:
     assert progress.concurrency_warning("throughput", True, basic) is None
 
 
-# a model size and a preset in the default run; another preset and size in the slow run
+# a model size in the default run; presets and another size in the slow run
 @pytest.mark.parametrize(
     "overrides",
-    [["model=medium"], ["+experiment=paper_table"],
+    [["model=medium"], pytest.param(["+experiment=paper_table"], marks=pytest.mark.slow),
      pytest.param(["+experiment=convergence"], marks=pytest.mark.slow),
      pytest.param(["model=large", "task=balance"], marks=pytest.mark.slow)],
 )  # fmt: skip
