@@ -58,11 +58,11 @@ MODULES_FROZEN = pytest.StashKey[int]()  # len(sys.modules) when the heap was la
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
-    """A test that imported modules (matplotlib, transformers, torch._dynamo: on first use) left
-    long-lived objects that every later full collection would walk again, as the heap frozen
-    after collection would be without the freeze: after the test's teardown they are frozen as
-    well. This also freezes whatever garbage is waiting at that moment, a few dozen times per
-    run, which then stays in memory until the worker exits."""
+    """Modules a test imports on first use (matplotlib, transformers, torch._dynamo) are
+    long-lived objects that the freeze after collection did not cover, so every later full
+    collection would walk them again: after that test's teardown the heap is frozen once more.
+    This also freezes whatever garbage is waiting at that moment, a few dozen times per run,
+    which then stays in memory until the worker exits."""
     result = yield
     stash = item.config.stash
     if stash.get(MODULES_FROZEN, 0) != len(sys.modules):

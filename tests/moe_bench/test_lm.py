@@ -158,7 +158,8 @@ def cycle_batches(steps: int, batch: int, length: int) -> list[tuple[torch.Tenso
     return batches
 
 
-# a dense FFN and a routed layer with its bias state learn in the default run, the rest in the slow
+# a dense FFN and a routed layer with its bias state learn in the default run; the rest in the
+# slow run
 @pytest.mark.parametrize(
     "variant",
     some_slow(
